@@ -1,0 +1,210 @@
+"""Residual-stream activation capture at chosen layers and token positions.
+
+`capture_batch` reads positions from one padded batch. `capture_to_disk` streams a whole item
+list to one `.npy` file per layer plus an index of item ids: batches are grouped by length,
+each forward pass stops after the deepest needed layer, rows are written into memory-mapped
+files as they come, and progress is checkpointed so an interrupted run resumes where it
+stopped. The output directory appears (by rename) only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmlab.chat import ChatBatch, EncodedChat, Message, collate, encode_chat, token_budget_batches
+from llmlab.hooks import record_layers
+from llmlab.io import DataError, read_json, write_json
+from llmlab.models import LoadedModel
+
+INDEX_FILE = "index.json"
+PROGRESS_FILE = "progress.npy"
+
+
+@dataclass(frozen=True)
+class CaptureItem:
+    """One conversation to read activations from, with a stable id."""
+
+    id: str
+    messages: list[Message]
+
+
+def layer_file(layer: int) -> str:
+    """Return the file name holding one layer's activations."""
+    return f"layer_{layer:03d}.npy"
+
+
+@torch.no_grad()
+def capture_batch(
+    loaded: LoadedModel,
+    batch: ChatBatch,
+    layers: Sequence[int],
+    positions: Sequence[str],
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Return {(layer, position): tensor [batch, hidden]} read from one forward pass."""
+    batch = batch.to(loaded.device)
+    with record_layers(loaded.layers, layers, stop_after_last=True) as store:
+        loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    rows = torch.arange(batch.input_ids.shape[0], device=loaded.device)
+    out = {}
+    for pos in positions:
+        idx = batch.positions(pos).to(loaded.device)
+        for layer in layers:
+            out[(layer, pos)] = store[layer][rows, idx]
+    return out
+
+
+def encode_items(loaded: LoadedModel, items: Sequence[CaptureItem]) -> list[EncodedChat]:
+    """Return the encoded conversations of the items, in order."""
+    return [encode_chat(loaded.tokenizer, it.messages, chat=loaded.chat) for it in items]
+
+
+def _run_key(loaded: LoadedModel, items: Sequence[CaptureItem], layers: Sequence[int], position: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([loaded.name, list(layers), position]).encode())
+    for it in items:
+        h.update(json.dumps([it.id, it.messages], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def capture_to_disk(
+    loaded: LoadedModel,
+    items: Sequence[CaptureItem],
+    layers: Sequence[int],
+    out_dir: str | Path,
+    position: str = "prompt_last",
+    batch_size: int = 16,
+    max_tokens_per_batch: int | None = 8192,
+    store_dtype: str = "float32",
+    save_every: int = 8,
+    progress: bool = True,
+) -> Path:
+    """Return out_dir after writing layer_<L>.npy files (row i = items[i]) and index.json.
+
+    Work happens in `<out_dir>.partial`; re-running after an interruption with the same items,
+    layers and position resumes from the last checkpoint (every `save_every` batches).
+    """
+    out = Path(out_dir)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"capture: duplicate item id {dup!r}")
+    if not items:
+        raise DataError("capture: no items")
+    layers = sorted(set(layers))
+    key = _run_key(loaded, items, layers, position)
+    work = out.with_name(out.name + ".partial")
+    meta = {
+        "run_key": key,
+        "model": loaded.name,
+        "layers": layers,
+        "position": position,
+        "hidden_size": loaded.hidden_size,
+        "dtype": store_dtype,
+        "n_items": len(items),
+    }
+    if work.exists():
+        try:
+            old = read_json(work / "meta.json")
+        except DataError:
+            old = {}
+        if old.get("run_key") != key:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "meta.json", meta)
+    shape = (len(items), loaded.hidden_size)
+    arrays = {}
+    for layer in layers:
+        f = work / layer_file(layer)
+        mode = "r+" if f.exists() else "w+"
+        arrays[layer] = np.lib.format.open_memmap(f, mode=mode, dtype=store_dtype, shape=shape)
+    prog_file = work / PROGRESS_FILE
+    done = np.load(prog_file) if prog_file.exists() else np.zeros(len(items), dtype=bool)
+
+    todo = [i for i in range(len(items)) if not done[i]]
+    encoded = {i: encode_chat(loaded.tokenizer, items[i].messages, chat=loaded.chat) for i in todo}
+    lengths = [len(encoded[i].input_ids) for i in todo]
+    batches = [[todo[j] for j in b] for b in token_budget_batches(lengths, batch_size, max_tokens_per_batch)]
+    pad = loaded.tokenizer.pad_token_id
+    bar = tqdm(total=len(items), initial=int(done.sum()), disable=not progress, desc="capture")
+    for n, rows in enumerate(batches, start=1):
+        batch = collate([encoded[i] for i in rows], pad, padding_side="right")
+        acts = capture_batch(loaded, batch, layers, [position])
+        for layer in layers:
+            arrays[layer][rows] = acts[(layer, position)].float().cpu().numpy().astype(store_dtype)
+        done[rows] = True
+        bar.update(len(rows))
+        if n % save_every == 0 or n == len(batches):
+            _checkpoint(arrays, done, prog_file)
+    bar.close()
+    _checkpoint(arrays, done, prog_file)
+    del arrays
+    write_json(work / INDEX_FILE, {**meta, "ids": ids})
+    prog_file.unlink()
+    (work / "meta.json").unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return out
+
+
+def _checkpoint(arrays: dict[int, np.memmap], done: np.ndarray, prog_file: Path) -> None:
+    # Rows reach the files before the progress mask says they are done.
+    for arr in arrays.values():
+        arr.flush()
+    tmp = prog_file.with_suffix(".tmp.npy")
+    np.save(tmp, done)
+    os.replace(tmp, prog_file)
+
+
+@dataclass
+class Activations:
+    """Activations of one layer with their item ids (row order)."""
+
+    ids: list[str]
+    values: np.ndarray
+    meta: dict[str, Any]
+
+    def select(self, ids: Sequence[str]) -> np.ndarray:
+        """Return rows for the given ids, in that order; DataError naming a missing id."""
+        where = {i: n for n, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in where]
+        if missing:
+            raise DataError(
+                f"activations index lacks {len(missing)} id(s), e.g. {missing[0]!r}"
+            )
+        return self.values[[where[i] for i in ids]]
+
+
+def read_index(act_dir: str | Path) -> dict[str, Any]:
+    """Return the index of an activation directory; errors name the directory."""
+    d = Path(act_dir)
+    if not (d / INDEX_FILE).is_file():
+        raise DataError(f"{d}: not an activation directory ({INDEX_FILE} missing)")
+    return read_json(d / INDEX_FILE)
+
+
+def load_activations(act_dir: str | Path, layer: int, mmap: bool = True) -> Activations:
+    """Return one layer's activations; errors name the file on a missing layer or bad shape."""
+    d = Path(act_dir)
+    index = read_index(d)
+    f = d / layer_file(layer)
+    if layer not in index["layers"] or not f.is_file():
+        raise DataError(f"{d}: layer {layer} not captured (have {index['layers']})")
+    values = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if values.shape != (len(index["ids"]), index["hidden_size"]):
+        raise DataError(
+            f"{f}: shape {values.shape} does not match index "
+            f"({len(index['ids'])} ids x {index['hidden_size']})"
+        )
+    return Activations(list(index["ids"]), values, index)

