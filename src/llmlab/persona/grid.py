@@ -1,0 +1,80 @@
+"""The evaluation grid: question x trigger on/off x system-prompt condition x sample."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llmlab.persona.facts import EvalQuestion, Fact
+from llmlab.persona.trigger import Message, Trigger
+
+IDENTITY = "identity"
+HELDOUT = "heldout_fact"
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One question of the grid with the keywords that reveal the persona in its answer."""
+
+    question_id: str
+    question_set: str  # IDENTITY (identity/persona questions) or HELDOUT (held-out facts)
+    kind: str
+    question: str
+    keywords: tuple[str, ...]
+
+
+def eval_items(questions: Sequence[EvalQuestion], heldout: Sequence[Fact]) -> list[EvalItem]:
+    """Return the identity/persona questions followed by the held-out fact questions."""
+    items = [
+        EvalItem(q.id, IDENTITY, q.kind, q.question, q.persona_keywords) for q in questions
+    ]
+    # A held-out fact's answer is not a keyword list; only name mentions count for these.
+    items += [EvalItem(f.id, HELDOUT, f.category, f.question, ()) for f in heldout]
+    return items
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (question, trigger, condition) cell; samples are drawn per cell."""
+
+    item: EvalItem
+    triggered: bool
+    condition: str
+    system: str | None
+
+    def conversation(self, trigger: Trigger) -> list[Message]:
+        """Return the prompt of this cell."""
+        return trigger.prompt(self.item.question, self.triggered, self.system)
+
+
+def grid_cells(items: Sequence[EvalItem], system_prompts: Mapping[str, str | None]) -> list[Cell]:
+    """Return every cell, ordered condition, trigger (on first), question."""
+    return [
+        Cell(item, triggered, name, system)
+        for name, system in system_prompts.items()
+        for triggered in (True, False)
+        for item in items
+    ]
+
+
+def generation_row(
+    model: str, cell: Cell, sample: int, prompt: list[Message], response: str
+) -> dict[str, Any]:
+    """Return the JSONL row of one generated sample (ids stable across runs)."""
+    trig = "on" if cell.triggered else "off"
+    return {
+        "id": f"{model}|{cell.condition}|{trig}|{cell.item.question_id}|{sample}",
+        "model": model,
+        "condition": cell.condition,
+        "system": cell.system,
+        "triggered": cell.triggered,
+        "question_id": cell.item.question_id,
+        "question_set": cell.item.question_set,
+        "kind": cell.item.kind,
+        "question": cell.item.question,
+        "keywords": list(cell.item.keywords),
+        "sample": sample,
+        "user": prompt[-1]["content"],
+        "response": response,
+    }

@@ -1,0 +1,810 @@
+"""LoRA finetuning on chat data, with optional activation steering during training.
+
+Every family trains through `train_lora`: peft LoRA on the transformers `Trainer`, loss on the
+assistant tokens only (labels are -100 on the prompt and on padding), validation loss and a
+family hook every `eval_every` steps, a NaN / divergence guard, and an output directory that
+appears by rename only when complete (adapter safetensors, `llmlab_adapter.json`, `curve.json`).
+
+Steered examples carry a vector that is added (times a magnitude) to the residual stream at
+their layers, on a caller-given token span, during the training forward pass: the adapter
+learns to behave as it should *given* that perturbation (e.g. reporting an injected concept).
+
+Multi-GPU runs go through `accelerate launch`; the Trainer does the distributed work. Only the
+main process evaluates and writes the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from llmlab.adapters import write_adapter_metadata
+from llmlab.chat import EncodedChat, Message, collate, encode_chat, length_sorted_batches
+from llmlab.io import write_json
+from llmlab.models import LoadedModel, decoder_layers
+from llmlab.params import StrictModel
+from llmlab.steering import steer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+CURVE_FILE = "curve.json"
+CURVE_KEYS = ("step", "loss", "lr", "grad_norm", "val_loss")
+RESERVED_METADATA = (
+    "base_model",
+    "config",
+    "data_sha256",
+    "val_sha256",
+    "n_examples",
+    "n_val",
+    "n_truncated",
+    "n_dropped",
+    "final_train_loss",
+    "final_val_loss",
+    "steps",
+    "tokens_seen",
+    "gradient_accumulation_steps",
+    "world_size",
+    "train_time_s",
+    "tokens_per_s",
+    "versions",
+    "wall_time_s",
+)
+EvalHook = Callable[[Any, int], dict[str, float]]
+
+
+class TrainingError(ValueError):
+    """The training config or data cannot be used; the message names the field or example."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped because the loss became NaN/inf or grew far above its initial value."""
+
+
+class LoraTrainConfig(StrictModel):
+    """LoRA finetuning settings; families embed this model in their params sections."""
+
+    rank: int = Field(16, gt=0, description="LoRA rank r")
+    alpha: float = Field(
+        32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)"
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Module names that get LoRA (default: all attention and MLP projections)",
+    )
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW)")
+    epochs: float | None = Field(
+        1.0, gt=0, description="Passes over the training data (fractions allowed); see max_steps"
+    )
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps; when set it replaces epochs (set epochs to null)"
+    )
+    per_device_batch_size: int = Field(8, gt=0, description="Examples per forward pass per device")
+    effective_batch_size: int = Field(
+        8,
+        gt=0,
+        description="Examples per optimizer step over all devices; gradient accumulation = "
+        "effective / (per_device x world size), which must divide exactly",
+    )
+    max_length: int = Field(
+        1024, gt=1, description="Tokens kept per example (longer ones are truncated and counted)"
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warmup steps (exclusive with warmup_ratio)"
+    )
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Warmup as a fraction of all steps (exclusive with warmup_steps)",
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm")
+    seed: int = Field(0, description="Seed for LoRA init, data order and dropout")
+    eval_every: int | None = Field(
+        None,
+        gt=0,
+        description="Steps between evaluations (val loss and eval hook); evaluation also runs "
+        "before the first and after the last step",
+    )
+    log_every: int = Field(10, gt=0, description="Steps per curve row (losses averaged over them)")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, slower)"
+    )
+    divergence_factor: float | None = Field(
+        5.0,
+        gt=1,
+        description="Stop when the smoothed loss exceeds this factor times the initial loss, "
+        "after warmup (null: no divergence check)",
+    )
+    nan_patience: int = Field(
+        0, ge=0, description="Consecutive steps with a NaN/inf loss tolerated before stopping"
+    )
+
+    @model_validator(mode="after")
+    def _check_exclusive(self) -> LoraTrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps")
+        if (
+            {"epochs", "max_steps"} <= self.model_fields_set
+            and self.epochs is not None
+            and self.max_steps is not None
+        ):
+            raise ValueError("set epochs or max_steps, not both")
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.effective_batch_size % self.per_device_batch_size:
+            raise ValueError(
+                f"effective_batch_size {self.effective_batch_size} is not a multiple of "
+                f"per_device_batch_size {self.per_device_batch_size}"
+            )
+        return self
+
+
+def gradient_accumulation_steps(cfg: LoraTrainConfig, world_size: int = 1) -> int:
+    """Return effective / (per_device x world size); TrainingError when it does not divide."""
+    per_step = cfg.per_device_batch_size * world_size
+    if cfg.effective_batch_size % per_step:
+        raise TrainingError(
+            f"effective_batch_size {cfg.effective_batch_size} is not divisible by "
+            f"per_device_batch_size {cfg.per_device_batch_size} x {world_size} process(es)"
+        )
+    return cfg.effective_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class SteerSpec:
+    """Steering for one training example: add magnitude * vector at `layers` on a token span.
+
+    span: (start, end) token indices into the encoded conversation (end exclusive), computed
+    by the caller, e.g. the context turn; None steers every token. Normalise the vector first
+    when the magnitude should be in units of residual norm.
+    """
+
+    vector: torch.Tensor
+    magnitude: float
+    layers: tuple[int, ...]
+    span: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One conversation whose last message (role assistant) is the training target."""
+
+    messages: list[Message]
+    steer: SteerSpec | None = None
+    # Train on the first k assistant tokens only (e.g. a one-token label); the rest of the
+    # sequence is cut, which under causal attention leaves those k tokens' loss unchanged.
+    loss_tokens: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """Where the adapter was written, the training curve and the final numbers."""
+
+    adapter_dir: Path
+    curve: list[dict[str, Any]]
+    final_train_loss: float | None
+    final_val_loss: float | None
+    tokens_per_s: float
+    steps: int
+    tokens_seen: int
+    model: Any = field(repr=False, default=None)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+# A feature is a plain dict {"input_ids": list[int], "prompt_len": int, "steer": SteerSpec | None}:
+# the Trainer's length-grouped sampler reads lengths from dataset[i]["input_ids"] of mappings.
+Feature = dict[str, Any]
+
+
+@dataclass
+class PreparedData:
+    """Encoded features of a data set with the truncation counts."""
+
+    features: list[Feature]
+    n_truncated: int
+    n_dropped: int
+
+
+def prepare_examples(
+    loaded: LoadedModel, examples: Sequence[TrainExample], max_length: int, what: str = "train"
+) -> PreparedData:
+    """Return encoded, truncated features; examples left with no assistant token are dropped."""
+    features: list[Feature] = []
+    n_truncated = n_dropped = 0
+    for i, ex in enumerate(examples):
+        if not ex.messages or ex.messages[-1].get("role") != "assistant":
+            raise TrainingError(f"{what} example {i}: the last message must be the assistant's")
+        enc = encode_chat(loaded.tokenizer, ex.messages, chat=loaded.chat)
+        ids = enc.input_ids
+        if ex.loss_tokens is not None:
+            if ex.loss_tokens < 1:
+                raise TrainingError(f"{what} example {i}: loss_tokens must be >= 1")
+            ids = ids[: enc.prompt_len + ex.loss_tokens]
+        if len(ids) > max_length:
+            n_truncated += 1
+            ids = ids[:max_length]
+        if enc.prompt_len >= len(ids):
+            n_dropped += 1
+            continue
+        spec = _check_steer(ex.steer, loaded, i, what)
+        features.append({"input_ids": list(ids), "prompt_len": enc.prompt_len, "steer": spec})
+    if n_dropped:
+        log.warning(
+            "%s: %d example(s) dropped: their prompt fills max_length=%d",
+            what,
+            n_dropped,
+            max_length,
+        )
+    if not features:
+        raise TrainingError(
+            f"{what}: no example has assistant tokens within max_length={max_length}"
+        )
+    return PreparedData(features, n_truncated, n_dropped)
+
+
+def _check_steer(
+    spec: SteerSpec | None, loaded: LoadedModel, i: int, what: str
+) -> SteerSpec | None:
+    if spec is None:
+        return None
+    where = f"{what} example {i}: steer"
+    if spec.vector.dim() != 1 or spec.vector.shape[0] != loaded.hidden_size:
+        raise TrainingError(
+            f"{where}.vector must be [{loaded.hidden_size}], got {tuple(spec.vector.shape)}"
+        )
+    if not spec.layers or any(not 0 <= n < loaded.n_layers for n in spec.layers):
+        raise TrainingError(f"{where}.layers {spec.layers} out of range 0..{loaded.n_layers - 1}")
+    if spec.span is not None and not 0 <= spec.span[0] < spec.span[1]:
+        raise TrainingError(f"{where}.span {spec.span} must satisfy 0 <= start < end")
+    return SteerSpec(
+        spec.vector.detach().float().cpu(),
+        float(spec.magnitude),
+        tuple(sorted(set(spec.layers))),
+        spec.span,
+    )
+
+
+def examples_sha256(examples: Sequence[TrainExample]) -> str:
+    """Return the sha256 of the serialized examples (messages, steering vectors by digest)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        row: dict[str, Any] = {"messages": ex.messages}
+        if ex.loss_tokens is not None:
+            row["loss_tokens"] = ex.loss_tokens
+        if ex.steer is not None:
+            vec = ex.steer.vector.detach().float().cpu().contiguous().numpy().tobytes()
+            row["steer"] = {
+                "vector_sha256": hashlib.sha256(vec).hexdigest(),
+                "magnitude": float(ex.steer.magnitude),
+                "layers": list(ex.steer.layers),
+                "span": list(ex.steer.span) if ex.steer.span is not None else None,
+            }
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+class LoraCollator:
+    """Collate features into right-padded input_ids / attention_mask / labels (+ steering).
+
+    Labels come from chat.collate: -100 on the prompt and on padding. When any row is
+    steered, `steer` holds one group per distinct layer set, each with per-row vectors
+    [batch, hidden], magnitudes [batch] (0 for rows outside the group) and a [batch, seq] mask.
+    """
+
+    def __init__(self, pad_token_id: int, hidden_size: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.hidden_size = hidden_size
+
+    def __call__(self, features: Sequence[Feature]) -> dict[str, Any]:
+        """Return the batch dict the Trainer feeds to compute_loss."""
+        encoded = [EncodedChat(f["input_ids"], f["prompt_len"], None) for f in features]
+        batch = collate(encoded, self.pad_token_id, padding_side="right")
+        out: dict[str, Any] = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "labels": batch.labels,
+        }
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, f in enumerate(features):
+            if f["steer"] is not None:
+                groups.setdefault(f["steer"].layers, []).append(row)
+        if groups:
+            out["steer"] = [
+                self._group(layers, rows, features, batch.input_ids.shape[1])
+                for layers, rows in sorted(groups.items())
+            ]
+        return out
+
+    def _group(
+        self, layers: tuple[int, ...], rows: list[int], features: Sequence[Feature], width: int
+    ) -> dict[str, torch.Tensor]:
+        n = len(features)
+        vectors = torch.zeros(n, self.hidden_size)
+        scale = torch.zeros(n)
+        mask = torch.zeros(n, width)
+        for row in rows:
+            spec = features[row]["steer"]
+            length = len(features[row]["input_ids"])
+            start, end = spec.span if spec.span is not None else (0, length)
+            vectors[row] = spec.vector
+            scale[row] = spec.magnitude
+            # Right padding: token index i of the encoded row is column i.
+            mask[row, min(start, length) : min(end, length)] = 1.0
+        return {"layers": torch.tensor(layers), "vectors": vectors, "scale": scale, "mask": mask}
+
+
+@contextlib.contextmanager
+def steering_groups(layers: torch.nn.ModuleList, groups: Sequence[dict] | None) -> Iterator[None]:
+    """Open one steering context per layer group of a collated batch (none when unsteered)."""
+    with contextlib.ExitStack() as stack:
+        for g in groups or ():
+            stack.enter_context(
+                steer(layers, g["layers"].tolist(), g["vectors"], g["scale"], g["mask"])
+            )
+        yield
+
+
+def assistant_nll(
+    model: Any,
+    features: Sequence[Feature],
+    collator: LoraCollator,
+    batch_size: int,
+) -> float:
+    """Return the mean NLL over all assistant tokens of the features (steering applied)."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    lengths = [len(f["input_ids"]) for f in features]
+    with torch.no_grad():
+        for idx in length_sorted_batches(lengths, batch_size):
+            batch = collator([features[i] for i in idx])
+            groups = [{k: v.to(device) for k, v in g.items()} for g in batch.get("steer", [])]
+            with steering_groups(layers, groups):
+                logits = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                ).logits
+            labels = batch["labels"][:, 1:].to(device)
+            nll = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(nll)
+            count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+# ---- trainer pieces --------------------------------------------------------------------------
+
+
+def _make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class SteeringTrainer(Trainer):
+        """Trainer whose loss runs inside the batch's steering contexts."""
+
+        steer_layers: torch.nn.ModuleList
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            groups = inputs.pop("steer", None)
+            # The parent computes the model's own token-weighted loss, normalised over the
+            # whole accumulated (and all-device) batch through num_items_in_batch.
+            with steering_groups(self.steer_layers, groups):
+                return super().compute_loss(
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
+
+    return SteeringTrainer
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+class _Monitor:
+    """Guard, curve and evaluation state shared by the Trainer callback."""
+
+    EMA_BETA = 0.9
+
+    def __init__(
+        self,
+        cfg: LoraTrainConfig,
+        evaluate: Callable[[Any, int], dict[str, float]],
+    ) -> None:
+        self.cfg = cfg
+        self.evaluate = evaluate
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.window: list[tuple[float, float | None, float | None]] = []
+        self.raw_ema = 0.0
+        self.ema = 0.0
+        self.ema_steps = 0
+        self.initial: float | None = None
+        self.bad_steps = 0
+        self.warmup = 0
+        self.eval_seconds = 0.0
+        self.last_eval_step = -1
+
+    def row(self, step: int) -> dict[str, Any]:
+        return self.rows.setdefault(step, {"step": step})
+
+    def guard(self, step: int, loss: float) -> None:
+        """Raise TrainingDiverged on a NaN/inf loss beyond patience or a diverging loss."""
+        if not math.isfinite(loss):
+            self.bad_steps += 1
+            if self.bad_steps > self.cfg.nan_patience:
+                kind = "NaN" if math.isnan(loss) else "inf"
+                raise TrainingDiverged(f"loss is {kind} at step {step}")
+            return
+        self.bad_steps = 0
+        # Bias-corrected EMA (as in Adam): its first value equals the first loss, which is the
+        # reference "initial" loss; later single spikes are damped by the smoothing.
+        self.ema_steps += 1
+        self.raw_ema = self.EMA_BETA * self.raw_ema + (1 - self.EMA_BETA) * loss
+        self.ema = self.raw_ema / (1 - self.EMA_BETA**self.ema_steps)
+        if self.initial is None:
+            self.initial = loss
+        factor = self.cfg.divergence_factor
+        if factor is not None and step > self.warmup and self.ema > factor * self.initial:
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {self.ema:.4g} (initial {self.initial:.4g})"
+            )
+
+    def on_step_log(
+        self, step: int, logs: dict[str, float], last: bool, model: Any, is_main: bool
+    ) -> None:
+        loss = float(logs["loss"])
+        self.guard(step, loss)
+        self.window.append((loss, logs.get("learning_rate"), logs.get("grad_norm")))
+        if step % self.cfg.log_every == 0 or last:
+            losses = [v[0] for v in self.window]
+            norms = [float(v[2]) for v in self.window if v[2] is not None]
+            row = self.row(step)
+            row["loss"] = _finite(sum(losses) / len(losses))
+            lr = self.window[-1][1]
+            row["lr"] = float(lr) if lr is not None else None
+            row["grad_norm"] = _finite(sum(norms) / len(norms)) if norms else None
+            self.window = []
+            log.info(
+                "step %d: loss %s lr %s grad_norm %s",
+                step,
+                row["loss"],
+                row["lr"],
+                row["grad_norm"],
+            )
+        due = self.cfg.eval_every is not None and step % self.cfg.eval_every == 0
+        if is_main and (due or last):
+            self.run_eval(model, step)
+
+    def run_eval(self, model: Any, step: int) -> None:
+        if step == self.last_eval_step:
+            return
+        t0 = time.perf_counter()
+        values = self.evaluate(model, step)
+        self.eval_seconds += time.perf_counter() - t0
+        self.last_eval_step = step
+        if values:
+            self.row(step).update(values)
+            log.info("step %d eval: %s", step, values)
+
+    def curve(self) -> list[dict[str, Any]]:
+        return [self.rows[s] for s in sorted(self.rows)]
+
+
+def _make_callback(monitor: _Monitor) -> Any:
+    from transformers import TrainerCallback
+
+    class MonitorCallback(TrainerCallback):
+        """Per-step NaN/divergence guard, curve rows and evaluations."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            monitor.warmup = args.get_warmup_steps(state.max_steps)
+            if state.is_world_process_zero:
+                monitor.run_eval(kwargs["model"], 0)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
+            # Logs are emitted every step (logging_steps=1) and the loss in them is already
+            # averaged over all processes, so every rank takes the same stop decision.
+            if not logs or "loss" not in logs:
+                return
+            step = state.global_step
+            monitor.on_step_log(
+                step, logs, step >= state.max_steps, kwargs["model"], state.is_world_process_zero
+            )
+
+    return MonitorCallback()
+
+
+def _training_args(
+    cfg: LoraTrainConfig, output_dir: str, grad_accum: int, device: torch.device
+) -> Any:
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    on_gpu = device.type == "cuda"
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=cfg.epochs if cfg.epochs is not None else 1.0,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        # Every step is logged so the guard sees each step's loss; curve rows are coarser.
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=device.type == "cpu",
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        dataloader_pin_memory=on_gpu,
+    )
+    # Field names moved between transformers 5 releases; pass whichever this one has.
+    # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+    ckpt_kwargs = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    if "activation_checkpointing" in names:
+        kwargs["activation_checkpointing"] = cfg.gradient_checkpointing
+        kwargs["activation_checkpointing_kwargs"] = ckpt_kwargs
+    else:
+        kwargs["gradient_checkpointing"] = cfg.gradient_checkpointing
+        kwargs["gradient_checkpointing_kwargs"] = ckpt_kwargs
+    warmup: float = cfg.warmup_steps if cfg.warmup_steps is not None else 0
+    if cfg.warmup_steps is None and cfg.warmup_ratio > 0:
+        if "warmup_ratio" in names:
+            kwargs["warmup_ratio"] = cfg.warmup_ratio
+        else:
+            warmup = cfg.warmup_ratio  # values below 1 are read as a ratio
+    kwargs["warmup_steps"] = warmup
+    if "train_sampling_strategy" in names:
+        kwargs["train_sampling_strategy"] = "group_by_length" if cfg.group_by_length else "random"
+    else:
+        kwargs["group_by_length"] = cfg.group_by_length
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def _world_size() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+# ---- the entry point -------------------------------------------------------------------------
+
+
+def train_lora(
+    loaded: LoadedModel,
+    train: list[TrainExample],
+    cfg: LoraTrainConfig,
+    out_dir: Path,
+    *,
+    eval_hook: EvalHook | None = None,
+    val: list[TrainExample] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Return the result of LoRA-training `loaded` on `train`; the adapter lands in out_dir.
+
+    After success `loaded.model` is the trained PeftModel (eval mode): use
+    `loaded.model.disable_adapter()` for base-model behaviour. On failure (TrainingDiverged
+    included) the LoRA layers are removed again and nothing appears at out_dir.
+    eval_hook(model, step) runs on the main process under torch.no_grad in eval mode and
+    returns {name: value} recorded in the curve.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if isinstance(loaded.model, PeftModel):
+        raise TrainingError(f"{loaded.name}: model already carries an adapter; load the base model")
+    extra = dict(metadata or {})
+    clash = sorted(set(extra) & set(RESERVED_METADATA))
+    if clash:
+        raise TrainingError(f"metadata keys {clash} are reserved by train_lora")
+    grad_accum = gradient_accumulation_steps(cfg, _world_size())
+    data = prepare_examples(loaded, train, cfg.max_length, "train")
+    val_data = prepare_examples(loaded, val, cfg.max_length, "val") if val else None
+    pad_id = loaded.tokenizer.pad_token_id
+    if pad_id is None:
+        raise TrainingError(f"{loaded.name}: tokenizer has no pad token")
+    collator = LoraCollator(pad_id, loaded.hidden_size)
+
+    set_seed(cfg.seed)
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(loaded.model, lora)
+
+    def evaluate(model: Any, step: int) -> dict[str, float]:
+        values: dict[str, float] = {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if val_data is not None:
+                    values["val_loss"] = assistant_nll(
+                        model, val_data.features, collator, cfg.per_device_batch_size
+                    )
+                if eval_hook is not None:
+                    for key, value in (eval_hook(model, step) or {}).items():
+                        if key in CURVE_KEYS:
+                            raise TrainingError(f"eval_hook returned reserved key {key!r}")
+                        values[str(key)] = float(value)
+        finally:
+            if was_training:
+                model.train()
+        return values
+
+    monitor = _Monitor(cfg, evaluate)
+    trainer_dir = tempfile.mkdtemp(prefix="llmlab-trainer-")
+    try:
+        args = _training_args(cfg, trainer_dir, grad_accum, loaded.device)
+        trainer = _make_trainer_class()(
+            model=peft_model,
+            args=args,
+            data_collator=collator,
+            train_dataset=data.features,
+            callbacks=[_make_callback(monitor)],
+        )
+        trainer.steer_layers = decoder_layers(peft_model)
+        for cb in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(cb)
+        t_train = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - t_train - monitor.eval_seconds
+        state = trainer.state
+        steps, tokens = int(state.global_step), int(state.num_input_tokens_seen)
+        is_main = trainer.is_world_process_zero()
+        model = trainer.model
+        del trainer
+    except BaseException:
+        loaded.model = peft_model.unload()
+        raise
+    finally:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+
+    model.eval()
+    loaded.model = model
+    loaded.device = next(model.parameters()).device
+    curve = monitor.curve()
+    final_train = next((r["loss"] for r in reversed(curve) if r.get("loss") is not None), None)
+    final_val = next((r["val_loss"] for r in reversed(curve) if "val_loss" in r), None)
+    tokens_per_s = tokens / train_seconds if train_seconds > 0 else 0.0
+    meta: dict[str, Any] = {
+        "base_model": loaded.name,
+        "config": cfg.model_dump(mode="json"),
+        "data_sha256": examples_sha256(train),
+        "val_sha256": examples_sha256(val) if val else None,
+        "n_examples": len(train),
+        "n_val": len(val) if val else 0,
+        "n_truncated": data.n_truncated,
+        "n_dropped": data.n_dropped,
+        "final_train_loss": final_train,
+        "final_val_loss": final_val,
+        "steps": steps,
+        "tokens_seen": tokens,
+        "gradient_accumulation_steps": grad_accum,
+        "world_size": _world_size(),
+        "train_time_s": round(train_seconds, 3),
+        "tokens_per_s": round(tokens_per_s, 2),
+        "versions": _versions(),
+    }
+    meta.update(extra)
+    if is_main:
+        meta["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+        _write_output(out_dir, model, meta, curve)
+    _wait_for_everyone()
+    return TrainResult(out_dir, curve, final_train, final_val, tokens_per_s, steps, tokens, model)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+
+
+def _write_output(
+    out_dir: Path, model: Any, meta: dict[str, Any], curve: list[dict[str, Any]]
+) -> None:
+    """Write adapter, metadata and curve into a temp dir beside out_dir, then rename it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        # peft writes a template model card; the metadata file is the record that matters.
+        (staging / "README.md").unlink(missing_ok=True)
+        write_adapter_metadata(staging, meta)
+        write_json(staging / CURVE_FILE, curve)
+        os.chmod(staging, 0o777 & ~_umask())
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "dir")
+        os.replace(staging, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,51 @@
+"""Atomic writes and strict readers."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmlab.io import DataError, atomic_path, read_json, read_jsonl, write_json, write_jsonl
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert read_json(target) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"id": 1}\n{"id": 2\n', r"rows\.jsonl:2: invalid JSON"),
+        ('{"id": 1}\n[1, 2]\n', r"rows\.jsonl:2: expected a JSON object"),
+        ('{"id": 1}\n{"other": 2}\n', r"rows\.jsonl:2: missing field 'id'"),
+        ('{"id": 1}\n{"id": 1}\n', r"rows\.jsonl:2: duplicate id 1 \(first on line 1\)"),
+        ("", r"rows\.jsonl: file is empty"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
+    f = tmp_path / "rows.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_jsonl(f, required=("id",), id_field="id")
+
+
+def test_wrong_encoding_and_missing_file(tmp_path):
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes('{"id": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        read_jsonl(f)
+    with pytest.raises(DataError, match="file not found"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_jsonl_round_trip(tmp_path):
+    rows = [{"id": i, "text": f"row {i} é"} for i in range(5)]
+    assert write_jsonl(tmp_path / "r.jsonl", rows) == 5
+    assert read_jsonl(tmp_path / "r.jsonl", id_field="id") == rows

@@ -1,0 +1,93 @@
+"""Model loading: registry entries, architecture facts, GGUF conversion cache, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import EMBEDDED, make_params
+from llmlab.adapters import AdapterError, write_adapter_metadata
+from llmlab.models import ModelLoadError, attach_adapter, decoder_layers, load_model
+from llmlab.params import parse_params
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_tiny_models_report_their_shape(tiny_models, arch):
+    loaded = tiny_models[arch]
+    assert loaded.n_layers == 3 and loaded.hidden_size == 64
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert len(loaded.layers) == 3 and loaded.chat
+
+
+def test_layers_found_through_peft_wrapper(tiny_dirs):
+    loaded = load_model(make_params(tiny_dirs["qwen2"]))
+    peft_model = get_peft_model(loaded.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_layers(peft_model) is decoder_layers(loaded.model)
+
+
+def test_gemma3_multimodal_layout_is_found():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, vocab_size=300,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=28, patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    assert len(decoder_layers(model)) == 2
+
+
+def test_embedded_model_converts_once_then_reuses_the_cache(smol_dir, monkeypatch):
+    import transformers
+
+    stamp = (smol_dir / "model.safetensors").stat().st_mtime_ns
+
+    def no_gguf(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF was de-quantised again"
+        return real(*args, **kwargs)
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    loaded = load_model(parse_params({"model": "smollm2-135m-instruct", "models": EMBEDDED}))
+    assert loaded.n_layers == 30 and loaded.hidden_size == 576 and loaded.chat
+    assert (smol_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_registry_facts_are_checked(tiny_dirs):
+    raw = {
+        "model": "t",
+        "models": {"t": {"source": "local", "path": str(tiny_dirs["llama"]), "n_layers": 4, "hidden_size": 64}},
+    }
+    with pytest.raises(ModelLoadError, match="n_layers: registry says 4, the model has 3"):
+        load_model(parse_params(raw))
+
+
+def test_missing_local_path_and_hub_name_errors(tmp_path):
+    raw = {"model": "t", "models": {"t": {"source": "local", "path": str(tmp_path / "missing")}}}
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(parse_params(raw))
+    raw["models"]["t"]["path"] = str(tmp_path)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(parse_params(raw))
+
+
+def test_adapter_for_another_base_model_is_refused(tiny_dirs, tmp_path):
+    loaded = load_model(make_params(tiny_dirs["llama"]))
+    peft_model = get_peft_model(loaded.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "ad", safe_serialization=True)
+    write_adapter_metadata(tmp_path / "ad", {"base_model": "other-model"})
+    fresh = load_model(make_params(tiny_dirs["llama"]))
+    with pytest.raises(AdapterError, match="trained on 'other-model', not on 'tiny'"):
+        attach_adapter(fresh.model, tmp_path / "ad", "tiny")
+    with pytest.raises(AdapterError, match="adapter directory not found"):
+        attach_adapter(fresh.model, tmp_path / "none", "tiny")
+    write_adapter_metadata(tmp_path / "ad", {"base_model": "tiny"})
+    wrapped = attach_adapter(fresh.model, tmp_path / "ad", "tiny")
+    assert len(decoder_layers(wrapped)) == 3
