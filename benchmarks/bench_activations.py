@@ -1,0 +1,135 @@
+"""Activation capture throughput against the naive baseline, measured in the same run.
+
+Baseline: `output_hidden_states=True` over unsorted batches of fixed size, every layer kept
+by the model, positions read afterwards. llmlab: length-grouped batches under a token budget,
+hooks on the needed layers only, forward stopped after the deepest one, rows streamed to
+one file per layer. Tokens/s counts real (non-padding) tokens. On a GPU, MFU counts
+2 x (parameters of the layers actually run) FLOPs per token against --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, device_name, prompt_lengths, random_shape_model, report  # noqa: E402
+
+from llmlab.activations import CaptureItem, capture_to_disk  # noqa: E402
+from llmlab.chat import collate, encode_chat  # noqa: E402
+from llmlab.layers import resolve_layers  # noqa: E402
+from llmlab.models import LoadedModel, decoder_layers, load_model  # noqa: E402
+from llmlab.params import parse_params  # noqa: E402
+
+LAYERS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+WORDS = "the of and to in a is that for it as was with be by on not he this are or".split()
+
+
+def make_items(tok, n: int, seed: int) -> list[CaptureItem]:
+    """Return n prompts whose token lengths follow the long-tailed length mix."""
+    items = []
+    for i, length in enumerate(prompt_lengths(n, seed)):
+        words = [WORDS[(i + j) % len(WORDS)] for j in range(max(1, int(length * 0.8)))]
+        items.append(CaptureItem(f"p{i}", [{"role": "user", "content": " ".join(words)}]))
+    return items
+
+
+@torch.no_grad()
+def naive_capture(loaded: LoadedModel, items, layers, batch_size: int) -> None:
+    """Baseline: every hidden state of padded, unsorted batches; positions read afterwards."""
+    tok = loaded.tokenizer
+    for start in range(0, len(items), batch_size):
+        enc = [encode_chat(tok, it.messages, chat=loaded.chat) for it in items[start : start + batch_size]]
+        b = collate(enc, tok.pad_token_id, padding_side="right").to(loaded.device)
+        out = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        idx = b.positions("prompt_last").to(loaded.device)
+        rows = torch.arange(len(enc), device=loaded.device)
+        for layer in layers:
+            out.hidden_states[layer + 1][rows, idx].float().cpu()
+
+
+def layer_params(model, upto: int) -> int:
+    """Return parameters in decoder layers 0..upto (what a stopped forward runs)."""
+    layers = decoder_layers(model)
+    return sum(p.numel() for layer in layers[: upto + 1] for p in layer.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", choices=["embedded", *SHAPES], default="embedded")
+    ap.add_argument("--n", type=int, default=192, help="prompts")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="llmlab token budget per batch")
+    ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.shape == "embedded":
+        from conftest_shim import embedded_params
+
+        loaded = load_model(embedded_params())
+    else:
+        from transformers import AutoTokenizer  # noqa: F401
+
+        from conftest_shim import embedded_tokenizer
+
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = random_shape_model(args.shape, dtype, device)
+        loaded = LoadedModel(
+            model, embedded_tokenizer(), args.shape, True, len(decoder_layers(model)),
+            model.config.hidden_size, torch.device(device), dtype,
+        )
+    layers = resolve_layers(LAYERS, loaded.n_layers)
+    items = make_items(loaded.tokenizer, args.n, seed=0)
+    real_tokens = sum(len(encode_chat(loaded.tokenizer, it.messages, chat=True).input_ids) for it in items)
+    warm = items[:4]
+    naive_capture(loaded, warm, layers, 4)
+
+    def timed(fn) -> tuple[float, float]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        return time.perf_counter() - t, mem
+
+    base_s, base_mem = timed(lambda: naive_capture(loaded, items, layers, args.batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_s, ours_mem = timed(
+            lambda: capture_to_disk(
+                loaded, items, layers, Path(tmp) / "acts", batch_size=args.batch_size * 4,
+                max_tokens_per_batch=args.max_tokens, progress=False,
+            )
+        )
+    flops_per_token = 2 * layer_params(loaded.model, max(layers))
+    rows = []
+    for name, secs, mem in (("baseline: output_hidden_states, unsorted", base_s, base_mem), ("llmlab capture_to_disk", ours_s, ours_mem)):
+        tps = real_tokens / secs
+        row = {
+            "method": name,
+            "device": device_name(),
+            "model": loaded.name,
+            "prompts": len(items),
+            "real tokens": real_tokens,
+            "layers": len(layers),
+            "seconds": secs,
+            "tokens/s": tps,
+            "ratio": base_s / secs,
+        }
+        if device == "cuda":
+            row["MFU %"] = 100 * tps * flops_per_token / (args.peak_tflops * 1e12)
+            row["peak GiB"] = mem
+        rows.append(row)
+    report(f"Activation capture ({args.shape}, {device})", rows, append=not args.no_append)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared benchmark helpers: models of real shapes, realistic prompt lengths, result tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+# Real architectures' shapes; weights are random (speed does not depend on them).
+SHAPES = {
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064,
+    ),
+    "qwen2.5-32b": dict(
+        hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, vocab_size=152064,
+    ),
+}
+
+
+def device_name() -> str:
+    """Return a short description of the device the benchmark runs on."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def prompt_lengths(n: int, seed: int, low: int = 20, high: int = 1000) -> list[int]:
+    """Return n prompt lengths with a long tail (log-normal, clipped to [low, high])."""
+    rng = np.random.default_rng(seed)
+    raw = rng.lognormal(mean=np.log(120), sigma=0.8, size=n)
+    return [int(x) for x in np.clip(raw, low, high)]
+
+
+def random_shape_model(shape: str, dtype: torch.dtype, device: str):
+    """Return a randomly initialised Llama-architecture model of a named real shape."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """Return rows as a markdown table (columns from the first row)."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def report(title: str, rows: list[dict[str, object]], append: bool = True) -> None:
+    """Print the table and append it, with date and command, to benchmarks/RESULTS.md."""
+    table = markdown_table(rows)
+    print(f"\n## {title}\n\n{table}\n")
+    if append:
+        cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        with open(RESULTS, "a", encoding="utf-8") as fh:
+            fh.write(f"\n## {title}\n\n{stamp} on {device_name()}: `{cmd}`\n\n{table}\n")
