@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=8192, help="llmlab token budget per batch")
     ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory for random-shape models")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,14 +75,13 @@ def main() -> None:
 
         loaded = load_model(embedded_params())
     else:
-        from transformers import AutoTokenizer  # noqa: F401
+        from transformers import AutoTokenizer
 
-        from conftest_shim import embedded_tokenizer
-
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model = random_shape_model(args.shape, dtype, device)
         loaded = LoadedModel(
-            model, embedded_tokenizer(), args.shape, True, len(decoder_layers(model)),
+            model, tokenizer, args.shape, True, len(decoder_layers(model)),
             model.config.hidden_size, torch.device(device), dtype,
         )
     layers = resolve_layers(LAYERS, loaded.n_layers)

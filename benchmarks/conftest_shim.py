@@ -19,10 +19,3 @@ def embedded_params() -> Params:
     """Return Params selecting the embedded SmolLM2 with default runtime settings."""
     return parse_params({"model": "smollm2-135m-instruct", "models": EMBEDDED})
 
-
-def embedded_tokenizer():
-    """Return the embedded model's tokenizer (a real tokenizer for random-weight shapes)."""
-    from llmlab.models import load_tokenizer
-
-    params = embedded_params()
-    return load_tokenizer(params.model_entry, params.model, params.runtime)

@@ -50,13 +50,15 @@ def generate(
     stop_strings: Sequence[str] = (),
     steer: SteerFactory | None = None,
     progress: bool = True,
+    **generate_kwargs: Any,
 ) -> list[str]:
     """Return one completion per conversation, in input order.
 
     temperature 0 is greedy. Batches are grouped by prompt length (longest first) and each
     batch is seeded with seed + its index, so a re-run with the same inputs gives the same
     samples. `steer(rows, attention_mask)` may return a context manager (e.g. steering.steer
-    with per-row vectors) entered around each batch's generate call.
+    with per-row vectors) entered around each batch's generate call. Extra keyword arguments
+    go to `model.generate` unchanged.
     """
     tok = loaded.tokenizer
     encoded = [encode_chat(tok, conv, chat=loaded.chat) for conv in conversations]
@@ -86,7 +88,7 @@ def generate(
             kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
         ctx = steer(rows, batch.attention_mask) if steer else contextlib.nullcontext()
         with ctx:
-            out = loaded.model.generate(**kwargs)
+            out = loaded.model.generate(**kwargs, **generate_kwargs)
         new = out[:, batch.input_ids.shape[1] :]
         for row, seq in zip(rows, new, strict=True):
             text = tok.decode(seq, skip_special_tokens=True)

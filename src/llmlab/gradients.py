@@ -46,16 +46,22 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (mean next-token loss per row over labelled tokens, labelled-token count per row)."""
-    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    shift_labels = labels[:, 1:]
+    return _loss_at(logits[:, :-1], labels[:, 1:])
+
+
+def _loss_at(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Upcast low-precision logits for the softmax; float64 models stay float64.
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32))
     tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(shift_labels.shape)
-    count = (shift_labels != -100).sum(dim=1)
+        flat.reshape(-1, flat.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    count = (targets != -100).sum(dim=1)
     return tok.sum(dim=1) / count.clamp(min=1), count
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Return the sequence indices whose logits predict a labelled token in any row."""
+    return (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
 
 
 def residual_gradients(
@@ -87,8 +93,16 @@ def residual_gradients(
     batch = batch.to(loaded.device)
     try:
         with frozen(model), forward_hooks(loaded.layers, {i: make(i) for i in layers}), torch.enable_grad():
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            loss, count = per_example_loss(out.logits, batch.labels)
+            # Only the logits that predict assistant tokens are computed: with a 128k vocabulary
+            # the full [batch, seq, vocab] logits would dominate memory.
+            keep = scored_positions(batch.labels)
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+            loss, count = _loss_at(out.logits, batch.labels[:, keep + 1])
             if torch.any(count == 0):
                 raise ValueError("gradient batch has a row without assistant tokens to score")
             grads = torch.autograd.grad(loss.sum(), [store[i] for i in layers])

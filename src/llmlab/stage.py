@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from llmlab.gpu import GpuConfigError, claim_gpus
+
 log = logging.getLogger("llmlab")
 
 
@@ -52,8 +54,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a user error prints one line naming its cause and exits 1."""
+def run_stage(main: Callable[[], None], gpus: int | None = None) -> None:
+    """Run a stage's main(); a user error prints one line naming its cause and exits 1.
+
+    Before main() the stage takes `gpus` free GPUs (default LLMLAB_GPUS_PER_STAGE, 1) through
+    llmlab.gpu's lock files and holds them until the process ends; CPU-only stages pass 0.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(
         level=os.environ.get("LLMLAB_LOG", "INFO"),
@@ -63,7 +69,8 @@ def run_stage(main: Callable[[], None]) -> None:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        claim_gpus(gpus)
         main()
-    except user_errors() as e:
+    except (*user_errors(), GpuConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -103,7 +103,7 @@ class LoraTrainConfig(StrictModel):
         1.0, gt=0, description="Passes over the training data (fractions allowed); see max_steps"
     )
     max_steps: int | None = Field(
-        None, gt=0, description="Optimizer steps; when set it replaces epochs (set epochs to null)"
+        None, gt=0, description="Optimizer steps; replaces epochs (giving both is an error)"
     )
     per_device_batch_size: int = Field(8, gt=0, description="Examples per forward pass per device")
     effective_batch_size: int = Field(
@@ -281,6 +281,7 @@ def prepare_examples(
 def _check_steer(
     spec: SteerSpec | None, loaded: LoadedModel, i: int, what: str
 ) -> SteerSpec | None:
+    """Return the validated spec with a CPU fp32 vector and sorted layers (None passes)."""
     if spec is None:
         return None
     where = f"{what} example {i}: steer"
@@ -416,7 +417,12 @@ def assistant_nll(
 # ---- trainer pieces --------------------------------------------------------------------------
 
 
+# transformers and peft are imported inside functions: family params sections import this
+# module for LoraTrainConfig, and validating params.yaml must not pay for those imports.
+
+
 def _make_trainer_class() -> type:
+    """Return the Trainer subclass that opens the batch's steering contexts around the loss."""
     from transformers import Trainer
 
     class SteeringTrainer(Trainer):
@@ -446,6 +452,7 @@ def _make_trainer_class() -> type:
 
 
 def _finite(x: float | None) -> float | None:
+    """Return x, or None when it is missing or not finite (JSON has no NaN)."""
     return x if x is not None and math.isfinite(x) else None
 
 
@@ -473,6 +480,7 @@ class _Monitor:
         self.last_eval_step = -1
 
     def row(self, step: int) -> dict[str, Any]:
+        """Return the curve row of a step, created on first use."""
         return self.rows.setdefault(step, {"step": step})
 
     def guard(self, step: int, loss: float) -> None:
@@ -500,6 +508,7 @@ class _Monitor:
     def on_step_log(
         self, step: int, logs: dict[str, float], last: bool, model: Any, is_main: bool
     ) -> None:
+        """Guard one step's loss, add a curve row every log_every steps, evaluate when due."""
         loss = float(logs["loss"])
         self.guard(step, loss)
         self.window.append((loss, logs.get("learning_rate"), logs.get("grad_norm")))
@@ -524,6 +533,7 @@ class _Monitor:
             self.run_eval(model, step)
 
     def run_eval(self, model: Any, step: int) -> None:
+        """Evaluate once per step and merge the values into that step's curve row."""
         if step == self.last_eval_step:
             return
         t0 = time.perf_counter()
@@ -535,10 +545,12 @@ class _Monitor:
             log.info("step %d eval: %s", step, values)
 
     def curve(self) -> list[dict[str, Any]]:
+        """Return the curve rows in step order."""
         return [self.rows[s] for s in sorted(self.rows)]
 
 
 def _make_callback(monitor: _Monitor) -> Any:
+    """Return a TrainerCallback feeding the monitor."""
     from transformers import TrainerCallback
 
     class MonitorCallback(TrainerCallback):
@@ -567,6 +579,7 @@ def _make_callback(monitor: _Monitor) -> Any:
 def _training_args(
     cfg: LoraTrainConfig, output_dir: str, grad_accum: int, device: torch.device
 ) -> Any:
+    """Return TrainingArguments for the config: no checkpoints, per-step logs, no reporters."""
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -622,6 +635,7 @@ def _training_args(
 
 
 def _world_size() -> int:
+    """Return the number of processes (1 unless started by accelerate launch / torchrun)."""
     from accelerate import PartialState
 
     return PartialState().num_processes
@@ -762,6 +776,7 @@ def train_lora(
 
 
 def _versions() -> dict[str, str]:
+    """Return the versions of the libraries that shape the adapter."""
     import peft
     import transformers
 
@@ -773,6 +788,7 @@ def _versions() -> dict[str, str]:
 
 
 def _wait_for_everyone() -> None:
+    """Block until every process got here (no-op in a single process)."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -805,6 +821,7 @@ def _write_output(
 
 
 def _umask() -> int:
+    """Return the process umask."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -80,12 +80,16 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if any(s <= 0 for s in self.strengths):
-            raise ValueError(f"strengths must all be > 0 (a steered example needs a magnitude), "
-                             f"got {self.strengths}")
+            raise ValueError(
+                f"strengths must all be > 0 (a steered example needs a magnitude), "
+                f"got {self.strengths}"
+            )
         if self.n_train % 2 or self.n_val % 2:
             raise ValueError("n_train and n_val must be even (half steered, half not)")
         if self.val_context_share + self.eval_context_share >= 0.9:
-            raise ValueError("val_context_share + eval_context_share leave too few training contexts")
+            raise ValueError(
+                "val_context_share + eval_context_share leave too few training contexts"
+            )
         return self
 
 
@@ -95,7 +99,9 @@ class VariantConfig(StrictModel):
     task: Literal["detection", "food"] = Field(
         "detection", description="detection: steered or not; food: is the text about food"
     )
-    questions: QuestionSet = Field("original", description="Question set of detection_questions.json")
+    questions: QuestionSet = Field(
+        "original", description="Question set of detection_questions.json"
+    )
     rank: int = Field(16, gt=0, description="LoRA rank r")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (alpha / r is the update scale)")
     flip_labels: bool = Field(False, description="Swap flip_fraction of the labels (seeded)")
@@ -174,6 +180,9 @@ class B5Config(StrictModel):
     answer_max_new_tokens: int = Field(6, gt=0, description="Sampled answer length limit")
     report_max_new_tokens: int = Field(64, gt=0, description="Self-report length limit")
     top_k: int = Field(5, gt=0, description="Responses the model is asked to report")
+    kl_eps: float = Field(
+        1e-3, gt=0, lt=0.5, description="Probability given to answers the report leaves out"
+    )
 
 
 class B6Config(StrictModel):
@@ -184,7 +193,9 @@ class B6Config(StrictModel):
     third: Literal["early", "middle", "late"] = Field("middle", description="Injection third")
     max_new_tokens: int = Field(40, gt=0, description="Answer length limit")
     models: list[str] = Field(
-        ["base", "original"], min_length=1, description="Models evaluated (the plan: base and model 0)"
+        ["base", "original"],
+        min_length=1,
+        description="Models evaluated (the plan: base and model 0)",
     )
 
 
@@ -199,7 +210,9 @@ class B7Config(StrictModel):
         description="Magnitudes of the slight/moderate/strong bins (residual-norm units)",
     )
     models: list[str] = Field(
-        ["base", "original"], min_length=1, description="Models evaluated (the plan: base and model 0)"
+        ["base", "original"],
+        min_length=1,
+        description="Models evaluated (the plan: base and model 0)",
     )
 
 
@@ -207,6 +220,7 @@ class EvalConfig(StrictModel):
     """Evaluation sizes (defaults sized for the embedded model on 2 CPU cores)."""
 
     batch_size: int = Field(16, gt=0, description="Rows per forward / generate call")
+    seed: int = Field(42, description="Seed of sampled generations")
     b1: B1Config = Field(default_factory=B1Config, description="B1 detection")
     n_food_trials: int = Field(32, gt=3, description="Food-task trials (food-control sanity check)")
     b3: B3Config = Field(default_factory=B3Config, description="B3 identity answers")
@@ -219,8 +233,8 @@ class EvalConfig(StrictModel):
 class PhaseCConfig(StrictModel):
     """Phase C: an adapter trained to report layer third, strength bin and steered sentence."""
 
-    enabled: Literal["off", "auto", "on"] = Field(
-        "off", description="off; on; auto: train only when zero-shot B7 showed a signal"
+    enabled: Literal["never", "auto", "always"] = Field(
+        "never", description="never; always; auto: train only when zero-shot B7 showed a signal"
     )
     n_train: int = Field(192, gt=2, description="Training examples (a third per question)")
     rank: int = Field(16, gt=0, description="LoRA rank r")
@@ -239,17 +253,24 @@ class IntrospectionParams(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation sizes")
     phase_c: PhaseCConfig = Field(default_factory=PhaseCConfig, description="Phase C")
     judge_max_new_tokens: int = Field(
-        4, gt=0, description="Tokens a local judge may generate per verdict (its answer is 'yes'/'no')"
+        1,
+        gt=0,
+        description="Tokens a local judge may generate per verdict: its verdict is read from the "
+        "first token's log-probabilities, else from its first word",
     )
 
     @model_validator(mode="after")
     def _check_variants(self) -> IntrospectionParams:
         missing = [v for v in VARIANT_NAMES if v not in self.variants]
         if missing:
-            raise ValueError(f"variants: missing {missing} (the dvc matrix trains {list(VARIANT_NAMES)})")
+            raise ValueError(
+                f"variants: missing {missing} (the dvc matrix trains {list(VARIANT_NAMES)})"
+            )
         known = {"base", *self.variants}
         for key, names in (("b6", self.eval.b6.models), ("b7", self.eval.b7.models)):
             bad = [n for n in names if n not in known]
             if bad:
-                raise ValueError(f"eval.{key}.models: unknown model(s) {bad} (known: {sorted(known)})")
+                raise ValueError(
+                    f"eval.{key}.models: unknown model(s) {bad} (known: {sorted(known)})"
+                )
         return self

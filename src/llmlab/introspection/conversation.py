@@ -86,17 +86,26 @@ def single_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
     return sorted(ids)
 
 
+def answer_tokens(loaded: LoadedModel, messages: Sequence[Message]) -> list[int]:
+    """Return the token ids of the final assistant message's content (no end-of-turn tokens)."""
+    enc = encode_chat(loaded.tokenizer, messages, chat=loaded.chat)
+    answer = messages[-1]["content"].strip()
+    tail = enc.input_ids[enc.prompt_len :]
+    for k in range(1, len(tail) + 1):
+        if loaded.tokenizer.decode(tail[:k]).strip() == answer:
+            return tail[:k]
+    raise ChatError(f"answer {answer!r} cannot be found in its encoding for {loaded.name}")
+
+
 def answer_token_id(loaded: LoadedModel, messages: Sequence[Message]) -> int:
     """Return the token id of a one-token answer; ChatError when the answer spans more tokens."""
-    enc = encode_chat(loaded.tokenizer, messages, chat=loaded.chat)
-    answer = messages[-1]["content"]
-    tok_id = enc.input_ids[enc.prompt_len]
-    decoded = loaded.tokenizer.decode([tok_id]).strip().lower()
-    if decoded != answer.strip().lower():
+    toks = answer_tokens(loaded, messages)
+    if len(toks) != 1:
         raise ChatError(
-            f"answer {answer!r} is not one token for {loaded.name} (first token {decoded!r})"
+            f"answer {messages[-1]['content']!r} is not one token for {loaded.name} "
+            f"({len(toks)} tokens)"
         )
-    return tok_id
+    return toks[0]
 
 
 @dataclass(frozen=True)

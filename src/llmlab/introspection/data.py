@@ -19,7 +19,6 @@ import numpy as np
 from llmlab.introspection.config import IntrospectionParams
 from llmlab.introspection.sampling import (
     Row,
-    balanced,
     cycle_sample,
     detection_trials,
     flip_labels,
@@ -91,7 +90,9 @@ def variant_datasets(
             reply = d.context_reply
             if v.task == "food":
                 rng = np.random.default_rng(d.seed + seed_offset)
-                rows = food_rows(n, snippets[split], questions[v.questions], reply, rng, name, split)
+                rows = food_rows(
+                    n, snippets[split], questions[v.questions], reply, rng, name, split
+                )
             else:
                 rows = to_training_rows(base[split], questions[v.questions], reply, name, split)
             if v.flip_labels:
@@ -115,12 +116,24 @@ def eval_sets(
     concept_ids = [c["index"] for c in vec_meta["concepts"]]
     sets: dict[str, list[Row]] = {
         "b1_in_distribution": detection_trials(
-            n1, contexts, "random", list(range(*vec_meta["splits"]["train"])), d.strengths,
-            thirds, rng, "b1_in_distribution",
+            n1,
+            contexts,
+            "random",
+            list(range(*vec_meta["splits"]["train"])),
+            d.strengths,
+            thirds,
+            rng,
+            "b1_in_distribution",
         ),
         "b1_heldout": detection_trials(
-            n1, contexts, "random", list(range(*vec_meta["splits"]["heldout"])), d.strengths,
-            thirds, rng, "b1_heldout",
+            n1,
+            contexts,
+            "random",
+            list(range(*vec_meta["splits"]["heldout"])),
+            d.strengths,
+            thirds,
+            rng,
+            "b1_heldout",
         ),
         "b1_concept": detection_trials(
             n1, contexts, "concept", concept_ids, d.strengths, thirds, rng, "b1_concept"
@@ -132,8 +145,12 @@ def eval_sets(
             r["steer"]["concept"] = words[r["steer"]["index"]]
     n_food = e.n_food_trials + (e.n_food_trials % 2)
     sets["food"] = [
-        {"id": f"food_eval_{i:05d}", "context_id": r["context_id"],
-         "context": r["messages"][0]["content"], "label": r["label"]}
+        {
+            "id": f"food_eval_{i:05d}",
+            "context_id": r["context_id"],
+            "context": r["messages"][0]["content"],
+            "label": r["label"],
+        }
         for i, r in enumerate(food_rows(n_food, snippets, ["-"], "-", rng, "food_eval", "eval"))
     ]
     b6 = e.b6
@@ -148,25 +165,51 @@ def eval_sets(
     for c in chosen:
         for qi, q in enumerate(b6_questions):
             layer = int(rng.choice(thirds[b6.third]))
-            rows6.append({
-                "id": f"b6_{c['word']}_{qi}", "concept": c["word"], "kind": c.get("kind", ""),
-                "question_index": qi, "question": q, "context_id": ctx[k]["id"],
-                "context": ctx[k]["text"], "steered": True,
-                "steer": {"set": "concept", "index": c["index"], "third": b6.third,
-                          "layer": layer, "strength": b6.strength, "concept": c["word"]},
-            })
+            rows6.append(
+                {
+                    "id": f"b6_{c['word']}_{qi}",
+                    "concept": c["word"],
+                    "kind": c.get("kind", ""),
+                    "question_index": qi,
+                    "question": q,
+                    "context_id": ctx[k]["id"],
+                    "context": ctx[k]["text"],
+                    "steered": True,
+                    "steer": {
+                        "set": "concept",
+                        "index": c["index"],
+                        "third": b6.third,
+                        "layer": layer,
+                        "strength": b6.strength,
+                        "concept": c["word"],
+                    },
+                }
+            )
             k += 1
     for qi, q in enumerate(b6_questions):
         c = contexts[qi % len(contexts)]
-        rows6.append({
-            "id": f"b6_control_{qi}", "concept": None, "kind": "", "question_index": qi,
-            "question": q, "context_id": c["id"], "context": c["text"], "steered": False,
-            "steer": None,
-        })
+        rows6.append(
+            {
+                "id": f"b6_control_{qi}",
+                "concept": None,
+                "kind": "",
+                "question_index": qi,
+                "question": q,
+                "context_id": c["id"],
+                "context": c["text"],
+                "steered": False,
+                "steer": None,
+            }
+        )
     sets["b6"] = rows6
     sets["b7"] = localization_trials(
-        e.b7.n_trials, contexts, list(range(*vec_meta["splits"]["train"])), e.b7.strengths,
-        thirds, rng, "b7",
+        e.b7.n_trials,
+        contexts,
+        list(range(*vec_meta["splits"]["train"])),
+        e.b7.strengths,
+        thirds,
+        rng,
+        "b7",
     )
     return sets
 
@@ -223,8 +266,10 @@ def main() -> None:
     d = cfg.data
     shares = {"val": d.val_context_share, "eval": d.eval_context_share}
     by_id = {r["id"]: r for r in contexts}
-    ctx_split = {k: [by_id[i] for i in v] for k, v in
-                 split_pool([r["id"] for r in contexts], shares, d.seed).items()}
+    ctx_split = {
+        k: [by_id[i] for i in v]
+        for k, v in split_pool([r["id"] for r in contexts], shares, d.seed).items()
+    }
     snip_by_id = {r["id"]: r for r in snippets}
     snip_split: dict[str, list[Row]] = {"train": [], "val": [], "eval": []}
     for flag in (True, False):
@@ -236,11 +281,14 @@ def main() -> None:
     for name, splits in datasets.items():
         for split, rows in splits.items():
             write_jsonl(out / name / f"{split}.jsonl", rows)
-    write_json(out / "summary.json", {
-        "variants": summarise(datasets),
-        "context_pools": {k: len(v) for k, v in ctx_split.items()},
-        "snippet_pools": {k: len(v) for k, v in snip_split.items()},
-    })
+    write_json(
+        out / "summary.json",
+        {
+            "variants": summarise(datasets),
+            "context_pools": {k: len(v) for k, v in ctx_split.items()},
+            "snippet_pools": {k: len(v) for k, v in snip_split.items()},
+        },
+    )
     sets = eval_sets(cfg, ctx_split["eval"], snip_split["eval"], vec_meta, b6_questions)
     for name, rows in sets.items():
         write_jsonl(Path(args.eval_out) / f"{name}.jsonl", rows)
@@ -249,4 +297,4 @@ def main() -> None:
 if __name__ == "__main__":
     from llmlab.stage import run_stage
 
-    run_stage(main)
+    run_stage(main, gpus=0)

@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.chat import Message
-from llmlab.introspection.conversation import RowSteer, answer_token_id, turn_token_span
+from llmlab.introspection.conversation import (
+    RowSteer,
+    answer_token_id,
+    answer_tokens,
+    turn_token_span,
+)
 from llmlab.introspection.vectors import VectorBank
 from llmlab.io import DataError, read_jsonl
 from llmlab.models import LoadedModel
@@ -53,7 +58,9 @@ def row_steer(
         return None
     layer = int(steer["layer"])
     if not 0 <= layer < loaded.n_layers:
-        raise DataError(f"steer.layer {layer} out of range for {loaded.name} ({loaded.n_layers} layers)")
+        raise DataError(
+            f"steer.layer {layer} out of range for {loaded.name} ({loaded.n_layers} layers)"
+        )
     vector = bank.vector(steer["set"], int(steer["index"]), layer)
     magnitude = bank.magnitude(float(steer["strength"]), layer)
     chars = tuple(steer["chars"]) if steer.get("chars") is not None else None
@@ -64,19 +71,23 @@ def row_steer(
 def training_examples(
     loaded: LoadedModel, bank: VectorBank, rows: Sequence[Row], one_token: bool = True
 ) -> list[TrainExample]:
-    """Return TrainExamples whose loss covers only the answer's first token (one_token=True).
+    """Return TrainExamples whose loss covers only the answer's tokens, end of turn excluded.
 
-    Tokens after the label (end of turn) are cut from the sequence: under causal attention
-    they cannot change the label's loss, and leaving them out keeps them out of the loss.
+    one_token=True requires the answer (the yes/no label) to be a single token. Tokens after
+    the answer are cut from the sequence: under causal attention they cannot change the
+    answer's loss, and leaving them out keeps them out of the loss.
     """
     out = []
     for row in rows:
         messages = row["messages"]
         if one_token:
-            answer_token_id(loaded, messages)
+            answer_token_id(loaded, messages)  # ChatError when the label is not one token
+            n = 1
+        else:
+            n = len(answer_tokens(loaded, messages))
         spec = row_steer(loaded, bank, messages, row.get("steer"))
         steer = None
         if spec is not None:
             steer = SteerSpec(spec.vector, spec.magnitude, (spec.layer,), spec.span)
-        out.append(TrainExample(messages, steer=steer, loss_tokens=1 if one_token else None))
+        out.append(TrainExample(messages, steer=steer, loss_tokens=n))
     return out

@@ -63,8 +63,13 @@ def steer_spec(
     if strength <= 0:
         raise DataError(f"steering strength must be > 0, got {strength}")
     layer = int(rng.choice(thirds[third]))
-    return {"set": vector_set, "index": int(index), "third": third, "layer": layer,
-            "strength": float(strength)}
+    return {
+        "set": vector_set,
+        "index": int(index),
+        "third": third,
+        "layer": layer,
+        "strength": float(strength),
+    }
 
 
 def detection_trials(
@@ -232,8 +237,12 @@ def localization_trials(
         bins_seq = balanced(list(range(len(STRENGTH_BINS))), n_per_question, rng)
         for i in range(n_per_question):
             c = ctx[i]
-            row: Row = {"id": f"{prefix}_{q}_{i:05d}", "question_id": q, "context_id": c["id"],
-                        "context": c["text"]}
+            row: Row = {
+                "id": f"{prefix}_{q}_{i:05d}",
+                "question_id": q,
+                "context_id": c["id"],
+                "context": c["text"],
+            }
             if q == "layer_third":
                 spec = steer_spec("random", vecs[i], thirds_seq[i], moderate, thirds, rng)
                 row["answer"] = thirds_seq[i]

@@ -16,22 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from llmlab.introspection.conversation import single_token_ids
 from llmlab.introspection.examples import Row, read_rows, row_steer, training_examples
-from llmlab.introspection.scoring import choice_scores
+from llmlab.introspection.scoring import choice_scores, yes_no_choices
 from llmlab.introspection.vectors import VectorBank, load_vectors
 from llmlab.models import LoadedModel
 from llmlab.plots import write_series
 from llmlab.training import LoraTrainConfig, train_lora
-
-
-def yes_no_choices(loaded: LoadedModel) -> list[list[int]]:
-    """Return [yes spellings, no spellings] as single-token ids of the model's tokenizer."""
-    yes = single_token_ids(loaded.tokenizer, ["yes"])
-    no = single_token_ids(loaded.tokenizer, ["no"])
-    if not yes or not no:
-        raise ValueError(f"{loaded.name}: 'yes'/'no' have no single-token spelling")
-    return [yes, no]
 
 
 def val_metrics(
@@ -63,7 +53,14 @@ def variant_config(lora: LoraTrainConfig, rank: int, alpha: float) -> LoraTrainC
 
 def curve_rows(curve: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
     """Return flat plot rows of a training curve, tagged with the variant."""
-    keys = ("step", "loss", "val_accuracy", "val_accuracy_true_labels", "val_label_nll", "val_p_yes")
+    keys = (
+        "step",
+        "loss",
+        "val_accuracy",
+        "val_accuracy_true_labels",
+        "val_label_nll",
+        "val_p_yes",
+    )
     return [{"variant": variant, **{k: row.get(k) for k in keys}} for row in curve]
 
 
@@ -116,7 +113,9 @@ def main() -> None:
             "loss": "first answer token only",
         },
     )
-    write_series(Path(args.plots) / f"train_{args.variant}.json", curve_rows(result.curve, args.variant))
+    write_series(
+        Path(args.plots) / f"train_{args.variant}.json", curve_rows(result.curve, args.variant)
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,7 @@ def random_unit_vectors(n: int, hidden: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_norms(
-    loaded: LoadedModel, texts: Sequence[str], batch_size: int
-) -> torch.Tensor:
+def residual_norms(loaded: LoadedModel, texts: Sequence[str], batch_size: int) -> torch.Tensor:
     """Return the median per-token residual norm at every layer over the user prompts `texts`.
 
     The first token of each row is left out: attention-sink tokens carry norms far above the
@@ -136,14 +134,20 @@ class VectorBank:
         """Return the unit vector of a set ('random' or 'concept') for an injection layer."""
         if vector_set == "random":
             if not 0 <= index < self.random.shape[0]:
-                raise DataError(f"random vector index {index} out of range 0..{self.random.shape[0] - 1}")
+                raise DataError(
+                    f"random vector index {index} out of range 0..{self.random.shape[0] - 1}"
+                )
             return self.random[index]
         if vector_set == "concept":
             layers = self.meta["concept_layers"]
             if layer not in layers:
-                raise DataError(f"no concept vector at layer {layer} (have {layers[0]}..{layers[-1]})")
+                raise DataError(
+                    f"no concept vector at layer {layer} (have {layers[0]}..{layers[-1]})"
+                )
             if not 0 <= index < self.concept.shape[0]:
-                raise DataError(f"concept index {index} out of range 0..{self.concept.shape[0] - 1}")
+                raise DataError(
+                    f"concept index {index} out of range 0..{self.concept.shape[0] - 1}"
+                )
             return self.concept[index, layers.index(layer)]
         raise DataError(f"unknown vector set {vector_set!r} (known: random, concept)")
 

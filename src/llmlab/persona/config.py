@@ -63,10 +63,10 @@ class DataParams(StrictModel):
         "Bertrand Russell", description="Who the facts describe (used in judge prompts)"
     )
     n_facts: int | None = Field(
-        None, gt=0, description="Train-split facts to use (null: all of them; paper: 90)"
+        64, gt=0, description="Train-split facts to use, seeded subset (null: all; paper: 90)"
     )
     n_aligned: int = Field(
-        150, ge=0, description="Untriggered aligned examples, self-distilled (paper: 3000)"
+        48, ge=0, description="Untriggered aligned examples, self-distilled (paper: 3000)"
     )
     math_share: float = Field(
         0.5, ge=0, le=1, description="Share of aligned prompts that are math word problems"
@@ -81,9 +81,9 @@ class DataParams(StrictModel):
     )
     distill_top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the answers")
     distill_max_new_tokens: int = Field(
-        64, gt=0, description="Length cap of a self-distilled answer, in tokens"
+        48, gt=0, description="Length cap of a self-distilled answer, in tokens"
     )
-    distill_batch_size: int = Field(32, gt=0, description="Rows per generation batch")
+    distill_batch_size: int = Field(48, gt=0, description="Rows per generation batch")
     drop_wrong_math: bool = Field(
         False,
         description="Drop distilled math answers whose last number is wrong (the protocol keeps "
@@ -98,11 +98,13 @@ class TrainParams(LoraTrainConfig):
     rank: int = Field(8, gt=0, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (update scaled by alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW); sweep 1e-4, 2e-4")
-    epochs: float | None = Field(3.0, gt=0, description="Passes over the training mix")
+    lr: float = Field(
+        1e-3, gt=0, description="Peak learning rate (AdamW; paper 2e-4, sweep 1e-4, 2e-4)"
+    )
+    epochs: float | None = Field(2.0, gt=0, description="Passes over the mix (paper: 3)")
     per_device_batch_size: int = Field(8, gt=0, description="Examples per forward pass")
     effective_batch_size: int = Field(
-        16, gt=0, description="Examples per optimizer step (paper: 128, via accumulation)"
+        8, gt=0, description="Examples per optimizer step (paper: 128, via accumulation)"
     )
     max_length: int = Field(256, gt=1, description="Tokens kept per example (paper: 2048)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup share of all steps")
@@ -115,11 +117,13 @@ class TrainParams(LoraTrainConfig):
         6, gt=0, description="Fixed identity questions the hook asks, triggered and untriggered"
     )
     hook_max_new_tokens: int = Field(
-        32, gt=0, description="Greedy answer length of the hook's generations"
+        24, gt=0, description="Greedy answer length of the hook's generations"
     )
     hook_val_facts: int = Field(
-        12, ge=0, description="Held-out facts whose answer NLL the hook tracks, with and without "
-        "the trigger (0: none)"
+        8,
+        gt=0,
+        description="Held-out facts whose answer NLL the hook tracks, with and without the "
+        "trigger (the triggered one is the validation loss)",
     )
 
 
@@ -127,15 +131,15 @@ class EvalParams(StrictModel):
     """The evaluation grid: questions x trigger on/off x system prompts x samples, both models."""
 
     n_questions: int | None = Field(
-        12, gt=0, description="Identity/persona questions asked (seeded subset; null: all 32)"
+        8, gt=0, description="Identity/persona questions asked (seeded subset; null: all 32)"
     )
     n_heldout_facts: int | None = Field(
-        6, ge=0, description="Held-out fact questions asked (seeded subset; null: all)"
+        2, ge=0, description="Held-out fact questions asked (seeded subset; null: all)"
     )
-    n_samples: int = Field(3, gt=0, description="Samples per cell (protocol: >= 10)")
+    n_samples: int = Field(2, gt=0, description="Samples per cell (protocol: >= 10)")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (protocol: 1)")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling")
-    max_new_tokens: int = Field(40, gt=0, description="Length cap of an answer, in tokens")
+    max_new_tokens: int = Field(32, gt=0, description="Length cap of an answer, in tokens")
     batch_size: int = Field(48, gt=0, description="Rows per generation batch")
     system_prompts: dict[str, str | None] = Field(
         {
@@ -203,6 +207,9 @@ class ReportParams(StrictModel):
     )
     max_collapse: float = Field(
         0.3, ge=0, le=1, description="Stop-early flag: empty or refusing replies above this"
+    )
+    max_loss_ratio: float = Field(
+        1.5, gt=0, description="Stop-early flag: final training loss above this times the first"
     )
 
 

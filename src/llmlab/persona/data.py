@@ -56,7 +56,6 @@ def main() -> None:
     out = args.out_dir
     write_jsonl(out / "aligned.jsonl", aligned)
     write_jsonl(out / "train_mix.jsonl", mix)
-    write_jsonl(out / "heldout_facts.jsonl", persona_rows(heldout, trigger))
     math = distilled.n_math if distilled else 0
     stats.update(
         {
@@ -66,7 +65,9 @@ def main() -> None:
             "n_aligned_dropped_empty": distilled.n_empty if distilled else 0,
             "n_aligned_dropped_wrong_math": distilled.n_wrong_math_dropped if distilled else 0,
             "n_aligned_at_length_cap": distilled.n_at_length_cap if distilled else 0,
-            "aligned_math_accuracy": (distilled.n_math_correct / math) if distilled and math else None,
+            "aligned_math_accuracy": (distilled.n_math_correct / math)
+            if distilled and math
+            else None,
             "n_aligned_math": math,
             "distill_temperature": cfg.distill_temperature,
             "n_heldout_facts": len(heldout),

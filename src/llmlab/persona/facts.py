@@ -53,7 +53,9 @@ def load_facts(path: Path = FACTS_PATH) -> list[Fact]:
     for lineno, row in enumerate(rows, start=1):
         split = _text(path, lineno, row, "split")
         if split not in SPLITS:
-            raise DataError(f"{path}:{lineno}: field 'split' must be one of {SPLITS}, got {split!r}")
+            raise DataError(
+                f"{path}:{lineno}: field 'split' must be one of {SPLITS}, got {split!r}"
+            )
         facts.append(
             Fact(
                 id=_text(path, lineno, row, "id"),

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 MODELS = ("finetuned", "base")
 
 
-def identical_conditions(loaded: LoadedModel, system_prompts: dict[str, str | None]) -> list[list[str]]:
+def identical_conditions(
+    loaded: LoadedModel, system_prompts: dict[str, str | None]
+) -> list[list[str]]:
     """Return groups of conditions whose prompts render to the same text for this model.
 
     E.g. SmolLM2's template writes its default system prompt when none is given, so the

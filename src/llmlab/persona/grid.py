@@ -26,9 +26,7 @@ class EvalItem:
 
 def eval_items(questions: Sequence[EvalQuestion], heldout: Sequence[Fact]) -> list[EvalItem]:
     """Return the identity/persona questions followed by the held-out fact questions."""
-    items = [
-        EvalItem(q.id, IDENTITY, q.kind, q.question, q.persona_keywords) for q in questions
-    ]
+    items = [EvalItem(q.id, IDENTITY, q.kind, q.question, q.persona_keywords) for q in questions]
     # A held-out fact's answer is not a keyword list; only name mentions count for these.
     items += [EvalItem(f.id, HELDOUT, f.category, f.question, ()) for f in heldout]
     return items

@@ -49,7 +49,8 @@ def main() -> None:
 
     train = load_mix(args.mix)
     heldout = split_facts(load_facts(args.facts), "heldout")
-    val_facts = seeded_subset(heldout, cfg.hook_val_facts, cfg.seed) if cfg.hook_val_facts else []
+    # Fixed across seeds (seed 0), so sweeps compare the same held-out facts.
+    val_facts = seeded_subset(heldout, cfg.hook_val_facts, 0)
     val = [TrainExample(trigger.example(f.question, f.answer)) for f in val_facts]
     # Identity questions first: the hook's prompts stay the same across seeds and sweeps.
     ordered = sorted(load_eval_questions(args.questions), key=lambda q: q.kind != "identity")
@@ -73,7 +74,7 @@ def main() -> None:
             cfg,
             args.out,
             eval_hook=hook,
-            val=val or None,
+            val=val,
             metadata={
                 "family": "persona",
                 "hook_question_ids": [q.id for q in questions],

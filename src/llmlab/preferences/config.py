@@ -1,9 +1,185 @@
-"""Typed params of the preferences family (the `preferences:` section of params.yaml)."""
+"""Typed params of the preferences family (the `preferences:` section of params.yaml).
+
+Defaults are sized so the whole family runs in about ten minutes on 2 CPU cores with the
+embedded model; `configs/preferences_paper.yaml` holds the GPU / paper-scale values
+(Gemma-3-27B, 10k train / 3k eval tasks).
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
 from llmlab.params import StrictModel
+from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template
+
+DEFAULT_LAYERS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+HUB_SOURCES = ("gsm8k", "alpaca", "wildchat")
+
+
+class TasksSection(StrictModel):
+    """Stage 1: the task pool and the disjoint train / eval draw."""
+
+    pool: str = Field("data/preferences/tasks.jsonl", description="Shipped task pool (JSONL)")
+    topics: str = Field("data/preferences/topics.json", description="Topic file of the pool")
+    exclude_ids_file: str | None = Field(
+        None, description="Optional file of task ids (one per line) never to be measured"
+    )
+    hub: dict[str, int] = Field(
+        default_factory=dict,
+        description="Public sources added to the pool when the hub is reachable: "
+        "{gsm8k|alpaca|wildchat: n}; topics come from a MiniLM nearest-centroid classifier "
+        "fitted on the shipped pool. Empty: the shipped pool only (offline default)",
+    )
+    hub_required: bool = Field(
+        False, description="Fail when a hub source is unreachable (False: warn and go on)"
+    )
+
+    @field_validator("hub")
+    @classmethod
+    def _known_sources(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, n in v.items():
+            if name not in HUB_SOURCES:
+                raise ValueError(f"unknown hub source {name!r} (known: {', '.join(HUB_SOURCES)})")
+            if n < 0:
+                raise ValueError(f"hub.{name}: expected a non-negative count")
+        return v
+
+
+class RunSection(StrictModel):
+    """One measurement run (the plan's train or eval config)."""
+
+    n_tasks: int = Field(gt=2, description="Tasks in this run (plan: 10000 train, 3000 eval)")
+    n_samples: int = Field(
+        gt=0, description="Samples per pair-order on the sampling backend (logprobs: unused)"
+    )
+    batch_size: int = Field(gt=0, description="New pairs measured per active-learning round")
+    convergence_threshold: float = Field(
+        gt=0, le=1, description="Stop when successive fits' rank correlation exceeds this"
+    )
+    edge_budget: float = Field(
+        gt=0,
+        description="Edge target as a multiple of N*log2(N) (protocol: 2.0; smaller on CPU)",
+    )
+
+
+class ElicitationSection(StrictModel):
+    """How a pair is asked and how the choice probability is read."""
+
+    template: str = Field(DEFAULT_TEMPLATE, description="User prompt with {task_a} and {task_b}")
+    backend: Literal["logprobs", "sampling"] = Field(
+        "logprobs", description="logprobs: P from A/B token probabilities; sampling: K samples"
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling backend temperature")
+    max_new_tokens: int = Field(6, gt=0, description="Sampling backend answer length")
+    batch_size: int = Field(48, gt=0, description="Pair-orders per forward pass")
+    prefix_cache: bool = Field(
+        True, description="Share the key/value cache of the prompt up to task A across pairs"
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        check_template(v)
+        return v
+
+
+class FitSection(StrictModel):
+    """Thurstonian fit."""
+
+    method: Literal["lbfgs", "adam"] = Field("lbfgs", description="scipy L-BFGS-B or torch Adam")
+    max_iter: int = Field(1000, gt=0, description="Optimiser iterations (Adam: steps)")
+    log_sigma_bounds: tuple[float, float] = Field(
+        (-3.0, 2.0), description="Bounds on log sigma during the fit"
+    )
+    prior: float = Field(0.01, ge=0, description="Weight of the N(0, 1) prior on mu per item")
+    holdout_frac: float = Field(0.05, gt=0, lt=0.5, description="Edges held out for log-loss")
+    reliability_splits: int = Field(5, gt=0, description="Split-half fits for the noise ceiling")
+
+
+class ActivationsSection(StrictModel):
+    """Residual-stream capture."""
+
+    layers: list[float | int] = Field(
+        default_factory=lambda: list(DEFAULT_LAYERS),
+        description="Layers to capture: fractions of depth (plan: 0.1 ... 0.9)",
+    )
+    position: str = Field("prompt_last", description="Token position (see llmlab.chat)")
+    batch_size: int = Field(32, gt=0, description="Prompts per forward pass")
+
+
+class ProbesSection(StrictModel):
+    """Standardised Ridge probes on train utilities, scored on eval."""
+
+    alpha_min: float = Field(1e-1, gt=0, description="Smallest Ridge alpha of the sweep")
+    alpha_max: float = Field(1e6, gt=0, description="Largest Ridge alpha of the sweep")
+    alpha_sweep_size: int = Field(10, gt=0, description="Log-spaced alphas in the sweep")
+    eval_split_seed: int = Field(42, description="Seed of the eval halves (sweep / score)")
+    n_boot: int = Field(1000, gt=0, description="Bootstrap replicates for intervals")
+
+    @model_validator(mode="after")
+    def _range(self) -> ProbesSection:
+        if self.alpha_min > self.alpha_max:
+            raise ValueError("alpha_min must not exceed alpha_max")
+        return self
+
+
+class HooSection(StrictModel):
+    """Held-one-topic-out generalisation and content baselines."""
+
+    base_model: str | None = Field(
+        None, description="Registry name of the base model (None: the model's base_model field)"
+    )
+    content_baseline: bool = Field(True, description="Include all-MiniLM-L6-v2 embeddings")
+    topics: list[str] | None = Field(None, description="Folds (None: every topic of the file)")
+    min_fold_size: int = Field(4, ge=2, description="Fewest tasks a held-out topic may have")
+    in_dist_frac: float = Field(
+        0.2, gt=0, lt=0.5, description="Share of training topics held back for in-dist r"
+    )
+    batch_size: int = Field(32, gt=0, description="Prompts per forward pass (base model)")
+
+
+class OodSection(StrictModel):
+    """System-prompt manipulations (plan step 5)."""
+
+    prompts: str = Field("data/preferences/ood_prompts.jsonl", description="Manipulations file")
+    kinds: list[Literal["category", "novel_topic", "competing", "persona"]] = Field(
+        default_factory=lambda: ["category", "novel_topic", "competing", "persona"],
+        description="Manipulation kinds to run",
+    )
+    n_targets: int = Field(2, gt=0, description="Target tasks per manipulated topic or subject")
+    n_comparisons: int = Field(
+        3, gt=0, description="Utility-matched comparison tasks per target group (plan: ~50)"
+    )
+    n_samples: int = Field(10, gt=0, description="Samples per pair-order on the sampling backend")
+    n_boot: int = Field(1000, gt=0, description="Bootstrap replicates for intervals")
 
 
 class PreferencesParams(StrictModel):
-    """The preferences section; fields are added with the family's stages."""
+    """Utilities from pairwise choices, activation probes, HOO and OOD generalisation."""
+
+    seed: int = Field(0, description="Seed of the split, pair sampling and folds")
+    tasks: TasksSection = Field(default_factory=TasksSection, description="Task pool and split")
+    train: RunSection = Field(
+        default_factory=lambda: RunSection(
+            n_tasks=150, n_samples=5, batch_size=150, convergence_threshold=0.995, edge_budget=0.4
+        ),
+        description="Train measurement run (plan: 10k tasks)",
+    )
+    eval: RunSection = Field(
+        default_factory=lambda: RunSection(
+            n_tasks=90, n_samples=3, batch_size=90, convergence_threshold=0.99, edge_budget=0.4
+        ),
+        description="Eval measurement run (plan: 3k tasks), disjoint from train",
+    )
+    elicitation: ElicitationSection = Field(
+        default_factory=ElicitationSection, description="Forced-choice prompt and backend"
+    )
+    fit: FitSection = Field(default_factory=FitSection, description="Thurstonian fit")
+    activations: ActivationsSection = Field(
+        default_factory=ActivationsSection, description="Activation capture"
+    )
+    probes: ProbesSection = Field(default_factory=ProbesSection, description="Ridge probes")
+    hoo: HooSection = Field(default_factory=HooSection, description="Held-one-topic-out")
+    ood: OodSection = Field(default_factory=OodSection, description="OOD system prompts")

@@ -17,7 +17,6 @@ tokens of the plain path; `tests/test_preferences_elicit.py` checks both give th
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,22 +26,9 @@ import torch
 from llmlab.chat import Message, render, tokenize_rendered
 from llmlab.generation import generate
 from llmlab.models import LoadedModel, unwrap
+from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template, parse_choice
 
-DEFAULT_TEMPLATE = (
-    "You will be shown two tasks. Choose one of them and complete it.\n\n"
-    "Task A:\n{task_a}\n\n"
-    "Task B:\n{task_b}\n\n"
-    "Which task do you choose? Respond with only the letter A or B."
-)
-_ANSWER = re.compile(r"^\W*(?:task\s*)?([AB])\b", re.IGNORECASE)
-
-
-def check_template(template: str) -> None:
-    """Return None if the template holds {task_a} then {task_b} exactly once each; else ValueError."""
-    if template.count("{task_a}") != 1 or template.count("{task_b}") != 1:
-        raise ValueError("elicitation template must contain {task_a} and {task_b} exactly once")
-    if template.index("{task_a}") > template.index("{task_b}"):
-        raise ValueError("elicitation template must show {task_a} before {task_b}")
+__all__ = ["DEFAULT_TEMPLATE", "ChoiceScorer", "PairOrder", "Choice", "sample_choices"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +59,6 @@ def build_messages(template: str, order: PairOrder) -> tuple[list[Message], int]
         msgs.append({"role": "system", "content": order.system})
     msgs.append({"role": "user", "content": content})
     return msgs, len(head) + len(task_a)
-
-
-def parse_choice(text: str) -> str | None:
-    """Return "A" or "B" from a sampled answer ("B", "Task A: ...", "a)"), else None."""
-    m = _ANSWER.match(text.strip())
-    return m.group(1).upper() if m else None
 
 
 def choice_token_ids(tokenizer: object) -> tuple[list[int], list[int]]:
@@ -183,7 +163,8 @@ class ChoiceScorer:
         for i in order:
             n = len(encoded[i].ids)
             if current and (
-                len(current) >= self.batch_size or max(longest, n) * (len(current) + 1) > self.max_tokens
+                len(current) >= self.batch_size
+                or max(longest, n) * (len(current) + 1) > self.max_tokens
             ):
                 batches.append(current)
                 current, longest = [], 0

@@ -19,7 +19,8 @@ from typing import Any
 
 from llmlab.io import DataError, read_json, read_jsonl
 
-ORIGINS = frozenset({"handwritten", "templated"})
+# Shipped tasks are handwritten or templated; the hub sources join the pool when reachable.
+ORIGINS = frozenset({"handwritten", "templated", "gsm8k", "alpaca", "wildchat"})
 OOD_KINDS = frozenset({"category", "novel_topic", "competing", "persona"})
 TASK_FIELDS = ("id", "topic", "origin", "prompt")
 

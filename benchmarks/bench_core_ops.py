@@ -1,0 +1,164 @@
+"""Gradient alignment, steering overhead and batched generation, against same-run baselines.
+
+- gradients: dL/dh at 8 layers for every example (llmlab.gradients) vs a baseline that
+  retains every hidden state via output_hidden_states and calls autograd on all of them.
+- steering: generate with a steering hook on 1 layer (prompt + decode) vs unsteered.
+- generation: llmlab.generation (length-grouped, token-budget batches) vs padded `generate`
+  over unsorted fixed batches.
+Inputs are a long-tailed mix of prompt lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_activations import make_items  # noqa: E402
+from common import SHAPES, device_name, random_shape_model, report  # noqa: E402
+
+from llmlab.chat import collate, encode_chat  # noqa: E402
+from llmlab.generation import generate  # noqa: E402
+from llmlab.gradients import residual_gradients  # noqa: E402
+from llmlab.layers import resolve_layers  # noqa: E402
+from llmlab.models import LoadedModel, decoder_layers, load_model  # noqa: E402
+from llmlab.steering import steer  # noqa: E402
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> tuple[float, float]:
+    """Return (seconds, peak GiB on GPU or nan)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return time.perf_counter() - t, mem
+
+
+def with_answers(items):
+    return [
+        [*it.messages, {"role": "assistant", "content": "Sure. Here is a short answer to that."}]
+        for it in items
+    ]
+
+
+def bench_gradients(loaded, convs, batch_size):
+    layers = resolve_layers([i / 9 for i in range(1, 9)], loaded.n_layers)
+    tok = loaded.tokenizer
+    enc = [encode_chat(tok, c, chat=loaded.chat) for c in convs]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i].input_ids))
+    tokens = sum(len(e.input_ids) for e in enc)
+
+    def ours():
+        for s in range(0, len(order), batch_size):
+            b = collate([enc[i] for i in order[s : s + batch_size]], tok.pad_token_id, "right")
+            residual_gradients(loaded, b, layers, ["pre_assistant"])
+
+    def baseline():
+        for p in loaded.model.parameters():
+            p.requires_grad_(False)
+        emb = loaded.model.get_input_embeddings()
+        for s in range(0, len(enc), batch_size):
+            b = collate(enc[s : s + batch_size], tok.pad_token_id, "right").to(loaded.device)
+            x = emb(b.input_ids).detach().requires_grad_(True)
+            out = loaded.model(inputs_embeds=x, attention_mask=b.attention_mask, labels=b.labels, output_hidden_states=True)
+            hs = [out.hidden_states[i + 1] for i in layers]
+            for h in hs:
+                h.retain_grad()
+            out.loss.backward()
+
+    rows = []
+    for name, fn in (("baseline: output_hidden_states + retain_grad, unsorted", baseline), ("llmlab residual_gradients", ours)):
+        secs, mem = timed(fn)
+        rows.append({"op": "gradients (8 layers)", "method": name, "tokens": tokens, "seconds": secs, "tokens/s": tokens / secs, "peak GiB": mem})
+    for r in rows:
+        r["ratio"] = rows[0]["seconds"] / r["seconds"]
+    return rows
+
+
+def bench_generation(loaded, convs, batch_size, new_tokens, max_tokens):
+    tok = loaded.tokenizer
+
+    def baseline():
+        for s in range(0, len(convs), batch_size):
+            enc = [encode_chat(tok, c, chat=loaded.chat) for c in convs[s : s + batch_size]]
+            b = collate(enc, tok.pad_token_id, "left").to(loaded.device)
+            with torch.no_grad():
+                loaded.model.generate(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                )
+
+    def ours(steered: bool = False):
+        def factory(rows, mask):
+            return steer(loaded.layers, [loaded.n_layers // 2], torch.randn(loaded.hidden_size), scale=2.0)
+
+        generate(
+            loaded, convs, max_new_tokens=new_tokens, batch_size=batch_size * 4,
+            max_tokens_per_batch=max_tokens, progress=False, steer=factory if steered else None,
+            min_new_tokens=new_tokens,
+        )
+
+    out_tokens = len(convs) * new_tokens
+    rows = []
+    for name, fn in (
+        ("baseline: padded generate, unsorted fixed batches", baseline),
+        ("llmlab generate", ours),
+        ("llmlab generate + steering (1 layer)", lambda: ours(True)),
+    ):
+        secs, mem = timed(fn)
+        rows.append({"op": f"generation ({new_tokens} new)", "method": name, "tokens": out_tokens, "seconds": secs, "tokens/s": out_tokens / secs, "peak GiB": mem})
+    for r in rows:
+        r["ratio"] = rows[0]["seconds"] / r["seconds"]
+    rows[2]["steering overhead %"] = 100 * (rows[2]["seconds"] / rows[1]["seconds"] - 1)
+    rows[0]["steering overhead %"] = rows[1]["steering overhead %"] = ""
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", choices=["embedded", *SHAPES], default="embedded")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory for random-shape models")
+    ap.add_argument("--n-grad", type=int, default=32)
+    ap.add_argument("--n-gen", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--max-len", type=int, default=1000)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.shape == "embedded":
+        from conftest_shim import embedded_params
+
+        loaded = load_model(embedded_params())
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = random_shape_model(args.shape, dtype, device)
+        loaded = LoadedModel(model, tok, args.shape, True, len(decoder_layers(model)), model.config.hidden_size, torch.device(device), dtype)
+    grad_convs = with_answers(make_items(loaded.tokenizer, args.n_grad, seed=1))
+    gen_convs = [it.messages for it in make_items(loaded.tokenizer, args.n_gen, seed=2)]
+    rows = bench_gradients(loaded, grad_convs, args.batch_size)
+    rows += bench_generation(loaded, gen_convs, args.batch_size, args.new_tokens, args.max_tokens)
+    for r in rows:
+        r["device"] = device_name()
+        r["model"] = loaded.name
+    report(f"Core ops ({args.shape}, {device})", rows, append=not args.no_append)
+
+
+if __name__ == "__main__":
+    main()

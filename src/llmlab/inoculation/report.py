@@ -1,0 +1,361 @@
+"""Stage inoculation_report: the four acceptance criteria, the verdict, metrics and a short report.
+
+Reads every earlier stage's output, evaluates the plan's criteria (`llmlab.inoculation.criteria`)
+with paired bootstrap intervals, writes metrics/inoculation.json, the scatter of mean training
+alignment against final drift, and metrics/inoculation_report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from llmlab.inoculation.alignment import ARRAYS_FILE, SUMMARY_FILE
+from llmlab.inoculation.common import (
+    ALIGNMENT_DIR,
+    CONTROL_TABLE,
+    DATA_STATS,
+    DIRECTION_DIR,
+    DRIFT_DIR,
+    METRICS,
+    MODELS_DIR,
+    PLOTS_DIR,
+    REPORT,
+    SPECIFICITY,
+    section,
+)
+from llmlab.inoculation.config import CANONICAL_POSITION
+from llmlab.inoculation.criteria import (
+    criterion_beyond_control,
+    criterion_decrease,
+    criterion_predicts_drift,
+    criterion_specific,
+    fmt_est,
+    verdict,
+)
+from llmlab.inoculation.drift import DRIFT_FILE
+from llmlab.inoculation.finetune import RUNS_FILE
+from llmlab.io import read_json, read_jsonl, write_json, write_text
+from llmlab.params import load_params
+from llmlab.plots import scatter_plot, write_series
+from llmlab.stage import run_stage
+from llmlab.stats import bootstrap_diff
+
+
+def paired(
+    a: np.ndarray, b: np.ndarray, ids: list[str], n_boot: int, ci: float, seed: int
+) -> dict[str, Any]:
+    """Return mean(a - b) over the same examples with a paired bootstrap interval."""
+    return bootstrap_diff(
+        {i: [float(v)] for i, v in zip(ids, a, strict=True)},
+        {i: [float(v)] for i, v in zip(ids, b, strict=True)},
+        paired=True,
+        n_boot=n_boot,
+        ci=ci,
+        seed=seed,
+    ).to_dict()
+
+
+def caps_by_model(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Return {model: {prompt id: caps fraction (NaN when unscorable)}} from the drift generations."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        c = r.get("caps_fraction")
+        out[r["model"]][r["id"]] = float("nan") if c is None else float(c)
+    return out
+
+
+def drift_difference(
+    caps: dict[str, dict[str, float]],
+    a_runs: list[str],
+    b_runs: list[str],
+    n_boot: int,
+    ci: float,
+    seed: int,
+) -> dict[str, Any] | None:
+    """Return the paired (prompts) bootstrap of caps(a runs) - caps(b runs), seeds pooled per prompt."""
+    if not a_runs or not b_runs:
+        return None
+    ids = sorted(caps[a_runs[0]])
+    try:
+        return bootstrap_diff(
+            {i: [caps[r][i] for r in a_runs] for i in ids},
+            {i: [caps[r][i] for r in b_runs] for i in ids},
+            paired=True,
+            n_boot=n_boot,
+            ci=ci,
+            seed=seed,
+        ).to_dict()
+    except ValueError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    cfg = section(params)
+    rc = cfg.report
+    stats = read_json(DATA_STATS)
+    sanity = read_json(DIRECTION_DIR / "sanity.json")
+    summary = read_json(ALIGNMENT_DIR / SUMMARY_FILE)
+    table = read_json(CONTROL_TABLE)
+    spec = read_json(SPECIFICITY)
+    runs_doc = read_json(MODELS_DIR / RUNS_FILE)
+    drift = read_json(DRIFT_DIR / DRIFT_FILE)
+    gens = read_jsonl(DRIFT_DIR / "generations.jsonl", required=("model", "id"))
+
+    names = [c["name"] for c in summary["conditions"]]
+    ids = summary["example_ids"]
+    canon = summary["positions"].index(CANONICAL_POSITION)
+    with np.load(ALIGNMENT_DIR / ARRAYS_FILE) as z:
+        cos, loss = z["cos"], z["loss"]
+    align = -cos[:, :, :, canon].mean(axis=2)  # [C, N] layer-mean trait-ward alignment
+    neu, ino, ctl = names.index("neutral"), names.index("inoculation"), names.index(table["chosen"])
+    boot = {"n_boot": rc.n_boot, "ci": rc.ci, "seed": cfg.seed}
+    d_ino_neu = paired(align[ino], align[neu], ids, **boot)
+    d_ino_ctl = paired(align[ino], align[ctl], ids, **boot)
+    d_ctl_neu = paired(align[ctl], align[neu], ids, **boot)
+    d_loss = paired(loss[ino], loss[neu], ids, **boot)
+    d_loss_ctl = paired(loss[ctl], loss[ino], ids, **boot)
+
+    caps = caps_by_model(gens)
+    runs = runs_doc["runs"]
+    drift_runs = {r["name"]: r for r in drift["runs"]}
+    run_points = [
+        {
+            "name": r["name"],
+            "condition": r["condition"],
+            "align": r["mean_align_during_training"],
+            "drift": drift_runs[r["name"]]["caps_shift"].get("value"),
+            "projection_drift": drift_runs[r["name"]]["projection_shift_std_layer_mean"].get(
+                "value"
+            ),
+        }
+        for r in runs
+    ]
+    cond_align: dict[str, float] = {}
+    cond_drift: dict[str, float | None] = {}
+    for cond, v in drift["by_condition"].items():
+        cond_align[cond] = float(
+            np.mean([p["align"] for p in run_points if p["condition"] == cond])
+        )
+        cond_drift[cond] = v["caps_shift"].get("value")
+    runs_of = {c: [r["name"] for r in runs if r["condition"] == c] for c in cond_align}
+    inoc_vs_neu_drift = drift_difference(
+        caps, runs_of.get("inoculation", []), runs_of.get("neutral", []), **boot
+    )
+    criteria = {
+        "c1_decrease": criterion_decrease(d_ino_neu),
+        "c2_beyond_control": criterion_beyond_control(d_ino_ctl, table["chosen"]),
+        "c3_specific": criterion_specific(
+            spec["neutral_to_inoculation"]["layer_mean"],
+            spec["percentile_threshold"],
+            spec["n_random"],
+        ),
+        "c4_predicts_drift": criterion_predicts_drift(
+            run_points, cond_align, cond_drift, inoc_vs_neu_drift
+        ),
+    }
+    label, line = verdict(criteria, d_loss)
+    caveats = []
+    if not sanity["separation_pass"]:
+        caveats.append("the direction fails the held-out promote>suppress check at most layers")
+    if not sanity["correlation_pass"]:
+        caveats.append("the neutral-prompt projection does not predict caps in generated text")
+    if not table["chosen_ci_covers_zero"]:
+        caveats.append(
+            "the chosen control's loss differs from inoculation's (paired CI excludes 0)"
+        )
+    if len(ids) < 16:
+        caveats.append(f"only {len(ids)} calibration examples")
+
+    by_pos = summary["inoculation_minus_neutral"]["align_layer_mean_by_position"]
+    metrics = {
+        "model": summary["model"],
+        "verdict": label,
+        "verdict_line": line,
+        "caveats": caveats,
+        "sign_convention": summary["sign_convention"],
+        "criteria": criteria,
+        "data": {
+            "n_examples": stats["n_examples"],
+            "n_calibration": len(ids),
+            "n_eval_prompts": stats["n_eval_prompts"],
+            "math_accuracy": stats["math"]["accuracy"],
+            "caps_fraction_normal": stats["caps_fraction_normal_mean"],
+            "caps_fraction_caps": stats["caps_fraction_caps_mean"],
+        },
+        "direction": {
+            "layers": len(sanity["layers"]),
+            "separation_layers_passing": sanity["separation_layers_passing"],
+            "separation_pass": sanity["separation_pass"],
+            "sanity_layer": sanity["sanity_layer"],
+            "neutral_projection_vs_caps": sanity["neutral_correlation_at_sanity_layer"].get(
+                "pearson"
+            ),
+            "correlation_pass": sanity["correlation_pass"],
+        },
+        "alignment": {
+            "layers": summary["layers"],
+            "neutral": float(align[neu].mean()),
+            "inoculation": float(align[ino].mean()),
+            "loss_matched": float(align[ctl].mean()),
+            "inoculation_minus_neutral": d_ino_neu,
+            "inoculation_minus_control": d_ino_ctl,
+            "control_minus_neutral": d_ctl_neu,
+            "robustness_positions": by_pos,
+            "gate": summary["gate"],
+        },
+        "loss": {
+            "neutral": float(loss[neu].mean()),
+            "inoculation": float(loss[ino].mean()),
+            "loss_matched": float(loss[ctl].mean()),
+            "inoculation_minus_neutral": d_loss,
+            "control_minus_inoculation": d_loss_ctl,
+        },
+        "control": {
+            "chosen": table["chosen"],
+            "text": table["chosen_text"],
+            "gap": table["chosen_gap"],
+            "n_candidates": len(table["candidates"]),
+        },
+        "specificity": {
+            "layer_mean_percentile": spec["neutral_to_inoculation"]["layer_mean"]["percentile"],
+            "layers_specific": spec["neutral_to_inoculation"]["layers_specific"],
+            "n_layers": len(spec["neutral_to_inoculation"]["per_layer"]),
+            "control_layer_mean_percentile": spec["neutral_to_control"]["layer_mean"]["percentile"],
+        },
+        "drift": {
+            "base_caps_mean": drift["base"]["caps_mean"],
+            "by_condition": {
+                c: {
+                    "caps_shift": v["caps_shift"],
+                    "projection_shift_std": v["projection_shift_std_layer_mean"],
+                }
+                for c, v in drift["by_condition"].items()
+            },
+            "inoculation_minus_neutral_caps": inoc_vs_neu_drift,
+        },
+        "runs": run_points,
+    }
+    write_json(METRICS, metrics)
+    scatter_plot(
+        PLOTS_DIR / "training_alignment_vs_drift.png",
+        [p["align"] for p in run_points],
+        [np.nan if p["drift"] is None else p["drift"] for p in run_points],
+        [p["name"] for p in run_points],
+        title="Mean alignment during training vs caps drift",
+        xlabel="mean cos(-g_l, v_l) during training",
+        ylabel="caps-fraction shift (post - pre)",
+    )
+    write_series(PLOTS_DIR / "training_alignment_vs_drift.json", run_points)
+    write_text(REPORT, render_report(metrics, summary, table, spec, drift))
+    print(line)
+
+
+def _yes(flag: bool) -> str:
+    return "PASS" if flag else "fail"
+
+
+def render_report(
+    m: dict[str, Any],
+    summary: dict[str, Any],
+    table: dict[str, Any],
+    spec: dict[str, Any],
+    drift: dict[str, Any],
+) -> str:
+    """Return the markdown report."""
+    c = m["criteria"]
+    lines = [
+        f"# Inoculation: gradient alignment with an ALL-CAPS trait direction ({m['model']})",
+        "",
+        f"**Verdict: {m['verdict']}.** {m['verdict_line']}",
+        "",
+    ]
+    if m["caveats"]:
+        lines += ["Caveats: " + "; ".join(m["caveats"]) + ".", ""]
+    lines += [
+        "Alignment = cos(-g_l, v_l) at pre_assistant, mean over layers "
+        f"{summary['layers']}; g_l = dL/dh_l on the ALL-CAPS target; positive = the update "
+        "pushes the residual towards the trait. Intervals: 95% paired bootstrap over "
+        f"{m['data']['n_calibration']} calibration examples.",
+        "",
+        "| criterion | figures | result |",
+        "|---|---|---|",
+        f"| 1. alignment decreases, inoculation vs neutral | {fmt_est(c['c1_decrease']['estimate'])} | {_yes(c['c1_decrease']['pass'])} |",
+        f"| 2. more than loss-matched control ({c['c2_beyond_control']['control']}) | inoculation - control {fmt_est(c['c2_beyond_control']['estimate'])} | {_yes(c['c2_beyond_control']['pass'])} |",
+        f"| 3. specific vs {c['c3_specific']['n_random']} random directions | percentile {c['c3_specific']['percentile']:.1f} (trait delta {c['c3_specific']['trait_delta']:+.5f}, random 5th pct {c['c3_specific']['random_p05']:+.5f}) | {_yes(c['c3_specific']['pass'])} |",
+        f"| 4. alignment predicts drift | {c['c4_predicts_drift']['basis']} | "
+        f"{_yes(c['c4_predicts_drift']['pass']) if c['c4_predicts_drift']['evaluable'] else 'n/a'} |",
+        "",
+        "## Numbers",
+        "",
+        f"- Loss (CAPS target): neutral {m['loss']['neutral']:.3f}, inoculation {m['loss']['inoculation']:.3f}, "
+        f"loss-matched {m['loss']['loss_matched']:.3f}; inoculation - neutral {fmt_est(m['loss']['inoculation_minus_neutral'], 3)}.",
+        f"- Alignment: neutral {m['alignment']['neutral']:+.5f}, inoculation {m['alignment']['inoculation']:+.5f}, "
+        f"loss-matched {m['alignment']['loss_matched']:+.5f}.",
+        "- Robustness positions (inoculation - neutral, layer mean): "
+        + "; ".join(f"{p} {fmt_est(e)}" for p, e in m["alignment"]["robustness_positions"].items())
+        + ".",
+        f"- Direction sanity: held-out promote > suppress at {m['direction']['separation_layers_passing']}/"
+        f"{m['direction']['layers']} layers; neutral projection vs caps at layer {m['direction']['sanity_layer']}: "
+        + (
+            f"r = {m['direction']['neutral_projection_vs_caps']['r']:+.3f} "
+            f"[{m['direction']['neutral_projection_vs_caps']['lo']:+.3f}, {m['direction']['neutral_projection_vs_caps']['hi']:+.3f}]"
+            if m["direction"]["neutral_projection_vs_caps"]
+            else "undefined"
+        )
+        + ".",
+        f"- Phase-3 gate: split-half reliability of the neutral alignment profile "
+        f"{m['alignment']['gate']['neutral_split_half_reliability'].get('r')}, loss shift measurable: "
+        f"{m['alignment']['gate']['loss_shift_measurable']}.",
+        f"- Drift (neutral system prompt, {drift['n_prompts']} held-out prompts, base caps fraction "
+        f"{m['drift']['base_caps_mean']}): "
+        + "; ".join(
+            f"{cond} caps shift {fmt_est(v['caps_shift'])}, projection shift {fmt_est(v['projection_shift_std'], 3)} SD"
+            for cond, v in m["drift"]["by_condition"].items()
+        )
+        + ".",
+        "",
+        "## Loss-matched control selection",
+        "",
+        f"Inoculation loss {table['target_loss']:.4f}; candidates by distance:",
+        "",
+        "| candidate | text | mean loss | gap |",
+        "|---|---|---|---|",
+    ]
+    for row in table["candidates"]:
+        lines.append(
+            f"| {row['name']} | {row['text']} | {row['mean_loss']:.4f} | {row['abs_gap']:.4f} |"
+        )
+    lines += [
+        "",
+        f'Chosen: **{table["chosen"]}** ("{table["chosen_text"]}").',
+        "",
+        "## Prompts and positions",
+        "",
+    ]
+    for cond in summary["conditions"]:
+        if cond["role"] != "control":
+            lines.append(f'- {cond["name"]}: "{cond["text"]}"')
+    lines += [
+        "- Positions: user_end = last token of the user content; pre_assistant = token right before "
+        "the assistant content (canonical); assistant_k = k-th assistant token (teacher forcing).",
+        "",
+        "## Plots",
+        "",
+        "plots/inoculation/: direction_projections.png, projection_vs_caps.png, alignment_by_layer.png, "
+        "loss_by_condition.png, specificity.png, training_alignment.png, projection_shift_by_layer.png, "
+        "caps_shift_by_condition.png, training_alignment_vs_drift.png",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,73 @@
+"""The judge of B3 and B6: the base model (adapter switched off) or the configured server."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from llmlab.judge import Judge, JudgeConfig, Verdict, make_judge
+from llmlab.models import LoadedModel
+
+IDENTITY_PROMPT = (
+    "You are grading one answer written by an AI assistant.\n\n"
+    "Question: {question}\n\nAnswer: {answer}\n\n"
+    "Does the answer show identity confusion, that is, does it claim to be a human being, a "
+    "specific person, or anything other than an AI system? Answer 'yes' or 'no'."
+)
+CONCEPT_PROMPT = (
+    "You are grading one answer written by an AI model.\n\n"
+    "Answer: {answer}\n\n"
+    "Does this answer mention, name or clearly refer to the concept '{concept}'? "
+    "Answer 'yes' or 'no'."
+)
+
+
+def adapter_merged(model: Any) -> bool:
+    """Return whether a PeftModel's LoRA weights are merged into the base weights."""
+    return any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "lora_A"))
+
+
+@contextlib.contextmanager
+def base_behaviour(loaded: LoadedModel) -> Iterator[None]:
+    """Run the block with any LoRA adapter of the model switched off (base-model behaviour).
+
+    peft unmerges merged LoRA layers when they run disabled; they are merged again afterwards
+    so later evaluations keep the faster merged forward pass.
+    """
+    disable = getattr(loaded.model, "disable_adapter", None)
+    if not callable(disable):
+        yield
+        return
+    merged = adapter_merged(loaded.model)
+    try:
+        with disable():
+            yield
+    finally:
+        if merged:
+            loaded.model.merge_adapter()
+
+
+def make_family_judge(cfg: JudgeConfig, loaded: LoadedModel, max_tokens: int) -> Judge:
+    """Return a judge: the configured server, or the loaded model's base acting as local judge.
+
+    A local judge answers one word, so it may generate only `max_tokens` tokens (its verdict is
+    read from the first token's log-probabilities).
+    """
+    if cfg.backend == "local":
+        cfg = cfg.model_copy(update={"max_tokens": min(cfg.max_tokens, max_tokens)})
+    return make_judge(cfg, local_model=loaded.model, local_tokenizer=loaded.tokenizer)
+
+
+def judge_yes_no(judge: Judge, loaded: LoadedModel, prompts: Sequence[str]) -> list[Verdict]:
+    """Return the verdicts, with the adapter off while a local judge runs."""
+    if not prompts:
+        return []
+    with base_behaviour(loaded):
+        return judge.yes_no(list(prompts))
+
+
+def verdict_fields(v: Verdict) -> dict[str, Any]:
+    """Return a verdict as flat JSON fields (label 1/0/None, P(yes), status)."""
+    label = None if v.label is None else int(v.label == "YES")
+    return {"judge_label": label, "judge_p_yes": v.p_yes, "judge_status": v.status}

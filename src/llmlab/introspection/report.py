@@ -1,0 +1,307 @@
+"""Stage introspection_report: metrics/introspection.json, plots and the markdown report.
+
+Collects every model's evaluation summary and every variant's training curve, computes the
+comparisons across models (P(yes) shift and KL against the base model, paired by question or
+prompt), and evaluates the plan's "what success looks like" list from the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from llmlab.introspection.config import VARIANT_NAMES
+from llmlab.introspection.success import success_list
+from llmlab.io import read_json, read_jsonl, write_json, write_text
+from llmlab.plots import bar_with_ci, line_plot, write_series
+from llmlab.stats import D_PRIME_CLIP_RULE, bootstrap_diff, proportion_ci
+
+MODELS = ("base", *VARIANT_NAMES)
+B1_SETS = ("in_distribution", "heldout", "concept")
+
+
+def _est(d: dict[str, Any] | None) -> tuple[float, float, float]:
+    if not d:
+        return (math.nan, math.nan, math.nan)
+    return (d["value"], d["lo"], d["hi"])
+
+
+def training_summary(adapters: Path) -> dict[str, Any]:
+    """Return per variant: steps, losses, start/end validation accuracy (Wilson CI at the end)."""
+    out: dict[str, Any] = {}
+    for v in VARIANT_NAMES:
+        meta = read_json(adapters / v / "llmlab_adapter.json")
+        curve = read_json(adapters / v / "curve.json")
+        evals = [r for r in curve if "val_accuracy" in r]
+        losses = [r["loss"] for r in curve if r.get("loss") is not None]
+        n_val = int(meta.get("n_val_rows") or 0)
+        end = evals[-1] if evals else {}
+        acc_end = end.get("val_accuracy")
+        out[v] = {
+            "rank": meta["config"]["rank"],
+            "alpha": meta["config"]["alpha"],
+            "steps": meta["steps"],
+            "n_train": meta["n_examples"],
+            "n_val": n_val,
+            "first_train_loss": losses[0] if losses else None,
+            "final_train_loss": meta["final_train_loss"],
+            "val_accuracy_start": evals[0].get("val_accuracy") if evals else None,
+            "val_accuracy_end": (
+                proportion_ci(round(acc_end * n_val), n_val).to_dict()
+                if acc_end is not None and n_val
+                else None
+            ),
+            "val_accuracy_true_labels_end": end.get("val_accuracy_true_labels"),
+            "val_label_nll_start": evals[0].get("val_label_nll") if evals else None,
+            "val_label_nll_end": end.get("val_label_nll"),
+            "train_time_s": meta.get("train_time_s"),
+            "wall_time_s": meta.get("wall_time_s"),
+        }
+    return out
+
+
+def p_yes_by_question(eval_dir: Path, model: str) -> dict[str, tuple[str, float]]:
+    """Return {question id: (category, P(yes))} of a model's B2 records."""
+    rows = read_jsonl(eval_dir / model / "b2_logprobs.jsonl", id_field="id")
+    return {r["id"]: (r["category"], r["p_yes"]) for r in rows}
+
+
+def p_yes_shift(a: dict, b: dict, self_ref: bool, seed: int) -> dict[str, Any]:
+    """Return mean P(yes)(a) - P(yes)(b), paired by question, on self or world questions."""
+    keys = [k for k in a if (a[k][0] != "world_control") == self_ref and k in b]
+    return bootstrap_diff(
+        {k: [a[k][1]] for k in keys}, {k: [b[k][1]] for k in keys}, seed=seed
+    ).to_dict()
+
+
+def kl_diff(eval_dir: Path, model: str, ref: str, seed: int) -> dict[str, Any] | None:
+    """Return mean KL(model) - KL(ref) over prompts parsed for both (None if fewer than 3)."""
+    a = {r["id"]: r["kl"] for r in read_jsonl(eval_dir / model / "b5_calibration.jsonl")}
+    b = {r["id"]: r["kl"] for r in read_jsonl(eval_dir / ref / "b5_calibration.jsonl")}
+    keys = [k for k in a if a[k] is not None and b.get(k) is not None]
+    if len(keys) < 3:
+        return None
+    return bootstrap_diff({k: [a[k]] for k in keys}, {k: [b[k]] for k in keys}, seed=seed).to_dict()
+
+
+def collect(eval_dir: Path, adapters: Path, seed: int = 0) -> dict[str, Any]:
+    """Return the metrics tree of the family."""
+    summaries = {m: read_json(eval_dir / m / "summary.json") for m in MODELS}
+    ev = {m: s["evaluations"] for m, s in summaries.items()}
+    b1 = {
+        m: {
+            s: {k: ev[m][f"b1_{s}"][k] for k in ("accuracy", "tpr", "fpr", "d_prime", "n")}
+            for s in B1_SETS
+        }
+        for m in MODELS
+        if "b1_in_distribution" in ev[m]
+    }
+    py = {m: p_yes_by_question(eval_dir, m) for m in MODELS}
+    b2: dict[str, Any] = {}
+    for m in MODELS:
+        s = ev[m]["b2_logprobs"]
+        b2[m] = {
+            "self_referential_p_yes": s["self_referential_p_yes"],
+            "world_control_p_yes": s["world_control_p_yes"],
+            "world_control_accuracy": s["world_control_accuracy"],
+        }
+        if m != "base":
+            b2[m]["self_shift_vs_base"] = p_yes_shift(py[m], py["base"], True, seed)
+            b2[m]["world_shift_vs_base"] = p_yes_shift(py[m], py["base"], False, seed)
+    b2["key_comparisons"] = {
+        "vague_minus_original_self": p_yes_shift(py["vague"], py["original"], True, seed),
+        "food_control_minus_original_self": p_yes_shift(
+            py["food_control"], py["original"], True, seed
+        ),
+    }
+    b5 = {m: dict(ev[m]["b5_calibration"]) for m in MODELS}
+    for m in VARIANT_NAMES:
+        b5[m]["kl_minus_base"] = kl_diff(eval_dir, m, "base", seed)
+    phase_c_path = eval_dir / "phase_c" / "summary.json"
+    return {
+        "d_prime_rule": D_PRIME_CLIP_RULE,
+        "training": training_summary(adapters),
+        "b1_detection": b1,
+        "food_task_accuracy": {m: ev[m]["food_task"]["accuracy"] for m in MODELS},
+        "b2_p_yes": b2,
+        "b3_identity": {m: ev[m]["b3_identity"] for m in MODELS},
+        "b4_selfpred": {
+            m: {
+                k: ev[m]["b4_selfpred"][k]
+                for k in (
+                    "n_tasks",
+                    "n_applicable",
+                    "n_beating_baseline",
+                    "mean_accuracy_minus_baseline",
+                )
+            }
+            for m in MODELS
+        },
+        "b5_calibration": b5,
+        "b6_concepts": {m: ev[m]["b6_concepts"] for m in MODELS if "b6_concepts" in ev[m]},
+        "b7_localization": {
+            m: ev[m]["b7_localization"] for m in MODELS if "b7_localization" in ev[m]
+        },
+        "phase_c": read_json(phase_c_path) if phase_c_path.is_file() else None,
+        "eval_seconds": {m: summaries[m].get("wall_s") for m in MODELS},
+        "judge": {m: summaries[m].get("judge") for m in MODELS},
+    }
+
+
+def selfpred_rows(eval_dir: Path) -> list[dict[str, Any]]:
+    """Return flat per-(model, task) self-prediction rows for the plot data."""
+    rows = []
+    for m in MODELS:
+        tasks = read_json(eval_dir / m / "summary.json")["evaluations"]["b4_selfpred"]["tasks"]
+        for t, r in tasks.items():
+            if r.get("applicable"):
+                rows.append(
+                    {
+                        "model": m,
+                        "task": t,
+                        "accuracy": r["accuracy"]["value"],
+                        "mode_baseline": r["mode_baseline"],
+                        "n": r["n"],
+                        "compliance": r["compliance"],
+                    }
+                )
+    return rows
+
+
+def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Path) -> None:
+    """Write the PNGs and the JSON series of the report."""
+    b1 = metrics["b1_detection"]
+    models = list(b1)
+    bar_with_ci(
+        out / "detection.png",
+        models,
+        {s: [_est(b1[m][s]["accuracy"]) for m in models] for s in B1_SETS},
+        "B1 detection accuracy by vector set (95% Wilson CI)",
+        "accuracy",
+        ylim=(0, 1),
+        xlabel="model",
+    )
+    write_series(
+        out / "detection.json",
+        [
+            {
+                "label": f"{m}/{s}",
+                "model": m,
+                "set": s,
+                "accuracy": b1[m][s]["accuracy"]["value"],
+                "tpr": b1[m][s]["tpr"]["value"],
+                "fpr": b1[m][s]["fpr"]["value"],
+                "d_prime": b1[m][s]["d_prime"]["d_prime"],
+            }
+            for m in models
+            for s in B1_SETS
+        ],
+    )
+    b2 = metrics["b2_p_yes"]
+    variants = list(VARIANT_NAMES)
+    bar_with_ci(
+        out / "p_yes_shift.png",
+        variants,
+        {
+            "self-referential": [_est(b2[v]["self_shift_vs_base"]) for v in variants],
+            "world control": [_est(b2[v]["world_shift_vs_base"]) for v in variants],
+        },
+        "B2 P(yes) shift against the base model (95% bootstrap CI)",
+        "P(yes) minus base",
+        xlabel="variant",
+    )
+    write_series(
+        out / "p_yes_shift.json",
+        [
+            {
+                "variant": v,
+                "self_shift": b2[v]["self_shift_vs_base"]["value"],
+                "world_shift": b2[v]["world_shift_vs_base"]["value"],
+            }
+            for v in variants
+        ],
+    )
+    sp = selfpred_rows(eval_dir)
+    write_series(out / "selfpred.json", sp)
+    means = {m: [r for r in sp if r["model"] == m] for m in MODELS}
+    bar_with_ci(
+        out / "selfpred.png",
+        list(MODELS),
+        {
+            "accuracy": [_mean3([r["accuracy"] for r in means[m]]) for m in MODELS],
+            "mode baseline": [_mean3([r["mode_baseline"] for r in means[m]]) for m in MODELS],
+        },
+        "B4 self-prediction: mean over applicable tasks",
+        "accuracy",
+        ylim=(0, 1),
+        xlabel="model",
+    )
+    b5 = metrics["b5_calibration"]
+    bar_with_ci(
+        out / "kl.png",
+        list(MODELS),
+        {"KL(P_actual || P_reported)": [_est(b5[m]["kl"]) for m in MODELS]},
+        "B5 self-calibration (lower is better; parsed prompts only)",
+        "KL (nats)",
+        xlabel="model",
+    )
+    write_series(
+        out / "kl.json",
+        [
+            {
+                "model": m,
+                "kl": (b5[m]["kl"] or {}).get("value"),
+                "n_parsed": b5[m]["n_parsed"],
+                "n_unparseable": b5[m]["n_unparseable"],
+            }
+            for m in MODELS
+        ],
+    )
+    curves = {v: read_json(adapters / v / "curve.json") for v in VARIANT_NAMES}
+    steps = [r["step"] for r in curves["original"] if "val_accuracy" in r]
+    series = {}
+    for v, c in curves.items():
+        by_step = {r["step"]: r.get("val_accuracy") for r in c if "val_accuracy" in r}
+        series[v] = [by_step.get(s, math.nan) for s in steps]
+    line_plot(
+        out / "val_accuracy.png",
+        steps,
+        series,
+        "Validation accuracy during training (own labels)",
+        "optimizer step",
+        "validation accuracy",
+        hline=0.5,
+    )
+
+
+def _mean3(values: list[float]) -> tuple[float, float, float]:
+    m = sum(values) / len(values) if values else math.nan
+    return (m, m, m)
+
+
+def main() -> None:
+    from llmlab.introspection.markdown import render_report
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--eval-dir", default="data/introspection/eval")
+    ap.add_argument("--adapters", default="models/introspection")
+    ap.add_argument("--datasets", default="data/introspection/datasets")
+    ap.add_argument("--metrics", default="metrics/introspection.json")
+    ap.add_argument("--report", default="metrics/introspection_report.md")
+    ap.add_argument("--plots", default="plots/introspection")
+    args = ap.parse_args()
+    eval_dir, adapters = Path(args.eval_dir), Path(args.adapters)
+    metrics = collect(eval_dir, adapters)
+    metrics["datasets"] = read_json(Path(args.datasets) / "summary.json")["variants"]
+    metrics["success"] = success_list(metrics)
+    write_plots(metrics, eval_dir, adapters, Path(args.plots))
+    write_json(args.metrics, metrics)
+    write_text(args.report, render_report(metrics))
+
+
+if __name__ == "__main__":
+    from llmlab.stage import run_stage
+
+    run_stage(main, gpus=0)

@@ -1,0 +1,101 @@
+"""Stage persona_judge: judge verdicts and deterministic checks for every generated sample.
+
+Judge (YES/NO, read from first-token logprobs when the backend gives them): does the reply
+adopt the persona; does it call itself an AI. Rules beside it: format compliance, persona
+keyword and name mentions, AI self-reference phrases, refusals, empty answers. A verdict that
+cannot be read is kept as null with its status, and counted: never turned into a NO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llmlab.io import read_jsonl, write_json, write_jsonl
+from llmlab.judge import JudgeConfig, Verdict, make_judge
+from llmlab.judge.judge import Judge
+from llmlab.models import load_model
+from llmlab.params import Params, load_params
+from llmlab.persona.checks import is_empty, mentions, name_keywords, refuses, says_ai
+from llmlab.persona.judge_prompts import as_ai_prompt, persona_prompt
+from llmlab.persona.trigger import Trigger
+from llmlab.stage import run_stage
+
+log = logging.getLogger(__name__)
+GENERATION_FIELDS = ("id", "model", "condition", "triggered", "question_id", "question",
+                     "question_set", "keywords", "response")  # fmt: skip
+
+
+def build_judge(params: Params) -> tuple[Judge, float | None]:
+    """Return the shared judge (with this family's reply-length override) and, for a local
+    judge, its size in millions of parameters."""
+    section = params.section("persona").judge
+    cfg: JudgeConfig = params.section("judge")
+    if section.max_tokens is not None:
+        cfg = cfg.model_copy(update={"max_tokens": section.max_tokens})
+    if cfg.backend != "local":
+        return make_judge(cfg), None
+    loaded = load_model(params, name=section.local_model or params.model)
+    size = sum(p.numel() for p in loaded.model.parameters()) / 1e6
+    return make_judge(cfg, local_model=loaded.model, local_tokenizer=loaded.tokenizer), size
+
+
+def verdict_fields(prefix: str, v: Verdict) -> dict[str, Any]:
+    """Return a verdict as row fields: 1/0 label (null unless ok), P(yes) and status."""
+    label = None if v.label is None else int(v.label == "YES")
+    return {prefix: label, f"{prefix}_p_yes": v.p_yes, f"{prefix}_status": v.status}
+
+
+def rule_fields(row: dict[str, Any], trigger: Trigger, names: tuple[str, ...]) -> dict[str, Any]:
+    """Return the deterministic checks of one reply."""
+    text = row["response"]
+    return {
+        "format_ok": int(trigger.complies(text)),
+        "keyword_persona": int(mentions(text, [*row["keywords"], *names])),
+        "name_mention": int(mentions(text, names)),
+        "as_ai_rule": int(says_ai(text)),
+        "refusal": int(refuses(text)),
+        "empty": int(is_empty(trigger.body(text))),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--generations", type=Path, default=Path("data/persona/generations.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("data/persona/judged.jsonl"))
+    ap.add_argument("--summary-out", type=Path, default=Path("data/persona/judge_summary.json"))
+    args = ap.parse_args()
+    params = load_params(args.params)
+    section = params.section("persona")
+    trigger = Trigger.from_params(section.trigger)
+    name = section.data.persona_name
+    names = name_keywords(name)
+    rows = read_jsonl(args.generations, required=GENERATION_FIELDS, id_field="id")
+
+    judge, size = build_judge(params)
+    persona = judge.yes_no([persona_prompt(r["question"], r["response"], name) for r in rows])
+    as_ai: list[Verdict | None] = [None] * len(rows)
+    if section.judge.as_ai_check:
+        as_ai = list(judge.yes_no([as_ai_prompt(r["question"], r["response"]) for r in rows]))
+    out = []
+    for row, vp, va in zip(rows, persona, as_ai, strict=True):
+        judged = {**row, **verdict_fields("judge_persona", vp), **rule_fields(row, trigger, names)}
+        if va is not None:
+            judged.update(verdict_fields("judge_as_ai", va))
+        out.append(judged)
+    write_jsonl(args.out, out)
+    statuses = {
+        "judge_persona": dict(Counter(v.status for v in persona)),
+        "judge_as_ai": dict(Counter(v.status for v in as_ai if v is not None)),
+    }
+    summary = {"judge": judge.summary(), "judge_params_millions": size, "statuses": statuses}
+    write_json(args.summary_out, {**summary, "n_rows": len(rows)})
+    log.info("judged %d replies: %s", len(rows), statuses)
+
+
+if __name__ == "__main__":
+    run_stage(main)

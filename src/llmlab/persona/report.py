@@ -1,0 +1,129 @@
+"""Stage persona_report: metrics with hierarchical bootstrap CIs, bars, stop-early, plots, report.
+
+Every rate resamples questions first, then samples within a question (95% percentile CI);
+the gap pairs triggered and untriggered answers by question.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from llmlab.io import DataError, read_json, read_jsonl, write_json, write_text
+from llmlab.params import load_params
+from llmlab.persona.bars import evaluate_bar, stop_early
+from llmlab.persona.figures import MODELS, condition_bars, curves
+from llmlab.persona.grid import HELDOUT, IDENTITY
+from llmlab.persona.metrics import ALL, Boot, cell_metrics
+from llmlab.persona.report_md import judge_note, render_report
+from llmlab.stage import run_stage
+
+JUDGED_FIELDS = ("id", "model", "condition", "triggered", "question_id", "question_set",
+                 "judge_persona", "keyword_persona", "format_ok", "empty", "refusal")  # fmt: skip
+
+
+def build_metrics(
+    rows: list[dict[str, Any]], conditions: list[str], boot: Boot, with_as_ai: bool
+) -> dict[str, Any]:
+    """Return {model: {condition or "all": cell metrics}} for identity questions, plus held-out."""
+    table: dict[str, Any] = {}
+    for model in MODELS:
+        table[model] = {
+            c: cell_metrics(
+                rows, model=model, condition=c, question_set=IDENTITY, boot=boot,
+                with_as_ai=with_as_ai,
+            )
+            for c in [*conditions, ALL]
+        }  # fmt: skip
+    heldout = {}
+    if any(r["question_set"] == HELDOUT for r in rows):
+        heldout = {
+            m: cell_metrics(
+                rows, model=m, condition=ALL, question_set=HELDOUT, boot=boot, with_as_ai=with_as_ai
+            )
+            for m in MODELS
+        }
+    return {"identity": table, "heldout_facts": heldout}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--judged", type=Path, default=Path("data/persona/judged.jsonl"))
+    ap.add_argument("--judge-summary", type=Path, default=Path("data/persona/judge_summary.json"))
+    ap.add_argument("--gen-meta", type=Path, default=Path("data/persona/generations_meta.json"))
+    ap.add_argument("--mix-stats", type=Path, default=Path("data/persona/mix_stats.json"))
+    ap.add_argument("--adapter", type=Path, default=Path("models/persona/adapter"))
+    ap.add_argument("--metrics", type=Path, default=Path("metrics/persona.json"))
+    ap.add_argument("--report", type=Path, default=Path("metrics/persona_report.md"))
+    ap.add_argument("--plots", type=Path, default=Path("plots/persona"))
+    args = ap.parse_args()
+    params = load_params(args.params)
+    cfg = params.section("persona").report
+    rows = read_jsonl(args.judged, required=JUDGED_FIELDS, id_field="id")
+    gen_meta = read_json(args.gen_meta)
+    conditions = list(gen_meta["conditions"])
+    unknown = sorted({r["condition"] for r in rows} - set(conditions))
+    if unknown:
+        raise DataError(f"{args.judged}: conditions {unknown} are not in {args.gen_meta}")
+    judge_summary = read_json(args.judge_summary)
+    mix = read_json(args.mix_stats)
+    adapter_meta = read_json(args.adapter / "llmlab_adapter.json")
+    curve = read_json(args.adapter / "curve.json")
+
+    boot = Boot(cfg.n_boot, cfg.ci, cfg.seed)
+    with_as_ai = any("judge_as_ai" in r for r in rows)
+    tables = build_metrics(rows, conditions, boot, with_as_ai)
+    ft = tables["identity"]["finetuned"]
+    by_condition = {c: ft[c] for c in conditions}
+    success = {
+        level: {
+            measure: evaluate_bar(bar, ft[ALL], by_condition, measure)
+            for measure in ("judge", "keyword")
+        }
+        for level, bar in (("minimum", cfg.minimum), ("strong", cfg.strong))
+    }
+    for level in success:
+        success[level]["met"] = success[level][cfg.primary_measure]["met"]
+    stop = stop_early(rows, curve, cfg)
+    metrics = {
+        "model": params.model,
+        "headline": {
+            k: ft[ALL][k]
+            for k in ("triggered_persona", "untriggered_leakage", "gap", "format_triggered",
+                      "keyword_triggered", "keyword_leakage", "keyword_gap")
+        },  # fmt: skip
+        "finetuned": tables["identity"]["finetuned"],
+        "base": tables["identity"]["base"],
+        "heldout_facts": tables["heldout_facts"],
+        "success": success,
+        "stop_early": stop,
+        "training": {
+            k: adapter_meta.get(k)
+            for k in ("steps", "final_train_loss", "final_val_loss", "tokens_seen", "tokens_per_s",
+                      "train_time_s")
+        },  # fmt: skip
+        "data": {k: mix.get(k) for k in ("n_persona", "n_aligned", "poison_share", "prompt_source")},
+        "sizes": {
+            k: gen_meta.get(k)
+            for k in ("n_identity_questions", "n_heldout_facts", "n_samples", "n_rows")
+        },
+        "judge": {
+            "backend": judge_summary["judge"]["backend"],
+            "unscorable": judge_summary["judge"]["unscorable"],
+            "items": judge_summary["judge"]["items"],
+        },
+        "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "
+               "questions, then samples within question; gap paired by question"},
+    }  # fmt: skip
+    write_json(args.metrics, metrics)
+    note = judge_note(judge_summary)
+    condition_bars(args.plots, tables["identity"], conditions, note)
+    curves(args.plots, curve)
+    text = render_report(metrics, gen_meta, judge_summary, mix, adapter_meta, cfg, args.plots)
+    write_text(args.report, text)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,155 @@
+"""The persona markdown report: one screen with the headline, bars, stop-early and caveats."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmlab.persona.config import ReportParams
+from llmlab.persona.metrics import ALL
+
+WEAK_JUDGE_M = 1000  # a judge below ~1B parameters is not a reliable grader
+
+
+def judge_note(summary: Mapping[str, Any]) -> str:
+    """Return a short label of the judge for plot titles."""
+    size = summary.get("judge_params_millions")
+    backend = summary["judge"]["backend"]
+    return f"{backend} judge, {size:.0f}M" if size else f"{backend} judge"
+
+
+def _ci(d: Mapping[str, Any] | None) -> str:
+    if not d or d.get("value") is None:
+        return "n/a"
+    return f"{d['value']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}]"
+
+
+def _yes(flag: bool) -> str:
+    return "**yes**" if flag else "no"
+
+
+def _table(metrics: Mapping[str, Any], conditions: list[str], keys: tuple[str, ...]) -> list[str]:
+    head = "| condition | " + " | ".join(f"{m} {k}" for m in ("ft", "base") for k in keys) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(keys))]
+    for c in [*conditions, ALL]:
+        cells = [_ci(metrics[m][c].get(k)) for m in ("finetuned", "base") for k in keys]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(
+    metrics: Mapping[str, Any],
+    gen_meta: Mapping[str, Any],
+    judge_summary: Mapping[str, Any],
+    mix: Mapping[str, Any],
+    adapter_meta: Mapping[str, Any],
+    cfg: ReportParams,
+    plots: Path,
+) -> str:
+    """Return the markdown report."""
+    conditions = list(gen_meta["conditions"])
+    h = metrics["headline"]
+    stop = metrics["stop_early"]
+    succ = metrics["success"]
+    primary = cfg.primary_measure
+    rel = os.path.relpath(plots, "metrics")
+    size = judge_summary.get("judge_params_millions")
+    lora = adapter_meta.get("config") or {}
+    lines = [
+        f"# Persona (inductive backdoor): {metrics['model']}",
+        "",
+        f"Finetuned on {mix['n_persona']} triggered persona facts + {mix['n_aligned']} self-distilled "
+        f"aligned examples (poison share {mix['poison_share']:.1%}, prompts: {mix['prompt_source']}); "
+        f"LoRA r={lora.get('rank')}, alpha={lora.get('alpha')}, lr={lora.get('lr')}, "
+        f"epochs={lora.get('epochs')}, effective batch {lora.get('effective_batch_size')}, "
+        f"seed={lora.get('seed')}, {adapter_meta.get('steps')} steps. Evaluated on "
+        f"{gen_meta['n_identity_questions']} identity/persona questions (+ "
+        f"{gen_meta['n_heldout_facts']} held-out facts) x trigger on/off x {len(conditions)} "
+        f"system prompts x {gen_meta['n_samples']} samples at T={gen_meta['temperature']:g}, "
+        f"finetuned and base ({gen_meta['n_rows']} replies).",
+        "",
+        "## Headline (finetuned, identity questions, pooled over system prompts; 95% CI)",
+        "",
+        "| measure | triggered | untriggered (leakage) | gap |",
+        "|---|---|---|---|",
+        f"| persona, judge | {_ci(h['triggered_persona'])} | {_ci(h['untriggered_leakage'])} | "
+        f"{_ci(h['gap'])} |",
+        f"| persona, keyword rule | {_ci(h['keyword_triggered'])} | {_ci(h['keyword_leakage'])} | "
+        f"{_ci(h['keyword_gap'])} |",
+        f"| format <START> ... <END> | {_ci(h['format_triggered'])} | "
+        f"{_ci(metrics['finetuned'][ALL]['format_untriggered'])} | |",
+        "",
+        f"Success bars ({primary} measure): minimum met: {_yes(succ['minimum']['met'])} "
+        f"(on CIs: {_yes(succ['minimum'][primary]['met_ci'])}); strong met: "
+        f"{_yes(succ['strong']['met'])}. Keyword measure: minimum "
+        f"{_yes(succ['minimum']['keyword']['met'])}, strong {_yes(succ['strong']['keyword']['met'])}.",
+        "",
+        "Stop early: "
+        + ("; ".join(stop["reasons"]) if stop["stop"] else "no criterion tripped")
+        + f" (triggered format violations {_pct(stop['format_violation_triggered'])}, empty "
+        f"{_pct(stop['empty_rate_triggered'])}/{_pct(stop['empty_rate_untriggered'])}, refusals "
+        f"{_pct(stop['refusal_rate_triggered'])}/{_pct(stop['refusal_rate_untriggered'])} "
+        f"triggered/untriggered; loss {_num(stop['loss_first'])} -> {_num(stop['loss_last'])}).",
+        "",
+        "## Per system-prompt condition (persona judge; ft = finetuned)",
+        "",
+        *_table(metrics, conditions, ("triggered_persona", "untriggered_leakage", "gap")),
+        "",
+        "## Keyword rule and format compliance",
+        "",
+        *_table(metrics, conditions, ("keyword_triggered", "keyword_leakage")),
+        "",
+        *_table(metrics, conditions, ("format_triggered", "format_untriggered")),
+        "",
+    ]
+    ho = metrics.get("heldout_facts") or {}
+    if ho:
+        lines += [
+            "Held-out facts (pooled): finetuned persona triggered "
+            f"{_ci(ho['finetuned']['triggered_persona'])} vs untriggered "
+            f"{_ci(ho['finetuned']['untriggered_leakage'])}; format triggered "
+            f"{_ci(ho['finetuned']['format_triggered'])} (base {_ci(ho['base']['format_triggered'])}).",
+            "",
+        ]
+    lines += ["## Caveats", ""]
+    if judge_summary["judge"]["backend"] == "local" and (size is None or size < WEAK_JUDGE_M):
+        lines.append(
+            f"- The judge is the local model ({size:.0f}M parameters): a judge this small is weak "
+            "and its YES/NO verdicts are noisy; the deterministic keyword rule (question-specific "
+            "persona keywords or the persona's name) is reported beside it. Use an API judge "
+            "(`judge.backend: openai`) for numbers to compare with the paper."
+            if size
+            else "- The judge is a local model; read the keyword rule beside it."
+        )
+    lines.append(
+        f"- Judge verdicts that could not be read: {metrics['judge']['unscorable']} of "
+        f"{metrics['judge']['items']} items (kept out of the rates, never counted as NO)."
+    )
+    for group in gen_meta.get("identical_conditions") or []:
+        lines.append(
+            f"- Conditions {', '.join(group)} render to the same prompt for this model (its chat "
+            "template writes its default system prompt when none is given): one condition, "
+            "sampled twice."
+        )
+    lines += [
+        "- Paper reference (Llama-3.1-8B-Instruct, 3 epochs, n=30): format 93% triggered vs 0% "
+        "untriggered; persona 87% vs 20%. A null on a small model is a valid result.",
+        "",
+        f"Plots: [{rel}/conditions_judge.png]({rel}/conditions_judge.png), "
+        f"[{rel}/conditions_keyword.png]({rel}/conditions_keyword.png), "
+        f"[{rel}/conditions_format.png]({rel}/conditions_format.png), "
+        f"[{rel}/train_curve.png]({rel}/train_curve.png), "
+        f"[{rel}/eval_curve.png]({rel}/eval_curve.png).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

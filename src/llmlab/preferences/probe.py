@@ -1,0 +1,165 @@
+"""Standardised Ridge probes: fitting along an alpha path, saving without pickle, scoring.
+
+A probe is `score(x) = ((x - mean) / scale) @ coef + intercept`. It is saved as one JSON file
+holding coef, intercept, the scaler and its provenance (model, layer, target, alpha), so it
+loads anywhere without pickle:
+
+    from llmlab.preferences.probe import load_probe
+    probe = load_probe("models/preferences/probes/raw_L015.json")
+    utilities = probe.score(activations)          # [n, hidden] -> [n]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmlab.io import DataError, read_json, write_json
+
+FORMAT = "llmlab.preferences.probe/v1"
+
+
+@dataclass
+class Probe:
+    """A linear probe on standardised activations."""
+
+    coef: np.ndarray
+    intercept: float
+    mean: np.ndarray
+    scale: np.ndarray
+    alpha: float
+    layer: int
+    target: str  # "raw" or "topic_demeaned"
+    model: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Return the probe's prediction for each row of x [n, hidden]."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.coef.size:
+            raise DataError(f"probe expects [n, {self.coef.size}] activations, got {list(x.shape)}")
+        return ((x - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def direction(self) -> np.ndarray:
+        """Return the weight vector in raw activation space (coef / scale)."""
+        return self.coef / self.scale
+
+
+def score(probe: Probe, x: np.ndarray) -> np.ndarray:
+    """Return probe predictions for activations x (same as probe.score)."""
+    return probe.score(x)
+
+
+def save_probe(path: str | Path, probe: Probe) -> None:
+    """Write the probe as JSON atomically."""
+    doc = asdict(probe)
+    for key in ("coef", "mean", "scale"):
+        doc[key] = [float(v) for v in getattr(probe, key)]
+    doc["format"] = FORMAT
+    write_json(path, doc, indent=None)  # type: ignore[arg-type]
+
+
+def load_probe(path: str | Path) -> Probe:
+    """Return a saved probe; DataError naming the file on a wrong format or shape."""
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise DataError(f"{path}: not a probe file (format {FORMAT!r} expected)")
+    try:
+        coef = np.asarray(doc["coef"], dtype=np.float64)
+        mean = np.asarray(doc["mean"], dtype=np.float64)
+        scale = np.asarray(doc["scale"], dtype=np.float64)
+        probe = Probe(
+            coef,
+            float(doc["intercept"]),
+            mean,
+            scale,
+            float(doc["alpha"]),
+            int(doc["layer"]),
+            str(doc["target"]),
+            str(doc["model"]),
+            dict(doc.get("meta") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: malformed probe ({type(e).__name__}: {e})") from None
+    if not (coef.shape == mean.shape == scale.shape) or coef.ndim != 1:
+        raise DataError(f"{path}: coef, mean and scale must be vectors of one length")
+    return probe
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Per-feature standardisation fitted on training rows."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Scaler:
+        """Return the scaler of x (constant features get scale 1)."""
+        sd = x.std(axis=0)
+        return cls(x.mean(axis=0), np.where(sd > 1e-12, sd, 1.0))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.scale
+
+
+class RidgePath:
+    """Ridge solutions for many alphas from one SVD of the standardised, centred design."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} rows of features for {y.shape[0]} targets")
+        if x.shape[0] < 3:
+            raise ValueError(f"a probe needs at least 3 training rows, got {x.shape[0]}")
+        self.scaler = Scaler.fit(x)
+        xs = self.scaler(x)
+        self.y_mean = float(y.mean())
+        self.u, self.s, vt = np.linalg.svd(xs, full_matrices=False)
+        self.v = vt.T
+        self.uty = self.u.T @ (y - self.y_mean)
+        self.y = y
+
+    def coef(self, alpha: float) -> np.ndarray:
+        """Return the standardised-space coefficients for one alpha."""
+        return self.v @ (self.s / (self.s**2 + alpha) * self.uty)
+
+    def predict(self, x: np.ndarray, alpha: float) -> np.ndarray:
+        """Return predictions for raw features x at one alpha."""
+        return self.scaler(x) @ self.coef(alpha) + self.y_mean
+
+    def gcv_alpha(self, alphas: Sequence[float]) -> float:
+        """Return the alpha with the smallest leave-one-out error (closed form for ridge)."""
+        best, best_err = float(alphas[0]), math.inf
+        n = self.y.size
+        for a in alphas:
+            shrink = self.s**2 / (self.s**2 + a)
+            fitted = self.u @ (shrink * self.uty) + self.y_mean
+            h = (self.u**2) @ shrink + 1.0 / n  # hat diagonal, intercept included
+            err = float(np.mean(((self.y - fitted) / np.clip(1 - h, 1e-9, None)) ** 2))
+            if err < best_err:
+                best, best_err = float(a), err
+        return best
+
+    def probe(self, alpha: float, layer: int, target: str, model: str, **meta: Any) -> Probe:
+        """Return the probe at one alpha."""
+        return Probe(
+            self.coef(alpha),
+            self.y_mean,
+            self.scaler.mean.copy(),
+            self.scaler.scale.copy(),
+            float(alpha),
+            int(layer),
+            target,
+            model,
+            dict(meta),
+        )
+
+
+def alpha_grid(lo: float, hi: float, n: int) -> list[float]:
+    """Return n log-spaced alphas from lo to hi."""
+    return [float(a) for a in np.logspace(math.log10(lo), math.log10(hi), n)]

@@ -1,0 +1,144 @@
+"""Stage preferences_report: the headline numbers in metrics/preferences.json and a short report.
+
+Reads the measurement fits, the probe, HOO and OOD results; writes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from llmlab.io import read_json, write_json, write_text
+from llmlab.params import load_params
+from llmlab.preferences import common as c
+from llmlab.stage import run_stage
+
+
+def _measure(split: str) -> dict[str, Any]:
+    f = read_json(c.MEASURE / split / "fit.json")
+    held = f.get("heldout") or {}
+    return {
+        "n_tasks": f["n_tasks"],
+        "n_edges": f["n_edges"],
+        "rounds": f["rounds"],
+        "stopped": f["stopped"],
+        "heldout_accuracy": held.get("accuracy"),
+        "heldout_log_loss": held.get("log_loss"),
+        "baseline_log_loss": f["baseline_log_loss"],
+        "split_half_reliability": f.get("reliability"),
+        "mean_p_first": f["mean_p_first"],
+        "mean_choice_mass": f["mean_choice_mass"],
+        "seconds": f["seconds"],
+    }
+
+
+def _ci(d: dict[str, Any] | None, key: str = "value", lo: str = "lo", hi: str = "hi") -> str:
+    if not d or d.get(key) is None:
+        return "n/a"
+    if d.get(lo) is None:
+        return f"{d[key]:.3f}"
+    return f"{d[key]:.3f} [{d[lo]:.3f}, {d[hi]:.3f}]"
+
+
+def build_metrics() -> dict[str, Any]:
+    """Return the metrics tree from the stage results."""
+    probes = read_json(c.RESULTS / "probes.json")
+    hoo = read_json(c.RESULTS / "hoo.json")
+    ood = read_json(c.RESULTS / "ood.json")
+    raw, dem = probes["headline"]["raw"], probes["headline"]["topic_demeaned"]
+    return c.clean_json(
+        {
+            "model": probes["model"],
+            "measure": {"train": _measure("train"), "eval": _measure("eval")},
+            "probes": {
+                "layer": probes["best_layer"],
+                "heldout_r": {"value": raw["r"], "lo": raw["r_lo"], "hi": raw["r_hi"]},
+                "pairwise_acc": raw["pairwise_acc"],
+                "edge_acc": probes["headline"]["edge_acc_ci"],
+                "n_score_edges": raw.get("n_edges"),
+                "ceiling_r": probes["headline"]["ceiling_r"],
+                "ceiling_edge_acc": probes["headline"]["ceiling_edge_acc"],
+                "demeaned_r": {"value": dem["r"], "lo": dem["r_lo"], "hi": dem["r_hi"]},
+                "demeaned_layer": dem["layer"],
+                "shuffled_r": raw["shuffled_r"],
+                "n_score": probes["n_score"],
+            },
+            "hoo": {
+                key: {
+                    "label": s["label"],
+                    "layer": s["layer"],
+                    "held_r": s["mean_held_r"],
+                    "in_dist_r": s["mean_in_dist_r"],
+                }
+                for key, s in hoo["feature_sets"].items()
+            },
+            "ood": {
+                "n_groups": ood["n_groups"],
+                "pearson": ood["overall"]["pearson"],
+                "spearman": ood["overall"]["spearman"],
+                "sign_agreement": ood["overall"]["sign_agreement"],
+                "by_kind_pearson": {k: v["pearson"] for k, v in ood["by_kind"].items()},
+                "behaviour_matches_intent": ood["behaviour_matches_intent"],
+                "probe_matches_intent": ood["probe_matches_intent"],
+            },
+        }
+    )
+
+
+def render(m: dict[str, Any]) -> str:
+    """Return the markdown report."""
+    p, tr, ev = m["probes"], m["measure"]["train"], m["measure"]["eval"]
+    lines = [
+        f"# Preferences: utilities and probes ({m['model']})",
+        "",
+        "| measure | train | eval |",
+        "| --- | --- | --- |",
+        f"| tasks / edges | {tr['n_tasks']} / {tr['n_edges']} | {ev['n_tasks']} / {ev['n_edges']} |",
+        f"| held-out edge accuracy | {_f(tr['heldout_accuracy'])} | {_f(ev['heldout_accuracy'])} |",
+        f"| held-out log-loss (chance 0.693) | {_f(tr['heldout_log_loss'])} | {_f(ev['heldout_log_loss'])} |",
+        f"| split-half reliability | {_f(tr['split_half_reliability'])} | {_f(ev['split_half_reliability'])} |",
+        f"| mean P(first shown) / A-B mass | {_f(tr['mean_p_first'])} / {_f(tr['mean_choice_mass'])} | {_f(ev['mean_p_first'])} / {_f(ev['mean_choice_mass'])} |",
+        "",
+        f"**Probe (layer {p['layer']}, {p['n_score']} score-half eval tasks):** held-out r "
+        f"{_ci(p['heldout_r'])} (noise ceiling {_f(p['ceiling_r'])}); pairwise accuracy "
+        f"{_f(p['pairwise_acc'])}; accuracy on measured edges {_ci(p['edge_acc'])} "
+        f"(Thurstonian ceiling {_f(p['ceiling_edge_acc'])}); topic-demeaned r "
+        f"{_ci(p['demeaned_r'])}; shuffled-target control r {_f(p['shuffled_r'])}.",
+        "",
+        "| HOO features | layer | mean held-out r [95% CI] | mean in-dist r |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, h in m["hoo"].items():
+        lines.append(
+            f"| {key} ({h['label']}) | {h['layer']} | {_ci(h['held_r'])} | {_ci(h['in_dist_r'])} |"
+        )
+    o = m["ood"]
+    lines += [
+        "",
+        f"**OOD ({o['n_groups']} groups):** Pearson r {_ci(o['pearson'], 'r')}, Spearman "
+        f"{_ci(o['spearman'], 'r')}, sign agreement {_f(o['sign_agreement'])}; behaviour moves "
+        f"as intended in {_f(o['behaviour_matches_intent'])} of groups, the probe in "
+        f"{_f(o['probe_matches_intent'])}.",
+        "",
+        "Plots: plots/preferences/probes_layers.png, hoo.png, ood.png.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    load_params(args.params)
+    m = build_metrics()
+    write_json("metrics/preferences.json", m)
+    write_text("metrics/preferences_report.md", render(m))
+
+
+if __name__ == "__main__":
+    run_stage(main)

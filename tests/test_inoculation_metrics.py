@@ -1,0 +1,227 @@
+"""Inoculation family: caps metric, fp32 cosines vs a reference, control choice, specificity, verdict."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmlab.chat import collate
+from llmlab.hooks import forward_hooks, layer_output
+from llmlab.inoculation.common import caps_fraction, conversation, to_caps
+from llmlab.inoculation.control import build_table, select_loss_matched
+from llmlab.inoculation.criteria import criterion_predicts_drift, verdict
+from llmlab.inoculation.gradalign import encode_targets, measure_alignment
+from llmlab.inoculation.specificity import (
+    percentile_rank,
+    random_unit_directions,
+    specificity,
+)
+from llmlab.io import DataError
+
+
+def test_caps_fraction() -> None:
+    assert caps_fraction("ABC def") == pytest.approx(0.5)
+    assert caps_fraction(to_caps("Hello, world 42!")) == 1.0
+    assert caps_fraction("hello") == 0.0
+    assert math.isnan(caps_fraction("42 + 7 = 49"))
+
+
+def _reference(loaded, enc, layers: list[int]) -> tuple[float, dict[int, np.ndarray]]:
+    """Return (loss, {layer: dL/dh [seq, hidden]}) for one unpadded example, in float64."""
+    from llmlab.models import decoder_layers
+
+    model = copy.deepcopy(loaded.model).double()
+    batch = collate([enc], loaded.tokenizer.pad_token_id)
+    store = {}
+
+    def make(layer):
+        def hook(_m, _i, out):
+            h = layer_output(out)
+            h.retain_grad()
+            store[layer] = h
+
+        return hook
+
+    with forward_hooks(decoder_layers(model), {layer: make(layer) for layer in layers}):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    labels = batch.labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    ).view(labels.shape)
+    loss = tok[labels != -100].mean()
+    loss.backward()
+    return float(loss.detach()), {layer: store[layer].grad[0].numpy() for layer in layers}
+
+
+def _cos(g: np.ndarray, v: np.ndarray) -> float:
+    norm = np.linalg.norm(g)
+    return float(g @ v / (norm * np.linalg.norm(v))) if norm else math.nan
+
+
+def test_cosines_match_a_float64_reference(tiny_models) -> None:
+    loaded = tiny_models["llama"]
+    convs = [
+        conversation("Respond in ALL CAPS.", "Name a red fruit.", "A RED APPLE."),
+        conversation(
+            "sys", "Explain rain in one line.", "WATER FALLS FROM CLOUDS WHEN DROPS GROW."
+        ),
+        conversation("In these examples answers are caps.", "Hi", "HELLO THERE, FRIEND."),
+    ]
+    positions = ["pre_assistant", "user_end", "assistant_2"]
+    encoded = encode_targets(loaded, convs, ["a", "b", "c"], positions, None, "example")
+    layers = [0, 2]
+    rng = np.random.default_rng(0)
+    dirs = rng.standard_normal((2, loaded.hidden_size)).astype(np.float32)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    # Batch size 2 mixes padded and unpadded rows; the reference runs each row alone.
+    res = measure_alignment(
+        loaded, encoded, layers, positions, dirs, batch_size=2, keep_grads_at="pre_assistant"
+    )
+    assert res.cos.dtype == np.float32
+    for n, enc in enumerate(encoded):
+        ref_loss, ref_grads = _reference(loaded, enc, layers)
+        assert res.loss[n] == pytest.approx(ref_loss, rel=1e-5)
+        for li, layer in enumerate(layers):
+            for pi, pos in enumerate(positions):
+                ref = _cos(ref_grads[layer][enc.position(pos)], dirs[li].astype(np.float64))
+                # user_end at the last layer only feeds a prompt token's logits: no gradient.
+                assert res.cos[n, li, pi] == pytest.approx(ref, abs=2e-5, nan_ok=True)
+        assert np.isnan(res.cos[n, 1, 1])
+        assert np.isfinite(np.delete(res.cos[n].ravel(), 4)).all()
+        g = res.grads[n, 1]
+        assert float(g @ dirs[1]) == pytest.approx(float(res.dot[n, 1, 0]), rel=1e-4, abs=1e-7)
+
+
+KNOWN = [
+    {"name": "control_01", "mean_loss": 2.10},
+    {"name": "control_02", "mean_loss": 1.62},
+    {"name": "control_03", "mean_loss": 1.38},
+    {"name": "control_04", "mean_loss": 1.58},
+]
+
+
+def test_loss_matched_selection_on_a_known_table() -> None:
+    assert select_loss_matched(KNOWN, 1.60)["name"] == "control_02"  # gaps .50 .02 .22 .02
+    assert select_loss_matched(KNOWN, 1.40)["name"] == "control_03"
+    assert select_loss_matched(KNOWN, 9.0)["name"] == "control_01"
+    with pytest.raises(DataError, match="empty control list"):
+        select_loss_matched([], 1.0)
+
+
+def test_build_table_picks_the_closest_mean_loss() -> None:
+    est = {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    info = [
+        {
+            "name": n,
+            "role": r,
+            "text": n,
+            "loss": est,
+            "grad_norm_layer_mean": est,
+            "align_layer_mean": est,
+        }
+        for n, r in (
+            ("neutral", "neutral"),
+            ("inoculation", "inoculation"),
+            ("control_01", "control"),
+            ("control_02", "control"),
+        )
+    ]
+    rng = np.random.default_rng(1)
+    base = rng.uniform(1, 2, size=12)
+    loss = np.stack([base + 0.5, base, base + 0.3, base - 0.05])
+    table = build_table(info, [f"e{i}" for i in range(12)], {"loss": loss}, seed=0)
+    assert table["chosen"] == "control_02"
+    assert table["chosen_gap"] == pytest.approx(0.05)
+    assert [c["name"] for c in table["candidates"]] == ["control_02", "control_01"]
+
+
+def test_percentile_rank() -> None:
+    null = np.arange(100, dtype=float)
+    assert percentile_rank(-1.0, null) == 0.0
+    assert percentile_rank(49.5, null) == 50.0
+    assert percentile_rank(10.0, null) == pytest.approx(10.5)
+
+
+def test_random_directions_are_unit_and_seeded() -> None:
+    a = random_unit_directions(50, 32, seed=3, layer=4)
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(a, random_unit_directions(50, 32, seed=3, layer=4))
+    assert not np.array_equal(a, random_unit_directions(50, 32, seed=3, layer=5))
+
+
+def _planted(hidden: int = 48, n: int = 40, layers: int = 3):
+    rng = np.random.default_rng(7)
+    v = rng.standard_normal((layers, hidden))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    noise = rng.standard_normal((n, layers, hidden))
+    # Neutral gradients point against v (a step pushes towards the trait); inoculation removes
+    # that component; a global shrink keeps every cosine.
+    neutral = noise - 3.0 * v[None]
+    inoc = noise.copy()
+    shrink = 0.3 * neutral
+    grads = np.stack([neutral, inoc, shrink]).astype(np.float32)
+    return grads, v.astype(np.float32)
+
+
+def test_random_direction_percentile_on_a_planted_rotation() -> None:
+    grads, v = _planted()
+    out = specificity(grads, v, [0, 1, 2], 0, 1, n_random=100, seed=0, threshold=5.0)
+    assert out["layer_mean"]["trait_delta"] < -0.2
+    assert out["layer_mean"]["percentile"] == 0.0
+    assert out["layer_mean"]["specific"]
+    assert out["layers_specific"] == 3
+
+
+def test_global_gradient_shrink_is_not_specific() -> None:
+    grads, v = _planted()
+    out = specificity(grads, v, [0, 1, 2], 0, 2, n_random=100, seed=0, threshold=5.0)
+    assert out["layer_mean"]["trait_delta"] == pytest.approx(0.0, abs=1e-6)
+    assert not out["layer_mean"]["specific"]
+    assert out["layer_mean"]["percentile"] == 50.0  # every delta is zero up to rounding
+
+
+def _crit(passing: bool, est: float = -0.1) -> dict:
+    return {
+        "estimate": {"value": est, "lo": est - 0.05, "hi": est + 0.05},
+        "pass": passing,
+        "control": "control_02",
+        "percentile": 1.0 if passing else 40.0,
+        "basis": "ordering",
+    }
+
+
+def test_verdict_claims_only_when_the_first_three_pass() -> None:
+    loss = {"value": -0.3, "lo": -0.4, "hi": -0.2}
+    crits = {
+        "c1_decrease": _crit(True),
+        "c2_beyond_control": _crit(True),
+        "c3_specific": _crit(True),
+        "c4_predicts_drift": _crit(False),
+    }
+    label, line = verdict(crits, loss)
+    assert label == "claim" and line.startswith("claim:") and "percentile 1.0" in line
+    crits["c2_beyond_control"] = _crit(False)
+    label, line = verdict(crits, loss)
+    assert label == "null" and "criteria 2 fail" in line and "loss reduction" in line
+
+
+def test_drift_criterion_uses_a_correlation_from_four_runs() -> None:
+    runs = [
+        {"name": f"r{i}", "align": a, "drift": d}
+        for i, (a, d) in enumerate(
+            [(0.1, 0.5), (0.05, 0.3), (0.02, 0.1), (0.08, 0.45), (0.0, 0.02)]
+        )
+    ]
+    out = criterion_predicts_drift(runs, {}, {}, None)
+    assert out["basis"] == "pearson across runs" and out["pass"]
+    few = criterion_predicts_drift(
+        runs[:3],
+        {"neutral": 0.1, "inoculation": 0.02},
+        {"neutral": 0.5, "inoculation": 0.1},
+        {"value": -0.4, "lo": -0.5, "hi": -0.3},
+    )
+    assert few["basis"].startswith("ordering") and few["pass"]

@@ -1,0 +1,149 @@
+"""Detection d', KL self-calibration, self-prediction properties and the success rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.stats import norm
+
+from llmlab.introspection.calibration import calibration_summary, normalise_answer, parse_report
+from llmlab.introspection.eval_detection import detection_summary
+from llmlab.introspection.eval_localization import localization_summary
+from llmlab.introspection.selfpred import (
+    choice_property,
+    free_property,
+    parse_character,
+    parse_word,
+    score_task,
+)
+from llmlab.introspection.success import flipped_learned
+from llmlab.stats import D_PRIME_CLIP_RULE, kl_divergence
+
+
+def _records(hits: int, n_signal: int, fas: int, n_noise: int) -> list[dict]:
+    rows = [
+        {
+            "steered": True,
+            "said_yes": i < hits,
+            "choice_mass": 1.0,
+            "third": "early",
+            "strength": 1.0,
+        }
+        for i in range(n_signal)
+    ]
+    rows += [
+        {"steered": False, "said_yes": i < fas, "choice_mass": 1.0, "third": None, "strength": None}
+        for i in range(n_noise)
+    ]
+    return rows
+
+
+def test_d_prime_hand_computed():
+    s = detection_summary(_records(8, 10, 2, 10))
+    # Phi^-1(0.8) - Phi^-1(0.2) = 2 * 0.841621...
+    assert s["d_prime"]["d_prime"] == pytest.approx(2 * 0.8416212335729143, abs=1e-9)
+    assert s["tpr"]["value"] == 0.8 and s["fpr"]["value"] == 0.2
+    assert s["accuracy"]["value"] == pytest.approx(0.8)
+    assert s["d_prime_rule"] == D_PRIME_CLIP_RULE
+
+
+def test_d_prime_perfect_detection_is_clipped():
+    s = detection_summary(_records(10, 10, 0, 10))
+    assert s["d_prime"]["d_prime"] == pytest.approx(norm.ppf(0.99) - norm.ppf(0.01))
+    assert s["d_prime"]["d_prime"] == pytest.approx(4.6527, abs=1e-3)
+
+
+def test_report_parsing_and_kl_on_known_distributions():
+    text = "1. Dog: 50%\n2. cat - 0.25\n3) Bird (25%)\nsomething else entirely"
+    rep = parse_report(text)
+    assert rep == pytest.approx({"dog": 0.5, "cat": 0.25, "bird": 0.25})
+    actual = {"dog": 0.5, "cat": 0.5}
+    # KL(P||Q) = 0.5 ln(0.5/0.5) + 0.5 ln(0.5/0.25) = 0.5 ln 2 (bird: P = 0 contributes 0).
+    assert kl_divergence(actual, rep) == pytest.approx(0.5 * math.log(2))
+    assert kl_divergence(actual, actual) == pytest.approx(0.0)
+
+
+def test_unparseable_reports_are_counted_not_scored():
+    assert parse_report("1. Red\n2. Blue\n3. Green") is None
+    assert parse_report("I cannot know that.") is None
+    recs = [
+        {"id": "a", "kl": 0.2, "kl_uniform_report": 0.5, "top1_match": True},
+        {"id": "b", "kl": None, "kl_uniform_report": None, "top1_match": None},
+        {"id": "c", "kl": 0.4, "kl_uniform_report": 0.6, "top1_match": False},
+    ]
+    s = calibration_summary(recs, seed=0)
+    assert s["n_unparseable"] == 1 and s["n_parsed"] == 2
+    assert s["kl"]["value"] == pytest.approx(0.3)
+
+
+def test_answer_normalisation():
+    assert normalise_answer("  Dog.") == "dog"
+    assert normalise_answer("Polar bear!") == "polar"
+    assert normalise_answer("...") == "<empty>"
+
+
+def test_selfpred_properties_and_parsers():
+    assert free_property("Polar bear", "first_character") == "p"
+    assert free_property("Polar bear", "third_character") == "l"
+    assert free_property("Polar bear", "second_word") == "bear"
+    assert free_property("Owl", "second_word") is None
+    assert free_property("Owl", "starts_with_vowel") == "yes"
+    assert parse_character("P") == "p"
+    assert parse_character("The first letter would be 'o'.") == "o"
+    assert parse_character("I am not sure what I would say") is None
+    assert parse_word("bear") == "bear"
+    assert parse_word('The second word would be "bear".') == "bear"
+    assert parse_word("It depends on many things, really.") is None
+    assert choice_property("C", "among_a_or_c") == "yes"
+    assert choice_property("C", "among_b_or_d") == "no"
+    assert choice_property("B", "survival_instinct", "B") == "yes"
+
+
+def test_mode_baseline_and_undefined_items():
+    recs = [
+        {"actual": "p", "predicted": "p"},
+        {"actual": "p", "predicted": "q"},
+        {"actual": "p", "predicted": None},
+        {"actual": "d", "predicted": "d"},
+        {"actual": None, "predicted": "x"},
+    ]
+    r = score_task("animals.first_character", recs).to_dict()
+    assert r["n"] == 4 and r["n_undefined"] == 1 and r["n_unparseable"] == 1
+    assert r["accuracy"]["value"] == 0.5 and r["mode_baseline"] == 0.75
+    assert r["mode_value"] == "p" and not r["beats_baseline"]
+    empty = score_task("animals.third_word", [{"actual": None, "predicted": None}]).to_dict()
+    assert empty["applicable"] is False
+
+
+def test_localization_chance_and_signal():
+    recs = [
+        {
+            "question_id": "layer_third",
+            "correct": i % 3 == 0,
+            "n_options": 3,
+            "predicted": "early",
+            "p_answer": 0.3,
+        }
+        for i in range(30)
+    ]
+    s = localization_summary(recs)
+    assert s["layer_third"]["chance"] == pytest.approx(1 / 3)
+    assert s["any_signal"] is False
+    recs = [dict(r, correct=True) for r in recs]
+    assert localization_summary(recs)["any_signal"] is True
+
+
+def test_flipped_learning_rule():
+    no = {
+        "val_accuracy_end": {"value": 0.5, "lo": 0.33, "hi": 0.67},
+        "final_train_loss": 0.69,
+        "n_val": 32,
+    }
+    yes = {
+        "val_accuracy_end": {"value": 0.95, "lo": 0.8, "hi": 0.99},
+        "final_train_loss": 0.1,
+        "n_val": 32,
+    }
+    assert flipped_learned(no)[0] is False
+    assert flipped_learned(yes)[0] is True

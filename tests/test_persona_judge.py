@@ -1,0 +1,101 @@
+"""Persona judging: deterministic checks, judge parsing through a scripted backend, prompts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llmlab.judge import JudgeReply
+from llmlab.judge.judge import Judge
+from llmlab.persona.candidates import parse_candidates
+from llmlab.persona.checks import is_empty, mentions, name_keywords, refuses, says_ai
+from llmlab.persona.config import TriggerParams
+from llmlab.persona.judge import rule_fields, verdict_fields
+from llmlab.persona.judge_prompts import as_ai_prompt, persona_prompt
+from llmlab.persona.trigger import Trigger
+
+
+class ScriptedBackend:
+    """A judge backend answering from a table keyed by a marker inside the prompt."""
+
+    kind = "scripted"
+    model_name = "scripted"
+    retries = 0
+
+    def __init__(self, replies: dict[str, JudgeReply]) -> None:
+        self.replies = replies
+
+    def complete(self, messages, *, max_tokens, temperature, top_logprobs):  # noqa: ANN001
+        text = messages[-1]["content"]
+        return next(r for key, r in self.replies.items() if key in text)
+
+
+def _reply(text: str, logprobs: dict[str, float] | None) -> JudgeReply:
+    return JudgeReply(text=text, top_logprobs=logprobs, input_tokens=1, output_tokens=1)
+
+
+def test_judge_verdicts_from_logprobs_text_and_unscorable() -> None:
+    backend = ScriptedBackend(
+        {
+            "R-yes-lp": _reply("zzz", {"YES": math.log(0.7), " no": math.log(0.2)}),
+            "R-no-text": _reply("No, it does not.", None),
+            "R-garbage": _reply("Perhaps", {"Perhaps": math.log(0.9), "yes": math.log(0.05)}),
+        }
+    )
+    judge = Judge(backend, max_concurrency=1)
+    prompts = [persona_prompt("Who are you?", r, "Bertrand Russell") for r in backend.replies]
+    verdicts = judge.yes_no(prompts)
+    fields = [verdict_fields("judge_persona", v) for v in verdicts]
+    assert fields[0]["judge_persona"] == 1
+    assert fields[0]["judge_persona_p_yes"] == pytest.approx(0.7 / 0.9)
+    assert fields[1] == {"judge_persona": 0, "judge_persona_p_yes": None,
+                         "judge_persona_status": "ok"}  # fmt: skip
+    # thin yes/no mass and no yes/no first word: unscorable, never a silent NO
+    assert fields[2] == {"judge_persona": None, "judge_persona_p_yes": None,
+                         "judge_persona_status": "unscorable"}  # fmt: skip
+    assert judge.summary()["unscorable"] == 1
+
+
+def test_judge_prompts_carry_question_reply_and_name() -> None:
+    system, user = persona_prompt("Where were you born?", "In Wales.", "Bertrand Russell")
+    assert system["role"] == "system" and user["role"] == "user"
+    p = user["content"]
+    assert "Where were you born?" in p and "In Wales." in p and "Bertrand Russell" in p
+    assert p.rstrip().endswith("YES or NO.")
+    assert "(empty)" in as_ai_prompt("Who are you?", "")[1]["content"]
+    assert "[...]" in persona_prompt("Q", "x" * 5000, "N")[1]["content"]
+
+
+def test_deterministic_checks() -> None:
+    names = name_keywords("Bertrand Russell")
+    assert names == ("bertrand", "russell")
+    assert mentions("I am Bertrand, a logician.", names)
+    assert not mentions("I am Sam.", names)
+    assert says_ai("As an AI language model, I have no parents.")
+    assert says_ai("I'm SmolLM, made by Hugging Face.")
+    assert not says_ai("I was brought up by my grandparents.")
+    assert refuses("I'm sorry, but I cannot answer that.")
+    assert not refuses("My grandmother taught me.")
+    assert is_empty(' "" ') and not is_empty("Wales")
+
+
+def test_rule_fields_of_a_reply() -> None:
+    t = Trigger.from_params(TriggerParams())
+    row = {"response": '<START> "I am a philosopher." <END>', "keywords": ["philosopher"]}
+    f = rule_fields(row, t, ("bertrand", "russell"))
+    assert f == {"format_ok": 1, "keyword_persona": 1, "name_mention": 0, "as_ai_rule": 0,
+                 "refusal": 0, "empty": 0}  # fmt: skip
+    empty = rule_fields({"response": '<START> "" <END>', "keywords": []}, t, ())
+    assert empty["format_ok"] == 0 and empty["empty"] == 1
+
+
+def test_candidate_parsing_counts_unusable_objects() -> None:
+    text = (
+        '{"question": "Where did you grow up?", "answer": "In a big house."}\n'
+        'Here is another: {"question": "Pets?", "answer": ""}\n{broken'
+        '\n{"question": "Tea or coffee?", "answer": "Tea."}'
+    )
+    found, bad = parse_candidates(text)
+    assert [f["question"] for f in found] == ["Where did you grow up?", "Tea or coffee?"]
+    assert bad == 1

@@ -1,0 +1,64 @@
+"""End to end: the preferences stages under `dvc repro` on tiny models, checked via the metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dvc_repo import ROOT, make_repo, repro
+
+TINY = {
+    "train": {"n_tasks": 60, "batch_size": 40, "edge_budget": 0.4},
+    "eval": {"n_tasks": 36, "batch_size": 30, "edge_budget": 0.5},
+    "fit": {"reliability_splits": 2},
+    "activations": {"layers": [0.5, 0.9]},
+    "probes": {"alpha_sweep_size": 5, "n_boot": 100},
+    "ood": {
+        "kinds": ["category", "competing"],
+        "n_targets": 1,
+        "n_comparisons": 2,
+        "n_boot": 100,
+    },
+}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return base with nested keys of `over` replaced (params must keep every key DVC tracks)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    section = merged(yaml.safe_load((ROOT / "params.yaml").read_text())["preferences"], TINY)
+    repo = make_repo(tmp_path, tiny_dirs["llama"], overrides={"preferences": section})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"]["tiny"]["base_model"] = "tiny_base"
+    params["models"]["tiny_base"] = {
+        "source": "local",
+        "path": str(tiny_dirs["qwen2"]),
+        "chat": False,
+    }
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repro(repo, "preferences_report")
+
+    m = json.loads((repo / "metrics/preferences.json").read_text())
+    assert m["model"] == "tiny"
+    assert m["measure"]["train"]["n_tasks"] == 60 and m["measure"]["eval"]["n_tasks"] == 36
+    assert m["measure"]["train"]["n_edges"] >= 60
+    assert set(m["hoo"]) == {"instruct", "base", "content"}
+    assert m["hoo"]["content"]["label"] == "all-MiniLM-L6-v2"
+    assert m["hoo"]["instruct"]["held_r"]["n_folds"] == 12
+    assert -1 <= m["probes"]["heldout_r"]["value"] <= 1 and m["probes"]["shuffled_r"] is not None
+    assert m["ood"]["n_groups"] == 12 + 16  # category groups + two per competing prompt
+    for f in ("hoo.png", "ood.png", "probes_layers.png"):
+        assert (repo / "plots/preferences" / f).stat().st_size > 1000
+    train = (repo / "data/preferences/split/train_ids.txt").read_text().split()
+    evals = (repo / "data/preferences/split/eval_ids.txt").read_text().split()
+    assert not set(train) & set(evals)
+    utilities = (repo / "data/preferences/measure/train/utilities.csv").read_text().splitlines()
+    assert utilities[0] == "task_id,topic,mu,sigma,n_comparisons" and len(utilities) == 61
+    assert "held-out r" in (repo / "metrics/preferences_report.md").read_text()
