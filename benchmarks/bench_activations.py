@@ -24,7 +24,6 @@ from llmlab.activations import CaptureItem, capture_to_disk  # noqa: E402
 from llmlab.chat import collate, encode_chat  # noqa: E402
 from llmlab.layers import resolve_layers  # noqa: E402
 from llmlab.models import LoadedModel, decoder_layers, load_model  # noqa: E402
-from llmlab.params import parse_params  # noqa: E402
 
 LAYERS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 WORDS = "the of and to in a is that for it as was with be by on not he this are or".split()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EMBEDDED, make_params
 from peft import LoraConfig, get_peft_model
 
-from conftest import EMBEDDED, make_params
 from llmlab.adapters import AdapterError, write_adapter_metadata
 from llmlab.models import ModelLoadError, attach_adapter, decoder_layers, load_model
 from llmlab.params import parse_params
