@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmlab.chat import ChatBatch, EncodedChat, Message, collate, encode_chat, token_budget_batches
+from llmlab.chat import (
+    ChatBatch,
+    ChatError,
+    EncodedChat,
+    Message,
+    collate,
+    encode_chat,
+    token_budget_batches,
+)
 from llmlab.hooks import record_layers
 from llmlab.io import DataError, read_json, write_json
 from llmlab.models import LoadedModel
@@ -113,49 +121,113 @@ def capture_to_disk(
         "dtype": store_dtype,
         "n_items": len(items),
     }
-    if work.exists():
+    # Encode every item and check its position before touching the disk, so bad input fails
+    # without leaving a work directory behind.
+    encoded = encode_items(loaded, items)
+    for it, enc in zip(items, encoded, strict=True):
         try:
-            old = read_json(work / "meta.json")
-        except DataError:
-            old = {}
-        if old.get("run_key") != key:
+            enc.position(position)
+        except ChatError as e:
+            raise ChatError(f"capture: item {it.id!r}: {e}") from None
+    if work.exists():
+        old = _work_meta(work)
+        if old.get("run_key") != key or old.get("dtype") != store_dtype:
             shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "meta.json", meta)
-    shape = (len(items), loaded.hidden_size)
-    arrays = {}
+    # index.json is written only after every row is flushed: a run killed after that point
+    # has nothing left to compute, only the final rename.
+    if not (work / INDEX_FILE).is_file():
+        _fill_work_dir(
+            loaded, encoded, layers, work, meta, position, batch_size, max_tokens_per_batch,
+            store_dtype, save_every, progress,
+        )  # fmt: skip
+        write_json(work / INDEX_FILE, {**meta, "ids": ids})
+    for name in (PROGRESS_FILE, "meta.json"):
+        (work / name).unlink(missing_ok=True)
+    # An old output is moved aside first, so a kill leaves either it or the new one whole.
+    old_out = out.with_name(out.name + ".old.partial")
+    if out.exists():
+        shutil.rmtree(old_out, ignore_errors=True)
+        os.replace(out, old_out)
+    os.replace(work, out)
+    shutil.rmtree(old_out, ignore_errors=True)
+    return out
+
+
+def _work_meta(work: Path) -> dict[str, Any]:
+    """Return the run description of a work directory (meta.json, else index.json), or {}."""
+    for name in ("meta.json", INDEX_FILE):
+        try:
+            old = read_json(work / name)
+        except DataError:
+            continue
+        if isinstance(old, dict):
+            return old
+    return {}
+
+
+def _open_layer_files(
+    work: Path, layers: Sequence[int], shape: tuple[int, int], store_dtype: str
+) -> tuple[dict[int, np.memmap], bool]:
+    """Return {layer: writable memmap} and whether any existing file had to be rebuilt."""
+    arrays: dict[int, np.memmap] = {}
+    rebuilt = False
     for layer in layers:
         f = work / layer_file(layer)
-        mode = "r+" if f.exists() else "w+"
-        arrays[layer] = np.lib.format.open_memmap(f, mode=mode, dtype=store_dtype, shape=shape)
-    prog_file = work / PROGRESS_FILE
-    done = np.load(prog_file) if prog_file.exists() else np.zeros(len(items), dtype=bool)
+        arr = None
+        if f.exists():
+            try:
+                arr = np.lib.format.open_memmap(f, mode="r+")
+            except (ValueError, OSError):
+                arr = None  # torn while being created (a kill mid-header)
+            if arr is None or arr.shape != shape or arr.dtype != np.dtype(store_dtype):
+                arr, rebuilt = None, True
+        if arr is None:
+            arr = np.lib.format.open_memmap(f, mode="w+", dtype=store_dtype, shape=shape)
+        arrays[layer] = arr
+    return arrays, rebuilt
 
-    todo = [i for i in range(len(items)) if not done[i]]
-    encoded = {i: encode_chat(loaded.tokenizer, items[i].messages, chat=loaded.chat) for i in todo}
+
+def _fill_work_dir(
+    loaded: LoadedModel,
+    encoded: Sequence[EncodedChat],
+    layers: Sequence[int],
+    work: Path,
+    meta: dict[str, Any],
+    position: str,
+    batch_size: int,
+    max_tokens_per_batch: int | None,
+    store_dtype: str,
+    save_every: int,
+    progress: bool,
+) -> None:
+    """Compute every row not yet checkpointed in `work`, checkpointing as it goes."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "meta.json", meta)
+    n = len(encoded)
+    arrays, rebuilt = _open_layer_files(work, layers, (n, loaded.hidden_size), store_dtype)
+    prog_file = work / PROGRESS_FILE
+    if prog_file.exists() and not rebuilt:
+        done = np.load(prog_file, allow_pickle=False)
+    else:
+        # rows a rebuilt file lost cannot count as done
+        done = np.zeros(n, dtype=bool)
+
+    todo = [i for i in range(n) if not done[i]]
     lengths = [len(encoded[i].input_ids) for i in todo]
     batches = [[todo[j] for j in b] for b in token_budget_batches(lengths, batch_size, max_tokens_per_batch)]
     pad = loaded.tokenizer.pad_token_id
-    bar = tqdm(total=len(items), initial=int(done.sum()), disable=not progress, desc="capture")
-    for n, rows in enumerate(batches, start=1):
+    bar = tqdm(total=n, initial=int(done.sum()), disable=not progress, desc="capture")
+    for k, rows in enumerate(batches, start=1):
         batch = collate([encoded[i] for i in rows], pad, padding_side="right")
         acts = capture_batch(loaded, batch, layers, [position])
         for layer in layers:
             arrays[layer][rows] = acts[(layer, position)].float().cpu().numpy().astype(store_dtype)
         done[rows] = True
         bar.update(len(rows))
-        if n % save_every == 0 or n == len(batches):
+        if k % save_every == 0 or k == len(batches):
             _checkpoint(arrays, done, prog_file)
     bar.close()
     _checkpoint(arrays, done, prog_file)
-    del arrays
-    write_json(work / INDEX_FILE, {**meta, "ids": ids})
-    prog_file.unlink()
-    (work / "meta.json").unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
-    return out
 
 
 def _checkpoint(arrays: dict[int, np.memmap], done: np.ndarray, prog_file: Path) -> None:

@@ -150,7 +150,7 @@ class OodSection(StrictModel):
     )
     n_targets: int = Field(2, gt=0, description="Target tasks per manipulated topic or subject")
     n_comparisons: int = Field(
-        3, gt=0, description="Utility-matched comparison tasks per target group (plan: ~50)"
+        2, gt=0, description="Utility-matched comparison tasks per target group (plan: ~50)"
     )
     n_samples: int = Field(10, gt=0, description="Samples per pair-order on the sampling backend")
     n_boot: int = Field(1000, gt=0, description="Bootstrap replicates for intervals")
