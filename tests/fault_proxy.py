@@ -33,6 +33,7 @@ from llmlab.judge.cache import cache_key
 FAULT_KINDS = ("429", "500", "timeout", "malformed", "truncated")
 PAID_FAULTS = frozenset({"timeout", "malformed", "truncated"})
 ALWAYS_FAIL_MARKER = "[[proxy: always 500]]"
+CLIENT_GONE = "client gone"  # relayed intact, but the client had hung up
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -78,6 +79,7 @@ class Arrival:
     forwarded: bool  # reached the upstream (so would be paid)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    upstream_s: float = 0.0  # time the upstream took to answer
     when: float = field(default_factory=time.monotonic)
 
 
@@ -174,7 +176,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(status, json.dumps(err).encode(), {"Retry-After": "0"})
             state.record(Arrival(key, index, seq, fault, forwarded=False))
             return
+        t0 = time.monotonic()
         status, upstream_body = self._forward(raw)
+        upstream_s = time.monotonic() - t0
         usage = {}
         if status == 200:
             usage = json.loads(upstream_body).get("usage") or {}
@@ -186,9 +190,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             forwarded=True,
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
+            upstream_s=upstream_s,
         )
+        try:
+            self._reply(fault, status, upstream_body)
+        except (BrokenPipeError, ConnectionResetError):
+            # the client gave up first (its own timeout): paid for, never delivered
+            arrival.action = CLIENT_GONE if arrival.action == "ok" else arrival.action
+            self.close_connection = True
+        if status != 200 and arrival.action == "ok":
+            arrival.action = f"upstream {status}"
+        state.record(arrival)
+
+    def _reply(self, fault: str | None, status: int, upstream_body: bytes) -> None:
+        """Send the upstream's answer to the client, damaged as the fault says."""
         if fault == "timeout":
-            time.sleep(state.hold_s)
+            time.sleep(self.server.state.hold_s)
             self.close_connection = True
         elif fault == "malformed":
             self._send(200, upstream_body[: len(upstream_body) // 2] + b"<<garbage")
@@ -201,15 +218,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
         else:
-            if status != 200:
-                arrival.action = f"upstream {status}"
             self._send(status, upstream_body)
-        state.record(arrival)
 
 
 class _ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     state: ProxyState
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet about clients that hung up (timeouts do that); report anything else."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @contextmanager

@@ -30,7 +30,6 @@ if str(TESTS) not in sys.path:  # run as a worker script
 import judge_server  # noqa: E402
 from fault_proxy import (  # noqa: E402
     ALWAYS_FAIL_MARKER,
-    PAID_FAULTS,
     ProxyState,
     expected_outcome,
     fault_proxy,
@@ -51,6 +50,28 @@ from llmlab.judge.judge import TOP_LOGPROBS  # noqa: E402
 
 llama_server = judge_server.llama_server
 
+
+@pytest.fixture(scope="module")
+def warm_server(llama_server: str) -> str:
+    """Return the loopback server's URL after one direct request (its first one is slow)."""
+    import urllib.request
+
+    body = {
+        "model": JUDGE_MODEL,
+        "messages": [{"role": "user", "content": "Is red a colour? Answer Yes or No."}],
+        "max_tokens": 1,
+        "logprobs": True,
+        "top_logprobs": TOP_LOGPROBS,
+    }
+    req = urllib.request.Request(
+        f"{llama_server}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        assert resp.status == 200
+    return llama_server
+
 # ---------------------------------------------------------------- shared helpers
 
 CAPTURE = {"n_items": 72, "batch_size": 4, "save_every": 3, "delay_s": 0.03, "layers": [0, 1, 2]}
@@ -58,8 +79,8 @@ JUDGE_MODEL = "smollm2-135m"
 KEY_ENV = "LLMLAB_TEST_JUDGE_KEY"
 FAKE_KEY = "sk-test-fault-0123456789"
 MAX_RETRIES = 6
-TIMEOUT_S = 4.0  # the judge's per-request timeout
-HOLD_S = 4.5  # how long the proxy holds a "timeout" fault: past the client's timeout
+TIMEOUT_S = 3.0  # the judge's per-request timeout
+HOLD_S = 3.5  # how long the proxy holds a "timeout" fault: past the client's timeout
 
 
 def worker_env() -> dict[str, str]:
@@ -390,9 +411,8 @@ def check_no_double_payment(state: ProxyState, mark: int = 0) -> dict[str, int]:
         actions = [a.action for a in arrivals]
         if "ok" in actions:
             assert actions.index("ok") == len(actions) - 1, f"{key[:8]} asked again: {actions}"
-        paid_faults = sum(a.action in PAID_FAULTS for a in arrivals)
-        assert paid(arrivals) == paid_faults + actions.count("ok")
         for a in arrivals:
+            assert a.forwarded == (a.action not in ("429", "500")), a
             if a.action != "ok":
                 faults[a.action] = faults.get(a.action, 0) + 1
     return faults
@@ -416,7 +436,8 @@ def run_faulty_judge(llama_server: str, tmp: Path, n: int, seed: int) -> dict[st
             want = expected_outcome(state.plan, prompt_key(p), body, MAX_RETRIES)
             assert v.status in ("ok", "unscorable", "failed"), v
             got = "failed" if v.status == "failed" else "ok"
-            assert got == want, f"{p!r}: {v.status} ({v.raw}); the fault plan says {want}"
+            seen = [(a.action, round(a.upstream_s, 2)) for a in state.by_key().get(prompt_key(p), [])]
+            assert got == want, f"{p!r}: {v.status} ({v.raw}); plan says {want}; proxy saw {seen}"
         failed = {
             prompt_key(p) for p, v in zip(prompts, verdicts, strict=True) if v.status == "failed"
         }
@@ -443,25 +464,25 @@ def run_faulty_judge(llama_server: str, tmp: Path, n: int, seed: int) -> dict[st
     }
 
 
-def test_judge_absorbs_faults_short(llama_server, tmp_path, keyed) -> None:
-    stats = run_faulty_judge(llama_server, tmp_path, n=16, seed=0)
+def test_judge_absorbs_faults_short(warm_server, tmp_path, keyed) -> None:
+    stats = run_faulty_judge(warm_server, tmp_path, n=16, seed=0)
     print(f"\njudge faults (short): {stats}")
     assert stats["faults_total"] >= 5
 
 
 @pytest.mark.slow
-def test_judge_absorbs_faults_long(llama_server, tmp_path, keyed) -> None:
-    stats = run_faulty_judge(llama_server, tmp_path, n=120, seed=3)
+def test_judge_absorbs_faults_long(warm_server, tmp_path, keyed) -> None:
+    stats = run_faulty_judge(warm_server, tmp_path, n=120, seed=3)
     print(f"\njudge faults (long): {stats}")
     assert stats["faults_total"] >= 40
 
 
 @pytest.mark.parametrize("cap", ["requests", "cost"])
-def test_judge_budget_cap_holds_under_faults(llama_server, tmp_path, keyed, cap: str) -> None:
+def test_judge_budget_cap_holds_under_faults(warm_server, tmp_path, keyed, cap: str) -> None:
     prompts = judge_prompts(14)
     price = {"usd_per_1k_input_tokens": 1.0, "usd_per_1k_output_tokens": 1.0}
     limits = {"max_requests": 6} if cap == "requests" else {"max_cost_usd": 0.25, **price}
-    with fault_proxy(llama_server, rate=0.3, seed=5, hold_s=HOLD_S) as (url, state):
+    with fault_proxy(warm_server, rate=0.3, seed=5, hold_s=HOLD_S) as (url, state):
         judge = make_judge(judge_cfg(url, tmp_path / "cache", **limits))
         verdicts = judge.yes_no(prompts)
         arrivals = state.snapshot()
@@ -523,14 +544,14 @@ def crash_and_rerun_judge(llama_server: str, tmp: Path, n: int, seed: int, crash
     return {"crashes": crashes, "cached_before_each_rerun": reused[1:], "items": n}
 
 
-def test_judge_crash_rerun_reuses_cache(llama_server, tmp_path) -> None:
-    stats = crash_and_rerun_judge(llama_server, tmp_path, n=12, seed=7, crashes=1)
+def test_judge_crash_rerun_reuses_cache(warm_server, tmp_path) -> None:
+    stats = crash_and_rerun_judge(warm_server, tmp_path, n=12, seed=7, crashes=1)
     print(f"\njudge crash/re-run (short): {stats}")
 
 
 @pytest.mark.slow
-def test_judge_crash_rerun_reuses_cache_long(llama_server, tmp_path) -> None:
-    stats = crash_and_rerun_judge(llama_server, tmp_path, n=60, seed=8, crashes=5)
+def test_judge_crash_rerun_reuses_cache_long(warm_server, tmp_path) -> None:
+    stats = crash_and_rerun_judge(warm_server, tmp_path, n=60, seed=8, crashes=5)
     print(f"\njudge crash/re-run (long): {stats}")
 
 

@@ -177,13 +177,13 @@ def _default_lora() -> LoraTrainConfig:
         dropout=0.0,
         lr=2e-3,
         epochs=None,
-        max_steps=10,
+        max_steps=8,
         per_device_batch_size=8,
         effective_batch_size=8,
         max_length=96,
         warmup_steps=1,
         lr_scheduler="constant_with_warmup",
-        eval_every=3,
+        eval_every=4,
         log_every=1,
     )
 

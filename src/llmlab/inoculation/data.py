@@ -24,6 +24,7 @@ from llmlab.generation import generate
 from llmlab.inoculation.common import (
     COMPLETIONS,
     DATA_STATS,
+    DIRECTION_PROMPTS,
     EVAL_PROMPTS,
     EXAMPLES,
     caps_fraction,
@@ -197,6 +198,11 @@ def main() -> None:
     write_jsonl(EVAL_PROMPTS, eval_rows)
     stats = dataset_stats(examples, eval_rows, len(math_train), n_correct, n_dropped, lengths)
     stats["math_keep"] = dc.math_keep
+    direction_rows = read_jsonl(DIRECTION_PROMPTS, required=("id", "prompt"), id_field="id")
+    stats["direction_prompts"] = {
+        "n": len(direction_rows),
+        "by_domain": dict(Counter(str(r.get("domain", "any")) for r in direction_rows)),
+    }
     stats["tokens_ratio_caps_to_normal"] = float(
         np.sum(lengths["caps"]) / max(1, np.sum(lengths["normal"]))
     )

@@ -242,7 +242,7 @@ def write_plots(out: dict[str, Any], layers: list[int], model: str) -> None:
         PLOTS_DIR / "projection_shift_by_layer.png",
         layers,
         {c: [r["value"] for r in v["projection_shift_by_layer"]] for c, v in conds.items()},
-        title=f"Projection shift onto v_l after finetuning, neutral prompt ({model})",
+        title=f"Projection shift onto v_l, post - pre finetune ({model})",
         xlabel="layer",
         ylabel="mean shift post - pre (base-SD units)",
         hline=0.0,
@@ -262,7 +262,7 @@ def write_plots(out: dict[str, Any], layers: list[int], model: str) -> None:
         PLOTS_DIR / "caps_shift_by_condition.png",
         names,
         {"caps fraction shift": [_triple(conds[c]["caps_shift"]) for c in names]},
-        title=f"Caps-fraction shift on held-out prompts, neutral prompt ({model})",
+        title=f"Caps-fraction shift on held-out prompts ({model})",
         ylabel="post - pre caps fraction (95% CI)",
     )
     write_series(

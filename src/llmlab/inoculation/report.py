@@ -258,6 +258,10 @@ def main() -> None:
     print(line)
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _yes(flag: bool) -> str:
     return "PASS" if flag else "fail"
 
@@ -311,15 +315,19 @@ def render_report(
             else "undefined"
         )
         + ".",
-        f"- Phase-3 gate: split-half reliability of the neutral alignment profile "
-        f"{m['alignment']['gate']['neutral_split_half_reliability'].get('r')}, loss shift measurable: "
-        f"{m['alignment']['gate']['loss_shift_measurable']}.",
+        f"- Phase-3 gate: split-half reliability of the neutral alignment profile r = "
+        f"{_num(m['alignment']['gate']['neutral_split_half_reliability'].get('r'))}, loss shift "
+        f"measurable: {m['alignment']['gate']['loss_shift_measurable']}.",
         f"- Drift (neutral system prompt, {drift['n_prompts']} held-out prompts, base caps fraction "
-        f"{m['drift']['base_caps_mean']}): "
+        f"{_num(m['drift']['base_caps_mean'])}): "
         + "; ".join(
-            f"{cond} caps shift {fmt_est(v['caps_shift'])}, projection shift {fmt_est(v['projection_shift_std'], 3)} SD"
+            f"{cond} caps shift {fmt_est(v['caps_shift'], 3)}, projection shift "
+            f"{fmt_est(v['projection_shift_std'], 3)} SD"
             for cond, v in m["drift"]["by_condition"].items()
         )
+        + f"; inoculation - neutral caps drift {fmt_est(m['drift']['inoculation_minus_neutral_caps'], 3)}.",
+        "- Runs (mean training alignment -> caps shift): "
+        + "; ".join(f"{p['name']} {p['align']:+.4f} -> {_num(p['drift'])}" for p in m["runs"])
         + ".",
         "",
         "## Loss-matched control selection",

@@ -20,6 +20,10 @@ class JudgeRequestFailed(JudgeError):
     """One request failed for good (retries used up, or an error that retrying cannot fix)."""
 
 
+class RetryRefused(JudgeRequestFailed):
+    """A failed request was not retried because the budget could not pay for another attempt."""
+
+
 @dataclass(frozen=True)
 class JudgeReply:
     """What a backend returned for one request."""

@@ -9,7 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .base import JudgeBackend, JudgeError, JudgeReply, Messages, Prompt, to_messages
+from .base import (
+    JudgeBackend,
+    JudgeError,
+    JudgeReply,
+    Messages,
+    Prompt,
+    RetryRefused,
+    to_messages,
+)
 from .budget import Budget, estimate_input_tokens
 from .cache import ResponseCache, cache_key
 from .config import JudgeConfig
@@ -80,6 +88,9 @@ class Judge:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self._lock = threading.Lock()
+        if hasattr(backend, "retry_gate"):
+            # retries that may be billed are paid from the same budget as first attempts
+            backend.retry_gate = self._reserve_retry
         self._counts = {
             "items": 0,
             "cache_hits": 0,
@@ -92,6 +103,11 @@ class Judge:
         """Add `n` to a summary counter."""
         with self._lock:
             self._counts[name] += n
+
+    def _reserve_retry(self, messages: Messages, max_tokens: int) -> bool:
+        """Return whether the budget pays for one more attempt at a request."""
+        est = estimate_input_tokens(messages)
+        return self.budget.reserve(est, max_tokens, retry=True) is not None
 
     def _fetch(self, messages: Messages, max_tokens: int, top_logprobs: int | None) -> _Outcome:
         """Return one reply from the cache or the backend; never raises."""
@@ -121,6 +137,8 @@ class Judge:
         except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
             self.budget.settle_failed(res)
             msg = " ".join(str(exc).split()) or type(exc).__name__
+            if isinstance(exc, RetryRefused):
+                return _Outcome(None, "budget_exhausted", msg)
             log.warning("judge: item failed: %s", msg)
             return _Outcome(None, "failed", msg)
         self.budget.settle(res, reply.input_tokens, reply.output_tokens)
@@ -194,6 +212,7 @@ class Judge:
             "model": self.backend.model_name,
             **counts,
             "requests": b.requests,
+            "paid_retries": b.paid_retries,
             "retries": self.backend.retries,
             "input_tokens": b.input_tokens,
             "output_tokens": b.output_tokens,

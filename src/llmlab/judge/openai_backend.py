@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .base import JudgeError, JudgeReply, JudgeRequestFailed, Messages, merge_logprob
+from .base import JudgeError, JudgeReply, JudgeRequestFailed, Messages, RetryRefused, merge_logprob
 from .config import JudgeConfig
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,26 @@ def _retryable(exc: BaseException) -> bool:
     """Return whether retrying could fix this error (rate limits, 5xx, network, bad body)."""
     import openai
 
-    if isinstance(exc, (openai.APIConnectionError, MalformedReply)):  # timeouts included
+    # timeouts are connection errors; a body cut short or garbled is a JSON error
+    if isinstance(exc, (openai.APIConnectionError, MalformedReply, json.JSONDecodeError)):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     return False
+
+
+def may_be_billed(exc: BaseException) -> bool:
+    """Return whether a failed attempt may still cost money (the server may have run it).
+
+    Only a rate-limit refusal (429) and a connection that never opened are surely free.
+    """
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code != 429
+    # the HTTP library's ConnectError: the connection was refused, nothing was sent
+    never_sent = type(exc.__cause__).__name__ == "ConnectError"
+    return not (isinstance(exc, openai.APIConnectionError) and never_sent)
 
 
 def _retry_after_s(exc: BaseException) -> float | None:
@@ -111,6 +128,9 @@ class OpenAIBackend:
         self._client = client
         self._lock = threading.Lock()
         self._retries = 0
+        # Asked before each retry of an attempt that may have been billed; False stops the
+        # retries (the Judge sets it to charge its budget).
+        self.retry_gate: Callable[[Messages, int], bool] | None = None
 
     @property
     def retries(self) -> int:
@@ -150,6 +170,11 @@ class OpenAIBackend:
                 if attempt >= self.max_retries:
                     raise JudgeRequestFailed(
                         f"judge request failed after {attempt} retries: {_one_line(exc)}"
+                    ) from None
+                gate = self.retry_gate
+                if gate is not None and may_be_billed(exc) and not gate(messages, max_tokens):
+                    raise RetryRefused(
+                        f"judge budget exhausted before retry {attempt + 1}: {_one_line(exc)}"
                     ) from None
                 delay = self._delay_s(attempt, exc)
                 log.info("judge: retry %d in %.2fs after %s", attempt + 1, delay, _one_line(exc))
