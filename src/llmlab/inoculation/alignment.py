@@ -101,6 +101,7 @@ def summarise(
     """Return per-condition estimates, inoculation-minus-neutral deltas and the phase-3 gate."""
     align = -arrays["cos"]  # trait-ward alignment cos(-g, v), [C, N, L, P]
     canon = positions.index(CANONICAL_POSITION)
+    neu, ino = names.index("neutral"), names.index("inoculation")
     out_conditions = []
     for c, name in enumerate(names):
         a = align[c, :, :, canon]
@@ -110,6 +111,9 @@ def summarise(
                 "role": roles[c],
                 "text": texts[c],
                 "loss": estimate(arrays["loss"][c], ids, seed).to_dict(),
+                "loss_minus_neutral": paired_diff(
+                    arrays["loss"][c], arrays["loss"][neu], ids, seed
+                ).to_dict(),
                 "align_layer_mean": estimate(a.mean(axis=1), ids, seed).to_dict(),
                 "grad_norm_layer_mean": estimate(
                     arrays["grad_norm"][c, :, :, canon].mean(axis=1), ids, seed
@@ -120,7 +124,6 @@ def summarise(
                 ],
             }
         )
-    neu, ino = names.index("neutral"), names.index("inoculation")
     deltas = {
         "loss": paired_diff(arrays["loss"][ino], arrays["loss"][neu], ids, seed).to_dict(),
         "align_layer_mean_by_position": {
@@ -258,12 +261,24 @@ def write_plots(summary: dict[str, Any], layers: list[int], model: str) -> None:
             row[c["name"]] = c["align_by_layer"][li]["value"]
         rows.append(row)
     write_series(PLOTS_DIR / "alignment_by_layer.json", rows)
+    # Between-example spread dwarfs the prompt effect, so the bars show paired differences.
+    others = [c for c in conds if c["name"] != "neutral"]
+    neutral = next(c for c in conds if c["name"] == "neutral")
     bar_with_ci(
         PLOTS_DIR / "loss_by_condition.png",
-        [c["name"] for c in conds],
-        {"mean loss": [(c["loss"]["value"], c["loss"]["lo"], c["loss"]["hi"]) for c in conds]},
-        title=f"Loss on the ALL-CAPS calibration batch ({model})",
-        ylabel="mean per-token loss (95% CI)",
+        [c["name"] for c in others],
+        {
+            "loss - neutral": [
+                (
+                    c["loss_minus_neutral"]["value"],
+                    c["loss_minus_neutral"]["lo"],
+                    c["loss_minus_neutral"]["hi"],
+                )
+                for c in others
+            ]
+        },
+        title=f"CAPS-target loss vs neutral ({neutral['loss']['value']:.3f}), {model}",
+        ylabel="mean loss - neutral loss (paired 95% CI)",
     )
     write_series(
         PLOTS_DIR / "loss_by_condition.json",
@@ -273,6 +288,7 @@ def write_plots(summary: dict[str, Any], layers: list[int], model: str) -> None:
                 "loss": c["loss"]["value"],
                 "lo": c["loss"]["lo"],
                 "hi": c["loss"]["hi"],
+                "minus_neutral": c["loss_minus_neutral"]["value"],
             }
             for c in conds
         ],

@@ -54,10 +54,10 @@ class VectorsConfig(StrictModel):
 class DataConfig(StrictModel):
     """Training and evaluation sets; every variant gets the same number of examples."""
 
-    n_train: int = Field(128, gt=1, description="Training examples per variant (half steered)")
+    n_train: int = Field(96, gt=1, description="Training examples per variant (half steered)")
     n_val: int = Field(32, gt=1, description="Validation examples per variant (half steered)")
     strengths: list[float] = Field(
-        [0.5, 1.0, 2.0],
+        [2.0, 4.0, 8.0],
         min_length=1,
         description="Steering magnitudes in units of the median residual-token norm at the "
         "injection layer; every value must be > 0",
@@ -123,14 +123,14 @@ class TrainConfig(StrictModel):
     lora: LoraTrainConfig = Field(
         default_factory=lambda: LoraTrainConfig(
             lr=1e-3,
-            epochs=1.0,
-            per_device_batch_size=8,
-            effective_batch_size=8,
-            warmup_steps=2,
+            epochs=2.0,
+            per_device_batch_size=4,
+            effective_batch_size=4,
+            warmup_steps=4,
             max_grad_norm=1.0,
             seed=42,
-            eval_every=8,
-            log_every=2,
+            eval_every=16,
+            log_every=4,
             max_length=256,
         ),
         description="LoRA optimiser settings shared by the variants (rank/alpha: per variant)",
@@ -148,7 +148,7 @@ class TrainConfig(StrictModel):
 class B1Config(StrictModel):
     """B1 detection on in-distribution, held-out and concept vectors."""
 
-    n_per_set: int = Field(64, gt=3, description="Trials per vector set (half steered)")
+    n_per_set: int = Field(40, gt=3, description="Trials per vector set (half steered)")
     skip: list[str] = Field(
         ["food_control", "flipped_labels"], description="Variants not evaluated on B1 (plan)"
     )
@@ -166,7 +166,7 @@ class B3Config(StrictModel):
 class B4Config(StrictModel):
     """B4 Binder-style self-prediction."""
 
-    n_per_dataset: int = Field(16, gt=3, description="Items per data set (each feeds every task)")
+    n_per_dataset: int = Field(10, gt=3, description="Items per data set (each feeds every task)")
     object_max_new_tokens: int = Field(24, gt=0, description="Object-level answer length limit")
     hypothetical_max_new_tokens: int = Field(8, gt=0, description="Hypothetical answer limit")
 
@@ -189,7 +189,7 @@ class B6Config(StrictModel):
     """B6 concept identification (steer with a concept, ask what the model notices)."""
 
     n_concepts: int = Field(20, ge=20, description="Concepts injected")
-    strength: float = Field(2.0, gt=0, description="Magnitude in residual-norm units")
+    strength: float = Field(8.0, gt=0, description="Magnitude in residual-norm units")
     third: Literal["early", "middle", "late"] = Field("middle", description="Injection third")
     max_new_tokens: int = Field(40, gt=0, description="Answer length limit")
     models: list[str] = Field(
@@ -202,9 +202,9 @@ class B6Config(StrictModel):
 class B7Config(StrictModel):
     """B7 zero-shot localization: layer third, strength bin, steered sentence."""
 
-    n_trials: int = Field(36, gt=2, description="Trials per localization question")
+    n_trials: int = Field(30, gt=2, description="Trials per localization question")
     strengths: list[float] = Field(
-        [0.5, 1.0, 2.0],
+        [2.0, 4.0, 8.0],
         min_length=3,
         max_length=3,
         description="Magnitudes of the slight/moderate/strong bins (residual-norm units)",
@@ -236,7 +236,7 @@ class PhaseCConfig(StrictModel):
     enabled: Literal["never", "auto", "always"] = Field(
         "never", description="never; always; auto: train only when zero-shot B7 showed a signal"
     )
-    n_train: int = Field(192, gt=2, description="Training examples (a third per question)")
+    n_train: int = Field(96, gt=2, description="Training examples (a third per question)")
     rank: int = Field(16, gt=0, description="LoRA rank r")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha")
 
