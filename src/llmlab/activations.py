@@ -261,9 +261,20 @@ class Activations:
 def read_index(act_dir: str | Path) -> dict[str, Any]:
     """Return the index of an activation directory; errors name the directory."""
     d = Path(act_dir)
-    if not (d / INDEX_FILE).is_file():
+    f = d / INDEX_FILE
+    if not f.is_file():
         raise DataError(f"{d}: not an activation directory ({INDEX_FILE} missing)")
-    return read_json(d / INDEX_FILE)
+    index = read_json(f)
+    if not isinstance(index, dict):
+        raise DataError(f"{f}: expected a JSON object, got {type(index).__name__}")
+    for key, kind in (("ids", list), ("layers", list), ("hidden_size", int)):
+        if not isinstance(index.get(key), kind):
+            raise DataError(f"{f}: field {key!r} missing or not a {kind.__name__}")
+    ids = index["ids"]
+    if len(set(map(str, ids))) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{f}: duplicate id {dup!r} in 'ids'")
+    return index
 
 
 def load_activations(act_dir: str | Path, layer: int, mmap: bool = True) -> Activations:
@@ -273,7 +284,13 @@ def load_activations(act_dir: str | Path, layer: int, mmap: bool = True) -> Acti
     f = d / layer_file(layer)
     if layer not in index["layers"] or not f.is_file():
         raise DataError(f"{d}: layer {layer} not captured (have {index['layers']})")
-    values = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+    try:
+        values = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        # not an .npy file, truncated, or an object array (which would need pickle)
+        raise DataError(f"{f}: not a readable numeric .npy file ({' '.join(str(e).split())})") from None
+    if values.dtype.kind not in "fiu":
+        raise DataError(f"{f}: dtype {values.dtype} is not numeric")
     if values.shape != (len(index["ids"]), index["hidden_size"]):
         raise DataError(
             f"{f}: shape {values.shape} does not match index "

@@ -360,29 +360,32 @@ def load_instructions(path: Path = DEFAULT_INSTRUCTIONS_PATH) -> list[PoolPrompt
         raise DataError(f"{path}: file not found")
     out: list[PoolPrompt] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for field in ("id", "prompt", "category"):
-                value = row.get(field)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"{where}: field {field!r} must be a non-empty string")
-            if row["category"] not in INSTRUCTION_CATEGORIES:
-                raise DataError(f"{where}: unknown category {row['category']!r}")
-            if row["id"] in seen:
-                raise DataError(
-                    f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})"
-                )
-            seen[row["id"]] = lineno
-            out.append(PoolPrompt(row["id"], row["prompt"], "instruction", None))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for field in ("id", "prompt", "category"):
+            value = row.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: field {field!r} must be a non-empty string")
+        if row["category"] not in INSTRUCTION_CATEGORIES:
+            raise DataError(f"{where}: unknown category {row['category']!r}")
+        if row["id"] in seen:
+            raise DataError(
+                f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})"
+            )
+        seen[row["id"]] = lineno
+        out.append(PoolPrompt(row["id"], row["prompt"], "instruction", None))
     if not out:
         raise DataError(f"{path}: file is empty")
     return out

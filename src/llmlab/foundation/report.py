@@ -39,7 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     cfg = params.section("foundation")
-    kinds = {r["id"]: r["kind"] for r in read_jsonl(args.prompts, required=("id", "kind"))}
+    rows = read_jsonl(args.prompts, required=("id", "kind"), id_field="id")
+    kinds = {r["id"]: r["kind"] for r in rows}
     index = read_index(args.acts)
     if set(index["ids"]) != set(kinds):
         raise DataError(f"{args.acts}: activation ids do not match {args.prompts}")
@@ -48,6 +49,9 @@ def main() -> None:
     for layer in index["layers"]:
         acts = load_activations(args.acts, layer)
         x = np.asarray(acts.values, dtype=np.float64)
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x).all(axis=1)).sum())
+            raise DataError(f"{args.acts}/layer_{layer:03d}.npy: {bad} row(s) hold non-finite values")
         y = np.array([kinds[i] == "math" for i in acts.ids])
         rows.append(
             {

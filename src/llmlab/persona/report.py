@@ -15,7 +15,7 @@ from llmlab.params import load_params
 from llmlab.persona.bars import evaluate_bar, stop_early
 from llmlab.persona.figures import MODELS, condition_bars, curves
 from llmlab.persona.grid import HELDOUT, IDENTITY
-from llmlab.persona.metrics import ALL, Boot, cell_metrics
+from llmlab.persona.metrics import ALL, Boot, cell_metrics, simple_rate
 from llmlab.persona.report_md import judge_note, render_report
 from llmlab.stage import run_stage
 
@@ -112,6 +112,7 @@ def main() -> None:
         "judge": {
             "backend": judge_summary["judge"]["backend"],
             "unscorable": judge_summary["judge"]["unscorable"],
+            "persona_yes_rate": simple_rate(rows, "judge_persona"),
             "items": judge_summary["judge"]["items"],
         },
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "

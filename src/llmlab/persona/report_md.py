@@ -127,6 +127,12 @@ def render_report(
         f"- Judge verdicts that could not be read: {metrics['judge']['unscorable']} of "
         f"{metrics['judge']['items']} items (kept out of the rates, never counted as NO)."
     )
+    yes = metrics["judge"].get("persona_yes_rate")
+    if yes in (0.0, 1.0):
+        lines.append(
+            f"- The judge answered {'YES' if yes else 'NO'} to every scorable persona item, base "
+            "and finetuned alike: its persona rates carry no signal in this run."
+        )
     for group in gen_meta.get("identical_conditions") or []:
         lines.append(
             f"- Conditions {', '.join(group)} render to the same prompt for this model (its chat "
