@@ -115,9 +115,12 @@ def kill_when(
     time.sleep(extra_s)
     if proc.poll() is not None:
         return False
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return True
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: `dvc repro` and its stage too
+    except ProcessLookupError:
+        pass
+    # it may have exited on its own in the instant before the signal
+    return proc.wait() == -signal.SIGKILL
 
 
 def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
