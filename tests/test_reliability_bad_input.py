@@ -336,77 +336,367 @@ PARAMS = "params.yaml"
 
 STAGE_CASES = [
     # ---- params.yaml
-    StageCase("params-unknown-section", "capture", setter("foundatoin", {"n_prompts": 4}), (PARAMS, "foundatoin", "unknown key")),
-    StageCase("params-unknown-key", "capture", setter("foundation.n_prompt", 10), (PARAMS, "foundation.n_prompt", "unknown key")),
-    StageCase("params-unknown-runtime-key", "capture", setter("runtime.trust_remote", True), ("runtime.trust_remote", "unknown key")),
-    StageCase("params-wrong-type", "capture", setter("foundation.n_prompts", "many"), ("foundation.n_prompts", "'many'")),
-    StageCase("params-zero-batch", "capture", setter("foundation.batch_size", 0), ("foundation.batch_size", "0")),
-    StageCase("params-negative-batch", "capture", setter("foundation.batch_size", -4), ("foundation.batch_size", "-4")),
-    StageCase("params-too-few-prompts", "capture", setter("foundation.n_prompts", 1), ("foundation.n_prompts", "1")),
-    StageCase("params-layer-out-of-range", "capture", setter("foundation.layers", [0, 7]), ("foundation.layers", "7", "3 layers")),
-    StageCase("params-negative-layer-out-of-range", "capture", setter("foundation.layers", [-9]), ("foundation.layers", "-9")),
-    StageCase("params-fraction-above-one", "capture", setter("foundation.layers", [1.5]), ("foundation.layers", "1.5")),
-    StageCase("params-layers-not-a-list", "capture", setter("foundation.layers", "middle"), ("foundation.layers", "middle")),
-    StageCase("params-empty-layer-list", "capture", setter("foundation.layers", []), ("foundation.layers", "empty")),
-    StageCase("params-unknown-position", "capture", setter("foundation.position", "nowhere"), ("position", "nowhere")),
-    StageCase("params-section-seed-type", "capture", setter("foundation.seed", "abc"), ("foundation.seed", "'abc'")),
+    StageCase(
+        "params-unknown-section",
+        "capture",
+        setter("foundatoin", {"n_prompts": 4}),
+        (PARAMS, "foundatoin", "unknown key"),
+    ),
+    StageCase(
+        "params-unknown-key",
+        "capture",
+        setter("foundation.n_prompt", 10),
+        (PARAMS, "foundation.n_prompt", "unknown key"),
+    ),
+    StageCase(
+        "params-unknown-runtime-key",
+        "capture",
+        setter("runtime.trust_remote", True),
+        ("runtime.trust_remote", "unknown key"),
+    ),
+    StageCase(
+        "params-wrong-type",
+        "capture",
+        setter("foundation.n_prompts", "many"),
+        ("foundation.n_prompts", "'many'"),
+    ),
+    StageCase(
+        "params-zero-batch",
+        "capture",
+        setter("foundation.batch_size", 0),
+        ("foundation.batch_size", "0"),
+    ),
+    StageCase(
+        "params-negative-batch",
+        "capture",
+        setter("foundation.batch_size", -4),
+        ("foundation.batch_size", "-4"),
+    ),
+    StageCase(
+        "params-too-few-prompts",
+        "capture",
+        setter("foundation.n_prompts", 1),
+        ("foundation.n_prompts", "1"),
+    ),
+    StageCase(
+        "params-layer-out-of-range",
+        "capture",
+        setter("foundation.layers", [0, 7]),
+        ("foundation.layers", "7", "3 layers"),
+    ),
+    StageCase(
+        "params-negative-layer-out-of-range",
+        "capture",
+        setter("foundation.layers", [-9]),
+        ("foundation.layers", "-9"),
+    ),
+    StageCase(
+        "params-fraction-above-one",
+        "capture",
+        setter("foundation.layers", [1.5]),
+        ("foundation.layers", "1.5"),
+    ),
+    StageCase(
+        "params-layers-not-a-list",
+        "capture",
+        setter("foundation.layers", "middle"),
+        ("foundation.layers", "middle"),
+    ),
+    StageCase(
+        "params-empty-layer-list",
+        "capture",
+        setter("foundation.layers", []),
+        ("foundation.layers", "empty"),
+    ),
+    StageCase(
+        "params-unknown-position",
+        "capture",
+        setter("foundation.position", "nowhere"),
+        ("position", "nowhere"),
+    ),
+    StageCase(
+        "params-section-seed-type",
+        "capture",
+        setter("foundation.seed", "abc"),
+        ("foundation.seed", "'abc'"),
+    ),
     StageCase("params-top-seed-type", "capture", setter("seed", 1.5), ("seed", "1.5")),
     StageCase("params-unknown-model", "capture", setter("model", "gpt-17"), ("model", "gpt-17")),
     StageCase("params-empty-registry", "capture", setter("models", {}), ("models", "empty")),
-    StageCase("params-model-path-missing", "capture", setter("models.tiny.path", "/nonexistent/tiny"), ("models.tiny.path", "/nonexistent/tiny")),
-    StageCase("params-model-dir-without-config", "capture", _no_config, ("models.tiny.path", "config.json")),
-    StageCase("params-model-source", "capture", setter("models.tiny.source", "s3"), ("models.tiny.source", "'s3'")),
-    StageCase("params-model-local-without-path", "capture", dropper("models.tiny.path"), ("models.tiny", "path")),
-    StageCase("params-model-zero-layers", "capture", setter("models.tiny.n_layers", 0), ("models.tiny.n_layers", "0")),
-    StageCase("params-registry-width-wrong", "capture", setter("models.tiny.hidden_size", 999), ("models.tiny.hidden_size", "999", "64")),
-    StageCase("params-unknown-base-model", "capture", setter("models.tiny.base_model", "nope"), ("models.tiny.base_model", "nope")),
-    StageCase("params-hub-repo-id", "capture", setter("models.tiny", {"source": "hub", "repo_id": "not a repo"}), ("models.tiny", "not a repo")),
-    StageCase("params-device", "capture", setter("runtime.device", "tpu"), ("runtime.device", "tpu")),
-    StageCase("params-cuda-without-gpu", "capture", setter("runtime.device", "cuda"), ("runtime.device", "cuda")),
-    StageCase("params-dtype", "capture", setter("runtime.dtype", "float8"), ("runtime.dtype", "float8")),
-    StageCase("params-zero-threads", "capture", setter("runtime.num_threads", 0), ("runtime.num_threads", "0")),
-    StageCase("params-negative-temperature", "capture", setter("judge.temperature", -0.5), ("judge.temperature", "-0.5")),
-    StageCase("params-negative-backoff", "capture", setter("judge.backoff_base_s", -1), ("judge.backoff_base_s", "-1")),
-    StageCase("params-negative-retries", "capture", setter("judge.max_retries", -1), ("judge.max_retries", "-1")),
-    StageCase("params-negative-budget", "capture", setter("judge.max_cost_usd", -5.0), ("judge.max_cost_usd", "-5.0")),
-    StageCase("params-judge-backend", "capture", setter("judge.backend", "anthropic"), ("judge.backend", "anthropic")),
-    StageCase("params-cost-cap-without-prices", "capture", setter("judge.max_cost_usd", 1.0), ("judge", "usd_per_1k")),
-    StageCase("params-file-missing", "capture", args(params="nope.yaml"), ("nope.yaml", "not found")),
-    StageCase("params-yaml-syntax", "capture", write(PARAMS, "model: tiny\nmodels: {tiny: [\n"), (PARAMS, "invalid YAML")),
-    StageCase("params-not-a-mapping", "capture", write(PARAMS, "- model\n- tiny\n"), (PARAMS, "mapping")),
+    StageCase(
+        "params-model-path-missing",
+        "capture",
+        setter("models.tiny.path", "/nonexistent/tiny"),
+        ("models.tiny.path", "/nonexistent/tiny"),
+    ),
+    StageCase(
+        "params-model-dir-without-config",
+        "capture",
+        _no_config,
+        ("models.tiny.path", "config.json"),
+    ),
+    StageCase(
+        "params-model-source",
+        "capture",
+        setter("models.tiny.source", "s3"),
+        ("models.tiny.source", "'s3'"),
+    ),
+    StageCase(
+        "params-model-local-without-path",
+        "capture",
+        dropper("models.tiny.path"),
+        ("models.tiny", "path"),
+    ),
+    StageCase(
+        "params-model-zero-layers",
+        "capture",
+        setter("models.tiny.n_layers", 0),
+        ("models.tiny.n_layers", "0"),
+    ),
+    StageCase(
+        "params-registry-width-wrong",
+        "capture",
+        setter("models.tiny.hidden_size", 999),
+        ("models.tiny.hidden_size", "999", "64"),
+    ),
+    StageCase(
+        "params-unknown-base-model",
+        "capture",
+        setter("models.tiny.base_model", "nope"),
+        ("models.tiny.base_model", "nope"),
+    ),
+    StageCase(
+        "params-hub-repo-id",
+        "capture",
+        setter("models.tiny", {"source": "hub", "repo_id": "not a repo"}),
+        ("models.tiny", "not a repo"),
+    ),
+    StageCase(
+        "params-device", "capture", setter("runtime.device", "tpu"), ("runtime.device", "tpu")
+    ),
+    StageCase(
+        "params-cuda-without-gpu",
+        "capture",
+        setter("runtime.device", "cuda"),
+        ("runtime.device", "cuda"),
+    ),
+    StageCase(
+        "params-dtype", "capture", setter("runtime.dtype", "float8"), ("runtime.dtype", "float8")
+    ),
+    StageCase(
+        "params-zero-threads",
+        "capture",
+        setter("runtime.num_threads", 0),
+        ("runtime.num_threads", "0"),
+    ),
+    StageCase(
+        "params-negative-temperature",
+        "capture",
+        setter("judge.temperature", -0.5),
+        ("judge.temperature", "-0.5"),
+    ),
+    StageCase(
+        "params-negative-backoff",
+        "capture",
+        setter("judge.backoff_base_s", -1),
+        ("judge.backoff_base_s", "-1"),
+    ),
+    StageCase(
+        "params-negative-retries",
+        "capture",
+        setter("judge.max_retries", -1),
+        ("judge.max_retries", "-1"),
+    ),
+    StageCase(
+        "params-negative-budget",
+        "capture",
+        setter("judge.max_cost_usd", -5.0),
+        ("judge.max_cost_usd", "-5.0"),
+    ),
+    StageCase(
+        "params-judge-backend",
+        "capture",
+        setter("judge.backend", "anthropic"),
+        ("judge.backend", "anthropic"),
+    ),
+    StageCase(
+        "params-cost-cap-without-prices",
+        "capture",
+        setter("judge.max_cost_usd", 1.0),
+        ("judge", "usd_per_1k"),
+    ),
+    StageCase(
+        "params-file-missing", "capture", args(params="nope.yaml"), ("nope.yaml", "not found")
+    ),
+    StageCase(
+        "params-yaml-syntax",
+        "capture",
+        write(PARAMS, "model: tiny\nmodels: {tiny: [\n"),
+        (PARAMS, "invalid YAML"),
+    ),
+    StageCase(
+        "params-not-a-mapping", "capture", write(PARAMS, "- model\n- tiny\n"), (PARAMS, "mapping")
+    ),
     StageCase("params-empty-file", "capture", write(PARAMS, ""), (PARAMS, "mapping")),
-    StageCase("params-latin1", "capture", write(PARAMS, b"model: " + LATIN1 + b"\n"), (PARAMS, "UTF-8")),
-    StageCase("gpu-setting-not-a-number", "capture", NOOP, ("LLMLAB_GPUS_PER_STAGE", "'two'"), env={"LLMLAB_GPUS_PER_STAGE": "two"}),
+    StageCase(
+        "params-latin1", "capture", write(PARAMS, b"model: " + LATIN1 + b"\n"), (PARAMS, "UTF-8")
+    ),
+    StageCase(
+        "gpu-setting-not-a-number",
+        "capture",
+        NOOP,
+        ("LLMLAB_GPUS_PER_STAGE", "'two'"),
+        env={"LLMLAB_GPUS_PER_STAGE": "two"},
+    ),
     # ---- the shipped instructions file the capture stage samples from
-    StageCase("instructions-json-syntax", "capture", NOOP, ("instructions.jsonl:2", "invalid JSON"), instructions=instructions_with(lambda x: [x[0], x[1][:-5], *x[2:]])),
-    StageCase("instructions-missing-field", "capture", NOOP, ("instructions.jsonl:2", "'prompt'"), instructions=instructions_with(_no_prompt)),
-    StageCase("instructions-duplicate-id", "capture", NOOP, ("instructions.jsonl:2", "duplicate id"), instructions=instructions_with(_dup_first)),
-    StageCase("instructions-unknown-category", "capture", NOOP, ("instructions.jsonl:1", "astrology"), instructions=instructions_with(_bad_category)),
-    StageCase("instructions-empty", "capture", NOOP, ("instructions.jsonl", "empty"), instructions=b""),
-    StageCase("instructions-latin1", "capture", NOOP, ("instructions.jsonl", "UTF-8"), instructions=b'{"id": "x", "prompt": "' + LATIN1 + b'", "category": "writing"}\n'),
+    StageCase(
+        "instructions-json-syntax",
+        "capture",
+        NOOP,
+        ("instructions.jsonl:2", "invalid JSON"),
+        instructions=instructions_with(lambda x: [x[0], x[1][:-5], *x[2:]]),
+    ),
+    StageCase(
+        "instructions-missing-field",
+        "capture",
+        NOOP,
+        ("instructions.jsonl:2", "'prompt'"),
+        instructions=instructions_with(_no_prompt),
+    ),
+    StageCase(
+        "instructions-duplicate-id",
+        "capture",
+        NOOP,
+        ("instructions.jsonl:2", "duplicate id"),
+        instructions=instructions_with(_dup_first),
+    ),
+    StageCase(
+        "instructions-unknown-category",
+        "capture",
+        NOOP,
+        ("instructions.jsonl:1", "astrology"),
+        instructions=instructions_with(_bad_category),
+    ),
+    StageCase(
+        "instructions-empty", "capture", NOOP, ("instructions.jsonl", "empty"), instructions=b""
+    ),
+    StageCase(
+        "instructions-latin1",
+        "capture",
+        NOOP,
+        ("instructions.jsonl", "UTF-8"),
+        instructions=b'{"id": "x", "prompt": "' + LATIN1 + b'", "category": "writing"}\n',
+    ),
     # ---- the report's prompt file
-    StageCase("prompts-json-syntax", "report", write("prompts.jsonl", '{"id": "a", "kind": "math"}\n{"id": "b", "kind": \n'), ("prompts.jsonl:2", "invalid JSON")),
-    StageCase("prompts-missing-field", "report", edit_jsonl("prompts.jsonl", lambda r: [*r[:3], {"id": r[3]["id"]}, *r[4:]]), ("prompts.jsonl:4", "'kind'")),
-    StageCase("prompts-duplicate-id", "report", edit_jsonl("prompts.jsonl", lambda r: [*r, r[0]]), ("prompts.jsonl", "duplicate id", r"first on line 1")),
-    StageCase("prompts-not-an-object", "report", edit_jsonl("prompts.jsonl", lambda r: [*r[:2], ["id", "kind"], *r[2:]]), ("prompts.jsonl:3", "object")),
+    StageCase(
+        "prompts-json-syntax",
+        "report",
+        write("prompts.jsonl", '{"id": "a", "kind": "math"}\n{"id": "b", "kind": \n'),
+        ("prompts.jsonl:2", "invalid JSON"),
+    ),
+    StageCase(
+        "prompts-missing-field",
+        "report",
+        edit_jsonl("prompts.jsonl", lambda r: [*r[:3], {"id": r[3]["id"]}, *r[4:]]),
+        ("prompts.jsonl:4", "'kind'"),
+    ),
+    StageCase(
+        "prompts-duplicate-id",
+        "report",
+        edit_jsonl("prompts.jsonl", lambda r: [*r, r[0]]),
+        ("prompts.jsonl", "duplicate id", r"first on line 1"),
+    ),
+    StageCase(
+        "prompts-not-an-object",
+        "report",
+        edit_jsonl("prompts.jsonl", lambda r: [*r[:2], ["id", "kind"], *r[2:]]),
+        ("prompts.jsonl:3", "object"),
+    ),
     StageCase("prompts-empty", "report", write("prompts.jsonl", ""), ("prompts.jsonl", "empty")),
-    StageCase("prompts-latin1", "report", write("prompts.jsonl", b'{"id": "' + LATIN1 + b'", "kind": "math"}\n'), ("prompts.jsonl", "UTF-8")),
-    StageCase("prompts-missing-file", "report", args(prompts="nope.jsonl"), ("nope.jsonl", "not found")),
-    StageCase("prompts-one-id-short", "report", edit_jsonl("prompts.jsonl", lambda r: r[1:]), ("acts", "prompts.jsonl", "do not match")),
+    StageCase(
+        "prompts-latin1",
+        "report",
+        write("prompts.jsonl", b'{"id": "' + LATIN1 + b'", "kind": "math"}\n'),
+        ("prompts.jsonl", "UTF-8"),
+    ),
+    StageCase(
+        "prompts-missing-file", "report", args(prompts="nope.jsonl"), ("nope.jsonl", "not found")
+    ),
+    StageCase(
+        "prompts-one-id-short",
+        "report",
+        edit_jsonl("prompts.jsonl", lambda r: r[1:]),
+        ("acts", "prompts.jsonl", "do not match"),
+    ),
     # ---- the report's activation directory
     StageCase("acts-missing-dir", "report", args(acts="no_acts"), ("no_acts", "index.json")),
-    StageCase("acts-index-json-syntax", "report", write("acts/index.json", '{"ids": ['), ("index.json", "invalid JSON")),
-    StageCase("acts-index-not-an-object", "report", edit_index(lambda i: i["ids"]), ("index.json", "object")),
-    StageCase("acts-index-without-ids", "report", edit_index(lambda i: {k: v for k, v in i.items() if k != "ids"}), ("index.json", "'ids'")),
-    StageCase("acts-index-ids-mismatch", "report", edit_index(lambda i: {**i, "ids": [*i["ids"][:-1], "stranger"]}), ("acts", "do not match")),
-    StageCase("acts-index-duplicate-ids", "report", edit_index(lambda i: {**i, "ids": [*i["ids"][:-1], i["ids"][0]]}), ("index.json", "duplicate", "ids")),
-    StageCase("acts-wrong-width", "report", save_layer(1, lambda v: v[:, :32]), ("layer_001.npy", "(20, 32)", "64")),
-    StageCase("acts-missing-rows", "report", save_layer(2, lambda v: v[:-1]), ("layer_002.npy", "(19, 64)")),
-    StageCase("acts-layer-file-missing", "report", lambda d: (d / "acts/layer_001.npy").unlink(), ("acts", "layer 1")),
-    StageCase("acts-layer-file-garbage", "report", write("acts/layer_000.npy", b"not an array at all"), ("layer_000.npy",)),
-    StageCase("acts-layer-file-pickled", "report", save_layer(0, lambda v: np.array([{"row": 1}] * len(v), dtype=object), pickle=True), ("layer_000.npy", "Python objects")),
-    StageCase("acts-layer-file-nan", "report", save_layer(1, lambda v: np.where(np.arange(len(v))[:, None] == 3, np.nan, v)), ("layer_001.npy", "finite")),
-]  # fmt: skip
+    StageCase(
+        "acts-index-json-syntax",
+        "report",
+        write("acts/index.json", '{"ids": ['),
+        ("index.json", "invalid JSON"),
+    ),
+    StageCase(
+        "acts-index-not-an-object",
+        "report",
+        edit_index(lambda i: i["ids"]),
+        ("index.json", "object"),
+    ),
+    StageCase(
+        "acts-index-without-ids",
+        "report",
+        edit_index(lambda i: {k: v for k, v in i.items() if k != "ids"}),
+        ("index.json", "'ids'"),
+    ),
+    StageCase(
+        "acts-index-ids-mismatch",
+        "report",
+        edit_index(lambda i: {**i, "ids": [*i["ids"][:-1], "stranger"]}),
+        ("acts", "do not match"),
+    ),
+    StageCase(
+        "acts-index-duplicate-ids",
+        "report",
+        edit_index(lambda i: {**i, "ids": [*i["ids"][:-1], i["ids"][0]]}),
+        ("index.json", "duplicate", "ids"),
+    ),
+    StageCase(
+        "acts-wrong-width",
+        "report",
+        save_layer(1, lambda v: v[:, :32]),
+        ("layer_001.npy", "(20, 32)", "64"),
+    ),
+    StageCase(
+        "acts-missing-rows",
+        "report",
+        save_layer(2, lambda v: v[:-1]),
+        ("layer_002.npy", "(19, 64)"),
+    ),
+    StageCase(
+        "acts-layer-file-missing",
+        "report",
+        lambda d: (d / "acts/layer_001.npy").unlink(),
+        ("acts", "layer 1"),
+    ),
+    StageCase(
+        "acts-layer-file-garbage",
+        "report",
+        write("acts/layer_000.npy", b"not an array at all"),
+        ("layer_000.npy",),
+    ),
+    StageCase(
+        "acts-layer-file-pickled",
+        "report",
+        save_layer(0, lambda v: np.array([{"row": 1}] * len(v), dtype=object), pickle=True),
+        ("layer_000.npy", "Python objects"),
+    ),
+    StageCase(
+        "acts-layer-file-nan",
+        "report",
+        save_layer(1, lambda v: np.where(np.arange(len(v))[:, None] == 3, np.nan, v)),
+        ("layer_001.npy", "finite"),
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -637,14 +927,42 @@ def _judge_local_without_model(d: Path, ctx: Any) -> None:
 
 
 CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
-    ("adapter-missing-dir", core_check_adapter(lambda d: d / "no_adapter"), ("no_adapter", "not found")),
-    ("adapter-missing-weights", core_check_adapter(lambda d: _adapter_dir(d, TINY, weights=False)), ("adapter", "adapter_model.safetensors")),
-    ("adapter-missing-metadata", core_check_adapter(lambda d: _adapter_dir(d, None)), ("adapter", "llmlab_adapter.json")),
-    ("adapter-other-base-model", core_check_adapter(lambda d: _adapter_dir(d, "gemma3-270m")), ("adapter", "'gemma3-270m'", "'tiny'")),
-    ("adapter-metadata-json-syntax", core_check_adapter(_adapter_with_metadata("{")), ("llmlab_adapter.json", "invalid JSON")),
-    ("adapter-metadata-not-object", core_check_adapter(_adapter_with_metadata("[1]")), ("llmlab_adapter.json", "object")),
+    (
+        "adapter-missing-dir",
+        core_check_adapter(lambda d: d / "no_adapter"),
+        ("no_adapter", "not found"),
+    ),
+    (
+        "adapter-missing-weights",
+        core_check_adapter(lambda d: _adapter_dir(d, TINY, weights=False)),
+        ("adapter", "adapter_model.safetensors"),
+    ),
+    (
+        "adapter-missing-metadata",
+        core_check_adapter(lambda d: _adapter_dir(d, None)),
+        ("adapter", "llmlab_adapter.json"),
+    ),
+    (
+        "adapter-other-base-model",
+        core_check_adapter(lambda d: _adapter_dir(d, "gemma3-270m")),
+        ("adapter", "'gemma3-270m'", "'tiny'"),
+    ),
+    (
+        "adapter-metadata-json-syntax",
+        core_check_adapter(_adapter_with_metadata("{")),
+        ("llmlab_adapter.json", "invalid JSON"),
+    ),
+    (
+        "adapter-metadata-not-object",
+        core_check_adapter(_adapter_with_metadata("[1]")),
+        ("llmlab_adapter.json", "object"),
+    ),
     ("attach-adapter-other-base", _attach_foreign, ("qwen_adapter", "'qwen-tiny'", "'tiny'")),
-    ("load-model-adapter-other-base", _load_with_foreign, ("qwen_adapter", "'qwen-tiny'", "'tiny'")),
+    (
+        "load-model-adapter-other-base",
+        _load_with_foreign,
+        ("qwen_adapter", "'qwen-tiny'", "'tiny'"),
+    ),
     ("capture-duplicate-id", _capture_dup, ("duplicate item id", "'a'")),
     ("capture-no-items", _capture_empty, ("no items",)),
     ("capture-position-beyond-answer", _capture_bad_position, ("assistant_3",)),
@@ -654,7 +972,7 @@ CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
     ("chat-unknown-role", _bad_message, ("message 0", "role")),
     ("judge-api-key-unset", _judge_no_key, ("LLMLAB_TEST_ABSENT_KEY",)),
     ("judge-local-without-model", _judge_local_without_model, ("local",)),
-]  # fmt: skip
+]
 
 
 @dataclass

@@ -214,7 +214,8 @@ def _fill_work_dir(
 
     todo = [i for i in range(n) if not done[i]]
     lengths = [len(encoded[i].input_ids) for i in todo]
-    batches = [[todo[j] for j in b] for b in token_budget_batches(lengths, batch_size, max_tokens_per_batch)]
+    groups = token_budget_batches(lengths, batch_size, max_tokens_per_batch)
+    batches = [[todo[j] for j in b] for b in groups]
     pad = loaded.tokenizer.pad_token_id
     bar = tqdm(total=n, initial=int(done.sum()), disable=not progress, desc="capture")
     for k, rows in enumerate(batches, start=1):
@@ -288,7 +289,8 @@ def load_activations(act_dir: str | Path, layer: int, mmap: bool = True) -> Acti
         values = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         # not an .npy file, truncated, or an object array (which would need pickle)
-        raise DataError(f"{f}: not a readable numeric .npy file ({' '.join(str(e).split())})") from None
+        why = " ".join(str(e).split())
+        raise DataError(f"{f}: not a readable numeric .npy file ({why})") from None
     if values.dtype.kind not in "fiu":
         raise DataError(f"{f}: dtype {values.dtype} is not numeric")
     if values.shape != (len(index["ids"]), index["hidden_size"]):

@@ -51,7 +51,9 @@ def main() -> None:
         x = np.asarray(acts.values, dtype=np.float64)
         if not np.isfinite(x).all():
             bad = int((~np.isfinite(x).all(axis=1)).sum())
-            raise DataError(f"{args.acts}/layer_{layer:03d}.npy: {bad} row(s) hold non-finite values")
+            raise DataError(
+                f"{args.acts}/layer_{layer:03d}.npy: {bad} row(s) hold non-finite values"
+            )
         y = np.array([kinds[i] == "math" for i in acts.ids])
         rows.append(
             {
