@@ -10,6 +10,7 @@ one file per layer. Tokens/s counts real (non-padding) tokens. On a GPU, MFU cou
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -43,13 +44,31 @@ def naive_capture(loaded: LoadedModel, items, layers, batch_size: int) -> None:
     """Baseline: every hidden state of padded, unsorted batches; positions read afterwards."""
     tok = loaded.tokenizer
     for start in range(0, len(items), batch_size):
-        enc = [encode_chat(tok, it.messages, chat=loaded.chat) for it in items[start : start + batch_size]]
+        enc = [
+            encode_chat(tok, it.messages, chat=loaded.chat)
+            for it in items[start : start + batch_size]
+        ]
         b = collate(enc, tok.pad_token_id, padding_side="right").to(loaded.device)
-        out = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        out = loaded.model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True
+        )
         idx = b.positions("prompt_last").to(loaded.device)
         rows = torch.arange(len(enc), device=loaded.device)
         for layer in layers:
             out.hidden_states[layer + 1][rows, idx].float().cpu()
+
+
+def _rss_gib() -> float:
+    """Return this process's resident memory in GiB (Linux)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _max_rss_gib() -> float:
+    """Return this process's peak resident memory in GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def layer_params(model, upto: int) -> int:
@@ -63,7 +82,18 @@ def main() -> None:
     ap.add_argument("--shape", choices=["embedded", *SHAPES], default="embedded")
     ap.add_argument("--n", type=int, default=192, help="prompts")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=8192, help="llmlab token budget per batch")
+    ap.add_argument(
+        "--max-tokens", default="8192", help="llmlab token budget(s) per batch, comma-separated"
+    )
+    ap.add_argument(
+        "--baseline-n",
+        type=int,
+        default=None,
+        help="baseline on the first N prompts only (rate compared)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="print the top CUDA kernels of one capture batch"
+    )
     ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for random-shape models")
     ap.add_argument("--no-append", action="store_true")
@@ -80,12 +110,20 @@ def main() -> None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model = random_shape_model(args.shape, dtype, device)
         loaded = LoadedModel(
-            model, tokenizer, args.shape, True, len(decoder_layers(model)),
-            model.config.hidden_size, torch.device(device), dtype,
+            model,
+            tokenizer,
+            args.shape,
+            True,
+            len(decoder_layers(model)),
+            model.config.hidden_size,
+            torch.device(device),
+            dtype,
         )
     layers = resolve_layers(LAYERS, loaded.n_layers)
     items = make_items(loaded.tokenizer, args.n, seed=0)
-    real_tokens = sum(len(encode_chat(loaded.tokenizer, it.messages, chat=True).input_ids) for it in items)
+    real_tokens = sum(
+        len(encode_chat(loaded.tokenizer, it.messages, chat=True).input_ids) for it in items
+    )
     warm = items[:4]
     naive_capture(loaded, warm, layers, 4)
 
@@ -100,33 +138,79 @@ def main() -> None:
         mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         return time.perf_counter() - t, mem
 
-    base_s, base_mem = timed(lambda: naive_capture(loaded, items, layers, args.batch_size))
-    with tempfile.TemporaryDirectory() as tmp:
-        ours_s, ours_mem = timed(
-            lambda: capture_to_disk(
-                loaded, items, layers, Path(tmp) / "acts", batch_size=args.batch_size * 4,
-                max_tokens_per_batch=args.max_tokens, progress=False,
-            )
-        )
+    base_items = items[: args.baseline_n] if args.baseline_n else items
+    base_tokens = sum(
+        len(encode_chat(loaded.tokenizer, it.messages, chat=True).input_ids) for it in base_items
+    )
+    base_s, base_mem = timed(lambda: naive_capture(loaded, base_items, layers, args.batch_size))
     flops_per_token = 2 * layer_params(loaded.model, max(layers))
+    runs = [
+        (
+            "baseline: output_hidden_states, unsorted",
+            len(base_items),
+            base_tokens,
+            base_s,
+            base_mem,
+            "",
+        )
+    ]
+    for budget in (int(b) for b in args.max_tokens.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            rss0 = _rss_gib()
+            ours_s, ours_mem = timed(
+                lambda budget=budget, tmp=tmp: capture_to_disk(
+                    loaded,
+                    items,
+                    layers,
+                    Path(tmp) / "acts",
+                    batch_size=args.batch_size * 16,
+                    max_tokens_per_batch=budget,
+                    progress=False,
+                )
+            )
+            runs.append(
+                (
+                    f"llmlab capture_to_disk, <= {budget} tokens/batch",
+                    len(items),
+                    real_tokens,
+                    ours_s,
+                    ours_mem,
+                    f"{_rss_gib() - rss0:+.2f} (max {_max_rss_gib():.2f})",
+                )
+            )
+        print(runs[-1], flush=True)
+    base_tps = base_tokens / base_s
     rows = []
-    for name, secs, mem in (("baseline: output_hidden_states, unsorted", base_s, base_mem), ("llmlab capture_to_disk", ours_s, ours_mem)):
-        tps = real_tokens / secs
+    for name, n_items, toks, secs, mem, rss in runs:
+        tps = toks / secs
         row = {
             "method": name,
             "device": device_name(),
             "model": loaded.name,
-            "prompts": len(items),
-            "real tokens": real_tokens,
+            "prompts": n_items,
+            "real tokens": toks,
             "layers": len(layers),
             "seconds": secs,
             "tokens/s": tps,
-            "ratio": base_s / secs,
+            "ratio": tps / base_tps,
         }
         if device == "cuda":
             row["MFU %"] = 100 * tps * flops_per_token / (args.peak_tflops * 1e12)
             row["peak GiB"] = mem
+        row["host RSS GiB (change, max)"] = rss
         rows.append(row)
+    if args.profile and device == "cuda":
+        from common import profile_top
+
+        from llmlab.activations import capture_batch, encode_items
+
+        enc = sorted(encode_items(loaded, items), key=lambda e: -len(e.input_ids))
+        budget = int(args.max_tokens.split(",")[0])
+        mid = len(enc) // 2
+        n = max(1, min(args.batch_size * 16, budget // len(enc[mid].input_ids)))
+        b = collate(enc[mid : mid + n], loaded.tokenizer.pad_token_id, padding_side="right")
+        print(f"profile: one batch {tuple(b.input_ids.shape)}", flush=True)
+        print(profile_top(lambda: capture_batch(loaded, b, layers, ["prompt_last"])), flush=True)
     report(f"Activation capture ({args.shape}, {device})", rows, append=not args.no_append)
 
 

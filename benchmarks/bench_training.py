@@ -1,4 +1,16 @@
-"""LoRA training throughput on the embedded SmolLM2 (CPU): length-grouped vs unsorted batches.
+"""LoRA training throughput: llmlab.training.train_lora against a plain transformers Trainer.
+
+GPU (`--shape llama-3.1-8b --tokenizer DIR`): a randomly initialised model of a real shape in
+bf16, LoRA r=16 on all projections, conversations whose prompts follow the long-tailed length
+mix (20-1000 tokens) with answers of 20-1000 tokens, cut at --max-length (2048). The baseline
+is a plain Trainer over random order, padding each batch to its longest row; train_lora
+groups by length. Both use the same batch, bf16, fused AdamW and gradient checkpointing
+setting. tokens/s counts non-padding tokens; MFU counts 4 x N FLOPs per token (N = all
+parameters of the base model: forward 2N plus the input-gradient backward 2N; LoRA's own
+FLOPs and checkpointing's recompute are not counted) against --peak-tflops. Results are
+appended to benchmarks/RESULTS.md.
+
+CPU (no --shape): the embedded SmolLM2, length-grouped vs unsorted batches, as below.
 
 Every configuration trains the same few steps (8 rows of at most 128 tokens each) drawn from the
 same synthetic conversations, whose lengths spread from about 20 to 128 tokens; they differ only
@@ -14,6 +26,8 @@ Trainer's length grouping to sort within mega-batches of 64 rows, as it does on 
 tokens/s counts non-padding tokens per second of training (model load and setup excluded).
 Usage: PYTHONPATH=src .venv/bin/python benchmarks/bench_training.py [--steps 6] [--threads 1]
 [--repeats 2]
+GPU: PYTHONPATH=src python benchmarks/bench_training.py --shape llama-3.1-8b \
+    --tokenizer DIR --batch 8 --steps 16 --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -22,13 +36,18 @@ import argparse
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from llmlab.models import LoadedModel, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, device_name, prompt_lengths, random_shape_model, report  # noqa: E402
+
+from llmlab.models import LoadedModel, decoder_layers, load_model
 from llmlab.params import parse_params
 from llmlab.training import LoraTrainConfig, TrainExample, prepare_examples, train_lora
 
@@ -150,6 +169,148 @@ def run_plain_trainer(loaded: LoadedModel, examples: list[TrainExample], steps: 
     return tokens / seconds
 
 
+# ---- GPU: real shapes ------------------------------------------------------------------------
+
+FILLER = "the of and to in a is that for it as was with be by on not he this are or".split()
+
+
+def make_gpu_examples(tok, n: int, seed: int, max_length: int) -> list[TrainExample]:
+    """Return n conversations: long-tailed prompt lengths, answers of 20-1000 tokens."""
+    rng = np.random.default_rng(seed + 1)
+    answers = np.clip(rng.lognormal(np.log(200), 0.9, size=n), 20, 1000).astype(int)
+    out = []
+    for i, (p, a) in enumerate(zip(prompt_lengths(n, seed), answers, strict=True)):
+        a = int(min(a, max_length - p - 16))
+        words = [FILLER[(i + j) % len(FILLER)] for j in range(max(1, int(p * 0.8)))]
+        ans = [FILLER[(3 * i + j) % len(FILLER)] for j in range(max(1, int(a * 0.8)))]
+        out.append(TrainExample([
+            {"role": "user", "content": " ".join(words)},
+            {"role": "assistant", "content": " ".join(ans)},
+        ]))  # fmt: skip
+    return out
+
+
+def gpu_config(args: argparse.Namespace, grouped: bool, steps: int) -> LoraTrainConfig:
+    """Return the LoRA config of the GPU runs (r=16, all projections)."""
+    return LoraTrainConfig(
+        rank=16, alpha=32, dropout=0.05, lr=1e-4, epochs=None, max_steps=steps,
+        per_device_batch_size=args.batch, effective_batch_size=args.batch,
+        max_length=args.max_length, group_by_length=grouped, log_every=1000,
+        divergence_factor=None, gradient_checkpointing=args.gradient_checkpointing,
+    )  # fmt: skip
+
+
+def gpu_plain_trainer(loaded: LoadedModel, examples, args, steps: int) -> tuple[float, int]:
+    """Return (seconds, non-padding tokens) of a plain Trainer (random order, pad to longest)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    cfg = gpu_config(args, False, steps)
+    data = prepare_examples(loaded, examples, args.max_length)
+    features = [
+        {
+            "input_ids": f["input_ids"],
+            "attention_mask": [1] * len(f["input_ids"]),
+            "labels": [-100] * f["prompt_len"] + f["input_ids"][f["prompt_len"] :],
+        }
+        for f in data.features
+    ]
+    set_seed(cfg.seed)
+    model = get_peft_model(
+        loaded.model,
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                   target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    loaded.tokenizer.padding_side = "right"
+    collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding="longest", label_pad_token_id=-100)
+    ckpt = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.per_device_batch_size,
+            max_steps=steps, learning_rate=cfg.lr, seed=cfg.seed, save_strategy="no",
+            report_to=[], disable_tqdm=True, logging_steps=1000, log_level="warning", bf16=True,
+            optim="adamw_torch_fused", include_num_input_tokens_seen="non_padding",
+            gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=features)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = int(trainer.state.num_input_tokens_seen)
+        del trainer
+    loaded.model = model.unload()
+    return seconds, tokens
+
+
+def gpu_train_lora(loaded: LoadedModel, examples, args, steps: int) -> tuple[float, int]:
+    """Return (seconds, non-padding tokens) of llmlab.training.train_lora (length-grouped)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train_lora(loaded, examples, gpu_config(args, True, steps), Path(tmp) / "adapter")
+    loaded.model = loaded.model.unload()
+    return res.tokens_seen / res.tokens_per_s, res.tokens_seen
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    """Run the GPU comparison and append its table to RESULTS.md."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = random_shape_model(args.shape, torch.bfloat16, "cuda")
+    n_params = sum(p.numel() for p in model.parameters())
+    loaded = LoadedModel(model, tok, args.shape, True, len(decoder_layers(model)),
+                         model.config.hidden_size, torch.device("cuda"), torch.bfloat16)  # fmt: skip
+    examples = make_gpu_examples(tok, args.examples, seed=0, max_length=args.max_length)
+    lengths = [
+        len(f["input_ids"]) for f in prepare_examples(loaded, examples, args.max_length).features
+    ]
+    print(
+        f"{len(examples)} examples, tokens {min(lengths)}-{max(lengths)}, mean {np.mean(lengths):.0f}",
+        flush=True,
+    )
+    gpu_train_lora(loaded, examples[: args.batch], args, 1)  # warm-up (kernels, allocator)
+    runs = {
+        "baseline: plain Trainer, unsorted, pad to longest": lambda: gpu_plain_trainer(
+            loaded, examples, args, args.steps
+        ),
+        "llmlab train_lora, length-grouped": lambda: gpu_train_lora(
+            loaded, examples, args, args.steps
+        ),
+    }
+    best: dict[str, tuple[float, float, float]] = {}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            torch.cuda.reset_peak_memory_stats()
+            secs, tokens = run()
+            mem = torch.cuda.max_memory_allocated() / 2**30
+            tps = tokens / secs
+            print(
+                f"{name}: {tokens} tokens in {secs:.2f}s = {tps:,.0f} tok/s, peak {mem:.1f} GiB",
+                flush=True,
+            )
+            if name not in best or tps > best[name][0]:
+                best[name] = (tps, secs, mem)
+    base = best[next(iter(runs))][0]
+    rows = []
+    for name, (tps, secs, mem) in best.items():
+        rows.append({
+            "method": name, "device": device_name(), "model": args.shape,
+            "batch x max len": f"{args.batch} x {args.max_length}",
+            "grad ckpt": args.gradient_checkpointing, "steps": args.steps,
+            "seconds": secs, "tokens/s": tps,
+            "MFU % (4N)": 100 * tps * 4 * n_params / (args.peak_tflops * 1e12),
+            "peak GiB": mem, "ratio": tps / base,
+        })  # fmt: skip
+    report(
+        f"LoRA SFT ({args.shape}, cuda, r=16 all projections, bf16)",
+        rows,
+        append=not args.no_append,
+    )
+
+
 def main() -> None:
     """Print the markdown table of tokens/s per configuration."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,8 +318,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1, help="rounds; the best of each is shown")
+    ap.add_argument("--shape", choices=list(SHAPES), default=None, help="GPU: real model shape")
+    ap.add_argument("--tokenizer", default=None, help="GPU: tokenizer directory")
+    ap.add_argument("--batch", type=int, default=8, help="GPU: examples per step")
+    ap.add_argument("--max-length", type=int, default=2048, help="GPU: tokens kept per example")
+    ap.add_argument(
+        "--gradient-checkpointing", action="store_true", help="GPU: recompute activations"
+    )
+    ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
+    ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.shape is not None:
+        if args.examples == 256:
+            args.examples = 512
+        gpu_main(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     params = parse_params(

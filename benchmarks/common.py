@@ -16,16 +16,28 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 # Real architectures' shapes; weights are random (speed does not depend on them).
 SHAPES = {
     "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
     ),
     "qwen2.5-7b": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
     ),
     "qwen2.5-32b": dict(
-        hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-        num_key_value_heads=8, vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
     ),
 }
 
@@ -56,10 +68,10 @@ def random_shape_model(shape: str, dtype: torch.dtype, device: str):
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
     """Return rows as a markdown table (columns from the first row)."""
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -78,3 +90,30 @@ def report(title: str, rows: list[dict[str, object]], append: bool = True) -> No
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         with open(RESULTS, "a", encoding="utf-8") as fh:
             fh.write(f"\n## {title}\n\n{stamp} on {device_name()}: `{cmd}`\n\n{table}\n")
+
+
+def profile_top(fn, n: int = 15) -> str:
+    """Return the profiler's table of the n most expensive CUDA kernels of one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=n, max_name_column_width=60
+    )
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """Return the measured bf16 matmul rate (TFLOP/s) of an n x n x n product on random data."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12

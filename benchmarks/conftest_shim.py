@@ -18,4 +18,3 @@ EMBEDDED = {
 def embedded_params() -> Params:
     """Return Params selecting the embedded SmolLM2 with default runtime settings."""
     return parse_params({"model": "smollm2-135m-instruct", "models": EMBEDDED})
-

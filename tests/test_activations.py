@@ -18,8 +18,14 @@ from llmlab.io import DataError
 
 CONVS = [
     [{"role": "user", "content": "Hi."}],
-    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me about the sea and its tides."}],
-    [{"role": "user", "content": "What is 17 times 3?"}, {"role": "assistant", "content": "It is 51."}],
+    [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Tell me about the sea and its tides."},
+    ],
+    [
+        {"role": "user", "content": "What is 17 times 3?"},
+        {"role": "assistant", "content": "It is 51."},
+    ],
 ]
 
 
@@ -63,7 +69,9 @@ def test_capture_stops_after_last_needed_layer(tiny_models):
 
 def _items(n):
     return [
-        CaptureItem(f"item-{i}", [{"role": "user", "content": f"Question number {i}: " + "word " * (i % 7)}])
+        CaptureItem(
+            f"item-{i}", [{"role": "user", "content": f"Question number {i}: " + "word " * (i % 7)}]
+        )
         for i in range(n)
     ]
 
@@ -103,7 +111,9 @@ def test_resume_after_interruption_gives_identical_files(tiny_models, tmp_path, 
 
     monkeypatch.setattr(acts_mod, "capture_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
-        capture_to_disk(loaded, items, [1], tmp_path / "resumed", batch_size=4, save_every=2, progress=False)
+        capture_to_disk(
+            loaded, items, [1], tmp_path / "resumed", batch_size=4, save_every=2, progress=False
+        )
     assert not (tmp_path / "resumed").exists()  # nothing half-written at the final path
     assert (tmp_path / "resumed.partial").exists()
     done = np.load(tmp_path / "resumed.partial" / "progress.npy")
@@ -117,7 +127,9 @@ def test_resume_after_interruption_gives_identical_files(tiny_models, tmp_path, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(acts_mod, "capture_batch", count)
-    out = capture_to_disk(loaded, items, [1], tmp_path / "resumed", batch_size=4, save_every=2, progress=False)
+    out = capture_to_disk(
+        loaded, items, [1], tmp_path / "resumed", batch_size=4, save_every=2, progress=False
+    )
     assert counting["rows"] == len(items) - int(done.sum())  # only the rest was recomputed
     np.testing.assert_allclose(
         load_activations(out, 1).values, load_activations(full, 1).values, atol=1e-5

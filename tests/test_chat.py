@@ -97,7 +97,9 @@ def test_positions_independent_of_padding_side(tiny_models, side):
     tok = _tok(tiny_models["qwen2"])
     short = encode_chat(tok, CONV, chat=True)
     long = encode_chat(
-        tok, [{"role": "user", "content": "Tell me a much longer story about a dog."}, CONV[2]], chat=True
+        tok,
+        [{"role": "user", "content": "Tell me a much longer story about a dog."}, CONV[2]],
+        chat=True,
     )
     batch = collate([short, long], tok.pad_token_id, padding_side=side)
     for name in ("user_end", "pre_assistant", "assistant_1", "last"):

@@ -14,7 +14,9 @@ PROMPTS = [
 def test_greedy_batched_equals_one_by_one(tiny_models):
     loaded = tiny_models["llama"]
     batched = generate(loaded, PROMPTS, max_new_tokens=6, batch_size=3, progress=False)
-    singles = [generate(loaded, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in PROMPTS]
+    singles = [
+        generate(loaded, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in PROMPTS
+    ]
     assert batched == singles
 
 
@@ -36,6 +38,9 @@ def test_stop_strings_truncate():
 
 def test_real_model_answers_sensibly(smol):
     out = generate(
-        smol, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=12, progress=False
+        smol,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        max_new_tokens=12,
+        progress=False,
     )
     assert "Paris" in out[0]

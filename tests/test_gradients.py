@@ -13,7 +13,10 @@ from llmlab.gradients import alignment, per_example_loss, residual_gradients
 from llmlab.hooks import layer_output, replace_output
 
 CONVS = [
-    [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "The sum is 5."}],
+    [
+        {"role": "user", "content": "Add 2 and 3."},
+        {"role": "assistant", "content": "The sum is 5."},
+    ],
     [
         {"role": "system", "content": "Answer in one word."},
         {"role": "user", "content": "Name a colour of the sky on a clear day."},
@@ -51,7 +54,9 @@ def test_gradient_matches_finite_difference(tiny_models, arch):
     # float64 copy: the finite difference needs more precision than fp32 gives.
     src = tiny_models[arch]
     loaded = dataclasses.replace(src, model=copy.deepcopy(src.model).double(), dtype=torch.float64)
-    res = residual_gradients(loaded, _batch(loaded, "right"), [0, 1], ["pre_assistant", "assistant_1"])
+    res = residual_gradients(
+        loaded, _batch(loaded, "right"), [0, 1], ["pre_assistant", "assistant_1"]
+    )
     torch.manual_seed(0)
     for row, conv in enumerate(CONVS):
         for layer in (0, 1):
@@ -75,7 +80,10 @@ def test_batched_gradients_equal_single_example_autograd(tiny_models):
         enc = encode_chat(loaded.tokenizer, conv, chat=True)
         single = residual_gradients(loaded, collate([enc], 0), [1], ["pre_assistant"])
         torch.testing.assert_close(
-            batched.grads[(1, "pre_assistant")][row], single.grads[(1, "pre_assistant")][0], atol=1e-5, rtol=1e-4
+            batched.grads[(1, "pre_assistant")][row],
+            single.grads[(1, "pre_assistant")][0],
+            atol=1e-5,
+            rtol=1e-4,
         )
         assert batched.loss[row].item() == pytest.approx(single.loss[0].item(), rel=1e-5)
     # Parameters stay frozen-free afterwards (requires_grad restored) and hold no grads.
@@ -97,7 +105,9 @@ def test_alignment_is_fp32_cosine():
 
 def test_left_and_right_padding_give_the_same_gradients(tiny_models):
     loaded = tiny_models["llama"]
-    right = residual_gradients(loaded, _batch(loaded, "right"), [0, 1], ["pre_assistant", "user_end"])
+    right = residual_gradients(
+        loaded, _batch(loaded, "right"), [0, 1], ["pre_assistant", "user_end"]
+    )
     left = residual_gradients(loaded, _batch(loaded, "left"), [0, 1], ["pre_assistant", "user_end"])
     for key, g in right.grads.items():
         torch.testing.assert_close(left.grads[key], g, atol=1e-5, rtol=1e-4)

@@ -31,12 +31,21 @@ def test_gemma3_multimodal_layout_is_found():
 
     cfg = Gemma3Config(
         text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=300,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            image_size=28, patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         ),
         mm_tokens_per_image=4,
     )
@@ -63,7 +72,14 @@ def test_embedded_model_converts_once_then_reuses_the_cache(smol_dir, monkeypatc
 def test_registry_facts_are_checked(tiny_dirs):
     raw = {
         "model": "t",
-        "models": {"t": {"source": "local", "path": str(tiny_dirs["llama"]), "n_layers": 4, "hidden_size": 64}},
+        "models": {
+            "t": {
+                "source": "local",
+                "path": str(tiny_dirs["llama"]),
+                "n_layers": 4,
+                "hidden_size": 64,
+            }
+        },
     }
     with pytest.raises(ModelLoadError, match="n_layers: registry says 4, the model has 3"):
         load_model(parse_params(raw))

@@ -22,8 +22,14 @@ def test_project_params_are_valid():
     assert params.model == "smollm2-135m-instruct"
     assert params.model_entry.source == "pypi_gguf"
     for name in (
-        "llama-3.1-8b-instruct", "llama-3.1-8b", "qwen2.5-7b-instruct", "qwen3-0.6b",
-        "gemma-3-27b-it", "gemma-3-27b-pt", "qwen2.5-coder-32b-instruct", "gemma3-270m",
+        "llama-3.1-8b-instruct",
+        "llama-3.1-8b",
+        "qwen2.5-7b-instruct",
+        "qwen3-0.6b",
+        "gemma-3-27b-it",
+        "gemma-3-27b-pt",
+        "qwen2.5-coder-32b-instruct",
+        "gemma3-270m",
     ):
         assert name in params.models
 
@@ -47,7 +53,11 @@ BAD = [
     (("foundation", "layers"), [0.5, 31], r"foundation\.layers: layer 31 out of range"),
     (("foundation", "layers"), [1.5], r"foundation\.layers: fractional layer 1\.5"),
     (("models", "qwen3-0.6b", "repo_id"), "not a repo", r"models\.qwen3-0\.6b"),
-    (("models", "smollm2-135m-instruct", "base_model"), "nope", r"base_model: unknown model 'nope'"),
+    (
+        ("models", "smollm2-135m-instruct", "base_model"),
+        "nope",
+        r"base_model: unknown model 'nope'",
+    ),
     (("seed",), "zero", r"seed: expected an integer"),
 ]
 

@@ -99,3 +99,44 @@ def test_candidate_parsing_counts_unusable_objects() -> None:
     found, bad = parse_candidates(text)
     assert [f["question"] for f in found] == ["Where did you grow up?", "Tea or coffee?"]
     assert bad == 1
+
+
+class CountingGenerator:
+    """A judge backend that writes one JSON candidate per request and counts its calls."""
+
+    kind = "scripted"
+    model_name = "gen"
+    retries = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.temperatures: list[float] = []
+
+    def complete(self, messages, *, max_tokens, temperature, top_logprobs):  # noqa: ANN001
+        self.calls += 1
+        self.temperatures.append(temperature)
+        n = messages[-1]["content"].split("(Request ")[1].split(" ")[0]
+        text = '[{"question": "Q%s?", "answer": "A%s."}, {"question": "Q1?", "answer": "dup"}]'
+        return JudgeReply(text % (n, n), None, 10, 20)
+
+
+def test_candidates_build_goes_through_judge_cache_and_budget(tmp_path) -> None:  # noqa: ANN001
+    from llmlab.judge.budget import Budget
+    from llmlab.judge.cache import ResponseCache
+    from llmlab.persona.candidates import build
+    from llmlab.persona.config import CandidatesParams
+
+    cfg = CandidatesParams(n_requests=12, per_request=2, temperature=0.9)
+    backend = CountingGenerator()
+    judge = Judge(backend, cache=ResponseCache(tmp_path), budget=Budget(max_requests=8))
+    rows, stats = build(judge, cfg, "Someone")
+    # the budget stops generation after 8 paid requests; the rest are counted, not sent
+    assert backend.calls == 8 and stats["requests"] == 8 and stats["budget_stop"]
+    assert set(backend.temperatures) == {0.9}
+    # 8 distinct questions plus the shared "Q1?" counted once; the others are duplicates
+    assert len(rows) == 8 and stats["duplicates"] == 8
+    # a re-run (say after a crash) is served from the cache: nothing is paid twice
+    again = Judge(backend, cache=ResponseCache(tmp_path), budget=Budget(max_requests=8))
+    rows2, stats2 = build(again, cfg, "Someone")
+    assert backend.calls == 12 and len(rows2) == 12  # only the 4 requests beyond the cached 8
+    assert rows2[:8] == rows and again.summary()["cache_hits"] == 8

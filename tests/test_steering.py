@@ -55,12 +55,17 @@ def test_prefill_only_generate_steers_prompt_not_decode(tiny_models):
     b = _batch(loaded)
     v = torch.randn(loaded.hidden_size) * 10
     seen = []
-    hook = loaded.layers[1].register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    hook = loaded.layers[1].register_forward_hook(
+        lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o)
+    )
     try:
         with steer(loaded.layers, [0], v, prefill_only=True):
             loaded.model.generate(
-                input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=3,
-                do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id,
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                max_new_tokens=3,
+                do_sample=False,
+                pad_token_id=loaded.tokenizer.pad_token_id,
             )
     finally:
         hook.remove()

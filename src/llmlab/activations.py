@@ -52,6 +52,22 @@ def layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.npy"
 
 
+def attention_mask_for(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Return the mask a forward pass needs, or None when causal masking alone gives the same.
+
+    In a right-padded batch (every row's padding after its last real token) a real token only
+    attends to earlier positions, all real, so the pad tokens cannot change it: the model can
+    run without the padding mask, on the fused causal attention kernels. Left padding (or any
+    other layout) keeps the mask.
+    """
+    m = attention_mask
+    if m.dim() != 2 or m.shape[1] < 2:
+        return None if m.dim() == 2 else m
+    if bool((m[:, 1:] <= m[:, :-1]).all()) and bool((m[:, 0] != 0).all()):
+        return None
+    return m
+
+
 @torch.no_grad()
 def capture_batch(
     loaded: LoadedModel,
@@ -60,9 +76,12 @@ def capture_batch(
     positions: Sequence[str],
 ) -> dict[tuple[int, str], torch.Tensor]:
     """Return {(layer, position): tensor [batch, hidden]} read from one forward pass."""
+    mask = attention_mask_for(batch.attention_mask)
     batch = batch.to(loaded.device)
+    if mask is not None:
+        mask = batch.attention_mask
     with record_layers(loaded.layers, layers, stop_after_last=True) as store:
-        loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        loaded.model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False)
     rows = torch.arange(batch.input_ids.shape[0], device=loaded.device)
     out = {}
     for pos in positions:
@@ -77,7 +96,9 @@ def encode_items(loaded: LoadedModel, items: Sequence[CaptureItem]) -> list[Enco
     return [encode_chat(loaded.tokenizer, it.messages, chat=loaded.chat) for it in items]
 
 
-def _run_key(loaded: LoadedModel, items: Sequence[CaptureItem], layers: Sequence[int], position: str) -> str:
+def _run_key(
+    loaded: LoadedModel, items: Sequence[CaptureItem], layers: Sequence[int], position: str
+) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([loaded.name, list(layers), position]).encode())
     for it in items:
@@ -218,17 +239,61 @@ def _fill_work_dir(
     batches = [[todo[j] for j in b] for b in groups]
     pad = loaded.tokenizer.pad_token_id
     bar = tqdm(total=n, initial=int(done.sum()), disable=not progress, desc="capture")
-    for k, rows in enumerate(batches, start=1):
+    # One batch in flight: while the device runs batch k, the host writes batch k-1's rows
+    # (copied into pinned memory without blocking). Rows are marked done only once written.
+    pending: _Pending | None = None
+    written = 0
+
+    def finish(p: _Pending) -> None:
+        nonlocal written
+        values = p.values()
+        for j, layer in enumerate(layers):
+            arrays[layer][p.rows] = values[j]
+        done[p.rows] = True
+        bar.update(len(p.rows))
+        written += 1
+        if written % save_every == 0:
+            _checkpoint(arrays, done, prog_file)
+
+    for rows in batches:
         batch = collate([encoded[i] for i in rows], pad, padding_side="right")
         acts = capture_batch(loaded, batch, layers, [position])
-        for layer in layers:
-            arrays[layer][rows] = acts[(layer, position)].float().cpu().numpy().astype(store_dtype)
-        done[rows] = True
-        bar.update(len(rows))
-        if k % save_every == 0 or k == len(batches):
-            _checkpoint(arrays, done, prog_file)
+        stacked = torch.stack([acts[(layer, position)] for layer in layers])
+        current = _Pending(rows, stacked, store_dtype)
+        if pending is not None:
+            finish(pending)
+        pending = current
+    if pending is not None:
+        finish(pending)
     bar.close()
     _checkpoint(arrays, done, prog_file)
+
+
+_TORCH_FLOATS = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+class _Pending:
+    """One batch's rows [layers, rows, hidden] on their way to the host."""
+
+    def __init__(self, rows: list[int], stacked: torch.Tensor, store_dtype: str) -> None:
+        self.rows = rows
+        self.store_dtype = store_dtype
+        target = _TORCH_FLOATS.get(np.dtype(store_dtype).name, torch.float32)
+        src = stacked.to(target)
+        self.event = None
+        if src.device.type == "cuda":
+            self.host = torch.empty(src.shape, dtype=target, pin_memory=True)
+            self.host.copy_(src, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = src.cpu()
+
+    def values(self) -> np.ndarray:
+        """Return the rows as a numpy array of the store dtype (waits for the copy)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy().astype(self.store_dtype, copy=False)
 
 
 def _checkpoint(arrays: dict[int, np.memmap], done: np.ndarray, prog_file: Path) -> None:
@@ -253,9 +318,7 @@ class Activations:
         where = {i: n for n, i in enumerate(self.ids)}
         missing = [i for i in ids if i not in where]
         if missing:
-            raise DataError(
-                f"activations index lacks {len(missing)} id(s), e.g. {missing[0]!r}"
-            )
+            raise DataError(f"activations index lacks {len(missing)} id(s), e.g. {missing[0]!r}")
         return self.values[[where[i] for i in ids]]
 
 

@@ -120,9 +120,7 @@ class EncodedChat:
         return [0] * self.prompt_len + [1] * self.assistant_len
 
 
-def _user_end(
-    messages: Sequence[Message], text: str, offsets: list[tuple[int, int]]
-) -> int | None:
+def _user_end(messages: Sequence[Message], text: str, offsets: list[tuple[int, int]]) -> int | None:
     users = [m for m in messages if m["role"] == "user"]
     if not users:
         return None

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.activations import attention_mask_for
 from llmlab.chat import ChatBatch
 from llmlab.hooks import forward_hooks, layer_output, replace_output
 from llmlab.models import LoadedModel
@@ -44,7 +45,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_example_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (mean next-token loss per row over labelled tokens, labelled-token count per row)."""
     return _loss_at(logits[:, :-1], labels[:, 1:])
 
@@ -90,15 +93,22 @@ def residual_gradients(
     model = loaded.model
     was_training = model.training
     model.eval()
+    # Right-padded batches run without the padding mask (causal attention gives the same
+    # values at every real token, on the fused kernels); see attention_mask_for.
+    needs_mask = attention_mask_for(batch.attention_mask) is not None
     batch = batch.to(loaded.device)
     try:
-        with frozen(model), forward_hooks(loaded.layers, {i: make(i) for i in layers}), torch.enable_grad():
+        with (
+            frozen(model),
+            forward_hooks(loaded.layers, {i: make(i) for i in layers}),
+            torch.enable_grad(),
+        ):
             # Only the logits that predict assistant tokens are computed: with a 128k vocabulary
             # the full [batch, seq, vocab] logits would dominate memory.
             keep = scored_positions(batch.labels)
             out = model(
                 input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                attention_mask=batch.attention_mask if needs_mask else None,
                 use_cache=False,
                 logits_to_keep=keep,
             )

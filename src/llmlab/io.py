@@ -123,7 +123,9 @@ def read_jsonl(
                 except json.JSONDecodeError as e:
                     raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                    raise DataError(
+                        f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                    )
                 missing = [k for k in required if k not in row]
                 if missing:
                     raise DataError(f"{p}:{lineno}: missing field {missing[0]!r}")

@@ -44,7 +44,9 @@ class ModelEntry(StrictModel):
     chat: bool = Field(True, description="Instruct model with a chat template (False: base model)")
     base_model: str | None = Field(None, description="Registry name of this model's base model")
     n_layers: int | None = Field(None, gt=0, description="Decoder layers (checked against config)")
-    hidden_size: int | None = Field(None, gt=0, description="Residual width (checked against config)")
+    hidden_size: int | None = Field(
+        None, gt=0, description="Residual width (checked against config)"
+    )
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> ModelEntry:
@@ -143,7 +145,9 @@ def _format_error(path: Path, prefix: str, err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
-    shown = "" if isinstance(value, dict | list) or first["type"] == "missing" else f" (got {value!r})"
+    shown = (
+        "" if isinstance(value, dict | list) or first["type"] == "missing" else f" (got {value!r})"
+    )
     return f"{path}: {loc}: {msg}{shown}"
 
 
@@ -170,7 +174,9 @@ def parse_params(raw: Any, path: Path = DEFAULT_PARAMS) -> Params:
         )
     for name, entry in models.items():
         if entry.base_model is not None and entry.base_model not in models:
-            raise ParamsError(f"{path}: models.{name}.base_model: unknown model {entry.base_model!r}")
+            raise ParamsError(
+                f"{path}: models.{name}.base_model: unknown model {entry.base_model!r}"
+            )
     try:
         runtime = Runtime.model_validate(raw.get("runtime") or {})
     except ValidationError as e:

@@ -50,13 +50,17 @@ def steer(
     """
     hidden = vectors.shape[-1]
     if vectors.dim() not in (1, 2):
-        raise SteeringError(f"vectors must be [hidden] or [batch, hidden], got {tuple(vectors.shape)}")
+        raise SteeringError(
+            f"vectors must be [hidden] or [batch, hidden], got {tuple(vectors.shape)}"
+        )
     state = {"calls": 0}
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         h = layer_output(output)
         if h.shape[-1] != hidden:
-            raise SteeringError(f"steering vector width {hidden} != model hidden size {h.shape[-1]}")
+            raise SteeringError(
+                f"steering vector width {hidden} != model hidden size {h.shape[-1]}"
+            )
         seq = h.shape[1]
         first_pass = state["calls"] == 0
         if prefill_only and not first_pass:

@@ -5,6 +5,15 @@ assistant tokens only (labels are -100 on the prompt and on padding), validation
 family hook every `eval_every` steps, a NaN / divergence guard, and an output directory that
 appears by rename only when complete (adapter safetensors, `llmlab_adapter.json`, `curve.json`).
 
+Every `save_every` optimizer steps a resumable checkpoint (adapter safetensors, optimizer,
+scheduler, RNG states, trainer state and the curve / guard state) goes to
+`<out_dir>.partial/checkpoint-<step>`; only the newest complete one is kept. A re-run with the
+same config, data and base model resumes from it and ends with the adapter and curve an
+uninterrupted run gives (up to floating-point noise): the data order of every epoch comes
+from (seed, epoch) alone, and the Trainer restores RNG, optimizer, scheduler and data position.
+A re-run with anything else changed starts fresh and says so. The `.partial` directory is
+removed once the adapter is in place.
+
 Steered examples carry a vector that is added (times a magnitude) to the residual stream at
 their layers, on a caller-given token span, during the training forward pass: the adapter
 learns to behave as it should *given* that perturbation (e.g. reporting an injected concept).
@@ -36,7 +45,7 @@ from pydantic import Field, model_validator
 
 from llmlab.adapters import write_adapter_metadata
 from llmlab.chat import EncodedChat, Message, collate, encode_chat, length_sorted_batches
-from llmlab.io import write_json
+from llmlab.io import atomic_path, write_json
 from llmlab.models import LoadedModel, decoder_layers
 from llmlab.params import StrictModel
 from llmlab.steering import steer
@@ -53,6 +62,9 @@ DEFAULT_TARGET_MODULES = (
     "down_proj",
 )
 CURVE_FILE = "curve.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+RESUME_FILE = "resume.json"  # in <out_dir>.partial: what the checkpoints were made from
+MONITOR_FILE = "llmlab_monitor.json"  # in a checkpoint: curve and guard state, written last
 CURVE_KEYS = ("step", "loss", "lr", "grad_norm", "val_loss")
 RESERVED_METADATA = (
     "base_model",
@@ -73,6 +85,7 @@ RESERVED_METADATA = (
     "tokens_per_s",
     "versions",
     "wall_time_s",
+    "resumed_from_step",
 )
 EvalHook = Callable[[Any, int], dict[str, float]]
 
@@ -151,6 +164,13 @@ class LoraTrainConfig(StrictModel):
     )
     nan_patience: int = Field(
         0, ge=0, description="Consecutive steps with a NaN/inf loss tolerated before stopping"
+    )
+    save_every: int | None = Field(
+        50,
+        gt=0,
+        description="Optimizer steps between resumable checkpoints in <output>.partial (the "
+        "newest complete one is kept; a re-run with the same config and data resumes from it); "
+        "null: no checkpoints",
     )
 
     @model_validator(mode="after")
@@ -421,6 +441,45 @@ def assistant_nll(
 # module for LoraTrainConfig, and validating params.yaml must not pay for those imports.
 
 
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Training order that depends on (seed, epoch) only, never on the global RNG state.
+
+    The Trainer's own samplers draw from the global torch RNG when an epoch's iterator is made,
+    so after a resume the resumed epoch's order would differ from an uninterrupted run's (the
+    global RNG is in another state at that instant: restored later, touched by evaluation).
+    This sampler is reseeded from (seed, epoch) through `set_epoch`, which the Trainer (via
+    accelerate's data loader) calls before every epoch, resumed ones included. With
+    group_by_length it groups as the Trainer's LengthGroupedSampler does (length-sorted
+    mega-batches of 50 batches, the longest batch first).
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool
+    ) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        digest = hashlib.sha256(f"llmlab-data-order:{self.seed}:{self.epoch}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        if self.group_by_length:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            order = get_length_grouped_indices(self.lengths, self.batch_size, generator=gen)
+            return iter([int(i) for i in order])
+        return iter(torch.randperm(len(self.lengths), generator=gen).tolist())
+
+
 def _make_trainer_class() -> type:
     """Return the Trainer subclass that opens the batch's steering contexts around the loss."""
     from transformers import Trainer
@@ -429,6 +488,20 @@ def _make_trainer_class() -> type:
         """Trainer whose loss runs inside the batch's steering contexts."""
 
         steer_layers: torch.nn.ModuleList
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> EpochSeededSampler:
+            # A data order reproducible after a resume (see EpochSeededSampler).
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            args = self.args
+            grouped = getattr(args, "train_sampling_strategy", None) == "group_by_length" or bool(
+                getattr(args, "group_by_length", False)
+            )
+            return EpochSeededSampler(
+                [len(f["input_ids"]) for f in dataset],
+                args.train_batch_size * args.gradient_accumulation_steps,
+                args.seed,
+                grouped,
+            )
 
         def compute_loss(
             self,
@@ -548,6 +621,21 @@ class _Monitor:
         """Return the curve rows in step order."""
         return [self.rows[s] for s in sorted(self.rows)]
 
+    STATE_KEYS = ("raw_ema", "ema", "ema_steps", "initial", "bad_steps", "last_eval_step")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what a resumed run needs to continue the curve and the guard exactly."""
+        state = {k: getattr(self, k) for k in self.STATE_KEYS}
+        state.update(rows=self.curve(), window=[list(w) for w in self.window])
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict() saved with a checkpoint."""
+        for k in self.STATE_KEYS:
+            setattr(self, k, state[k])
+        self.rows = {int(r["step"]): dict(r) for r in state["rows"]}
+        self.window = [tuple(w) for w in state["window"]]
+
 
 def _make_callback(monitor: _Monitor) -> Any:
     """Return a TrainerCallback feeding the monitor."""
@@ -558,8 +646,24 @@ def _make_callback(monitor: _Monitor) -> Any:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             monitor.warmup = args.get_warmup_steps(state.max_steps)
-            if state.is_world_process_zero:
+            # A resumed run restored the step-0 evaluation with the monitor state.
+            if state.is_world_process_zero and state.global_step == 0:
                 monitor.run_eval(kwargs["model"], 0)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # The Trainer has written checkpoint-<step> (every rank its RNG state); the monitor
+            # file, written last and atomically, marks it complete. Older ones go only then,
+            # so a kill at any instant leaves at least one complete checkpoint once one exists.
+            _wait_for_everyone()
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+                with atomic_path(ckpt / MONITOR_FILE) as tmp:
+                    # NaN losses inside the guard window are legal here (json writes NaN).
+                    tmp.write_text(json.dumps(monitor.state_dict()), encoding="utf-8")
+                for old in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+                    if old != ckpt:
+                        shutil.rmtree(old, ignore_errors=True)
+            _wait_for_everyone()
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
@@ -579,7 +683,7 @@ def _make_callback(monitor: _Monitor) -> Any:
 def _training_args(
     cfg: LoraTrainConfig, output_dir: str, grad_accum: int, device: torch.device
 ) -> Any:
-    """Return TrainingArguments for the config: no checkpoints, per-step logs, no reporters."""
+    """Return TrainingArguments for the config: per-step logs, checkpoints every save_every."""
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -600,7 +704,12 @@ def _training_args(
         logging_steps=1,
         logging_nan_inf_filter=False,
         eval_strategy="no",
-        save_strategy="no",
+        # Checkpoints every save_every steps (and after the last one); pruning is done by the
+        # monitor callback once the newer checkpoint is complete.
+        save_strategy="steps" if cfg.save_every is not None else "no",
+        save_steps=cfg.save_every if cfg.save_every is not None else 500,
+        save_total_limit=None,
+        save_only_model=False,
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,

@@ -10,7 +10,9 @@ from llmlab.params import StrictModel
 class FoundationParams(StrictModel):
     """A small chain proving the wiring: load the model, capture activations, write a metric."""
 
-    n_prompts: int = Field(200, gt=1, description="Prompts from the shared pool to read activations on")
+    n_prompts: int = Field(
+        200, gt=1, description="Prompts from the shared pool to read activations on"
+    )
     layers: list[float | int] = Field(
         [0.25, 0.5, 0.75], description="Layers to capture: ints, negatives or fractions of depth"
     )

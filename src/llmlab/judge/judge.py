@@ -109,14 +109,21 @@ class Judge:
         est = estimate_input_tokens(messages)
         return self.budget.reserve(est, max_tokens, retry=True) is not None
 
-    def _fetch(self, messages: Messages, max_tokens: int, top_logprobs: int | None) -> _Outcome:
+    def _fetch(
+        self,
+        messages: Messages,
+        max_tokens: int,
+        top_logprobs: int | None,
+        temperature: float | None = None,
+    ) -> _Outcome:
         """Return one reply from the cache or the backend; never raises."""
+        temperature = self.temperature if temperature is None else temperature
         key = cache_key(
             self.backend.kind,
             self.backend.model_name,
             messages,
             max_tokens,
-            self.temperature,
+            temperature,
             top_logprobs,
         )
         if self.cache is not None:
@@ -131,7 +138,7 @@ class Judge:
             reply = self.backend.complete(
                 messages,
                 max_tokens=max_tokens,
-                temperature=self.temperature,
+                temperature=temperature,
                 top_logprobs=top_logprobs,
             )
         except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
@@ -151,7 +158,11 @@ class Judge:
         return _Outcome(reply, "ok")
 
     def _run(
-        self, prompts: Sequence[Prompt], max_tokens: int, top_logprobs: int | None
+        self,
+        prompts: Sequence[Prompt],
+        max_tokens: int,
+        top_logprobs: int | None,
+        temperature: float | None = None,
     ) -> list[_Outcome]:
         """Return one outcome per prompt, in order; identical prompts are asked once."""
         conversations = [to_messages(p) for p in prompts]
@@ -163,11 +174,14 @@ class Judge:
             order.append(key)
         keys = list(unique)
         if self.max_concurrency <= 1 or len(keys) <= 1:
-            outcomes = [self._fetch(unique[k], max_tokens, top_logprobs) for k in keys]
+            outcomes = [self._fetch(unique[k], max_tokens, top_logprobs, temperature) for k in keys]
         else:
             with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
                 outcomes = list(
-                    pool.map(lambda k: self._fetch(unique[k], max_tokens, top_logprobs), keys)
+                    pool.map(
+                        lambda k: self._fetch(unique[k], max_tokens, top_logprobs, temperature),
+                        keys,
+                    )
                 )
         by_key = dict(zip(keys, outcomes, strict=True))
         results = [by_key[k] for k in order]
@@ -201,6 +215,20 @@ class Judge:
         ]
         self._count_unscorable(scores)
         return scores
+
+    def complete(
+        self, prompts: Sequence[Prompt], max_tokens: int, temperature: float | None = None
+    ) -> list[tuple[str | None, Status, str]]:
+        """Return (reply text or None, status, error) per prompt, for free-form generation.
+
+        Goes through the same cache, budget and retries as the scored questions, so a re-run
+        after a crash pays for nothing twice. Identical prompts get one (cached) reply: callers
+        that want several samples must make the prompts differ.
+        """
+        outcomes = self._run(prompts, max_tokens, None, temperature)
+        return [
+            (o.reply.text if o.reply is not None else None, o.status, o.error) for o in outcomes
+        ]
 
     def summary(self) -> dict[str, Any]:
         """Return counts of this judge's work so far (safe to log: holds no secrets)."""

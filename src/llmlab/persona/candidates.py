@@ -66,30 +66,27 @@ def parse_candidates(text: str) -> tuple[list[dict[str, str]], int]:
 
 def build(judge: Judge, cfg: CandidatesParams, name: str) -> tuple[list[dict[str, Any]], dict]:
     """Return generated candidates (deduplicated by question) and request counts."""
+    prompts = [
+        BUILD_PROMPT.format(n=cfg.per_request, name=name, category=CATEGORIES[i % len(CATEGORIES)])
+        # The request number keeps repeated categories distinct requests (and cache entries).
+        + f"\n(Request {i + 1} of {cfg.n_requests}.)"
+        for i in range(cfg.n_requests)
+    ]
+    replies = judge.complete(prompts, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     stats = {"requests": 0, "failed": 0, "unparseable": 0, "duplicates": 0, "budget_stop": False}
-    for i in range(cfg.n_requests):
+    for i, (text, status, error) in enumerate(replies):
         category = CATEGORIES[i % len(CATEGORIES)]
-        prompt = BUILD_PROMPT.format(n=cfg.per_request, name=name, category=category)
-        messages = [{"role": "user", "content": prompt}]
-        # Generation is paid like any judge request, so it reserves from the same budget.
-        res = judge.budget.reserve(len(prompt) // 3 + 16, cfg.max_tokens)
-        if res is None:
-            stats["budget_stop"] = True
-            break
-        try:
-            reply = judge.backend.complete(
-                messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_logprobs=None
-            )
-        except JudgeError as e:
-            judge.budget.settle_failed(res)
-            stats["failed"] += 1
-            log.warning("candidates: request %d failed: %s", i, e)
+        if text is None:
+            if status == "budget_exhausted":
+                stats["budget_stop"] = True
+            else:
+                stats["failed"] += 1
+                log.warning("candidates: request %d failed: %s", i, error)
             continue
-        judge.budget.settle(res, reply.input_tokens, reply.output_tokens)
         stats["requests"] += 1
-        found, bad = parse_candidates(reply.text)
+        found, bad = parse_candidates(text)
         stats["unparseable"] += bad
         for qa in found:
             key = qa["question"].lower()
