@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, device_name, prompt_lengths, random_shape_model, report  # noqa: E402
 
-from llmlab.activations import CaptureItem, capture_to_disk  # noqa: E402
+from llmlab.activations import CaptureItem, capture_to_disk, encode_items  # noqa: E402
 from llmlab.chat import collate, encode_chat  # noqa: E402
 from llmlab.layers import resolve_layers  # noqa: E402
 from llmlab.models import LoadedModel, decoder_layers, load_model  # noqa: E402
@@ -94,7 +94,17 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of one capture batch"
     )
-    ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 matmul peak for MFU (default: measured in this run by an 8192^3 product)",
+    )
+    ap.add_argument(
+        "--forward-ref",
+        default="256x256",
+        help="RxL: also time a bare stopped forward of one R x L batch (the model's own ceiling)",
+    )
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for random-shape models")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
@@ -121,11 +131,31 @@ def main() -> None:
         )
     layers = resolve_layers(LAYERS, loaded.n_layers)
     items = make_items(loaded.tokenizer, args.n, seed=0)
-    real_tokens = sum(
-        len(encode_chat(loaded.tokenizer, it.messages, chat=True).input_ids) for it in items
+    if device == "cuda" and args.peak_tflops is None:
+        from common import matmul_tflops
+
+        args.peak_tflops = matmul_tflops()
+        print(f"measured bf16 matmul: {args.peak_tflops:.0f} TFLOP/s", flush=True)
+    elif args.peak_tflops is None:
+        args.peak_tflops = float("nan")
+    # Encoding cost on its own: one core vs the worker pool capture_to_disk uses.
+    sub = items[: min(len(items), 2000)]
+    t0 = time.perf_counter()
+    encode_items(loaded, sub, workers=1)
+    serial_s = (time.perf_counter() - t0) * len(items) / len(sub)
+    t0 = time.perf_counter()
+    encoded_all = encode_items(loaded, items)
+    parallel_s = time.perf_counter() - t0
+    print(
+        f"encode {len(items)} prompts: one core {serial_s:.2f}s (extrapolated from {len(sub)}), "
+        f"workers {parallel_s:.2f}s",
+        flush=True,
     )
+    real_tokens = sum(len(e.input_ids) for e in encoded_all)
     warm = items[:4]
     naive_capture(loaded, warm, layers, 4)
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up of the capture path, untimed
+        capture_to_disk(loaded, items[:64], layers, Path(tmp) / "w", progress=False)
 
     def timed(fn) -> tuple[float, float]:
         if device == "cuda":
@@ -179,6 +209,21 @@ def main() -> None:
                 )
             )
         print(runs[-1], flush=True)
+    if device == "cuda" and args.forward_ref:
+        r, ell = (int(x) for x in args.forward_ref.lower().split("x"))
+        ids = torch.randint(100, 30000, (r, ell), device=device)
+        from llmlab.hooks import record_layers
+
+        def bare() -> None:
+            with torch.no_grad(), record_layers(loaded.layers, [max(layers)], True):
+                loaded.model(input_ids=ids, use_cache=False)
+
+        bare()
+        secs = min(timed(bare)[0] for _ in range(3))
+        runs.append(
+            (f"reference: bare stopped forward, one {r} x {ell} batch, best of 3", r, r * ell,
+             secs, torch.cuda.max_memory_allocated() / 2**30, "")
+        )  # fmt: skip
     base_tps = base_tokens / base_s
     rows = []
     for name, n_items, toks, secs, mem, rss in runs:
@@ -202,15 +247,17 @@ def main() -> None:
     if args.profile and device == "cuda":
         from common import profile_top
 
-        from llmlab.activations import capture_batch, encode_items
+        from llmlab.activations import capture_batch
 
-        enc = sorted(encode_items(loaded, items), key=lambda e: -len(e.input_ids))
+        enc = sorted(encoded_all, key=lambda e: -len(e.input_ids))
         budget = int(args.max_tokens.split(",")[0])
         mid = len(enc) // 2
         n = max(1, min(args.batch_size * 16, budget // len(enc[mid].input_ids)))
         b = collate(enc[mid : mid + n], loaded.tokenizer.pad_token_id, padding_side="right")
         print(f"profile: one batch {tuple(b.input_ids.shape)}", flush=True)
         print(profile_top(lambda: capture_batch(loaded, b, layers, ["prompt_last"])), flush=True)
+    for r in rows:
+        r["peak TFLOP/s (measured)"] = args.peak_tflops
     report(f"Activation capture ({args.shape}, {device})", rows, append=not args.no_append)
 
 

@@ -64,12 +64,16 @@ def layer_params(model, first: int, last: int) -> int:
     )
 
 
-def bench_gradients(loaded, convs, batch_size, grad_tokens, peak_tflops, skip_baseline=False):
+def bench_gradients(
+    loaded, convs, batch_size, grad_tokens, peak_tflops, skip_baseline=False, baseline_n=None
+):
     layers = resolve_layers([i / 9 for i in range(1, 9)], loaded.n_layers)
     tok = loaded.tokenizer
     enc = [encode_chat(tok, c, chat=loaded.chat) for c in convs]
     lengths = [len(e.input_ids) for e in enc]
     tokens = sum(lengths)
+    base_enc = enc[:baseline_n] if baseline_n else enc
+    base_tokens = sum(len(e.input_ids) for e in base_enc)
     batches = token_budget_batches(lengths, 256, grad_tokens)
     n_all = loaded.n_layers - 1
     flops_per_token = 2 * layer_params(loaded.model, 0, n_all) + 2 * layer_params(
@@ -85,8 +89,8 @@ def bench_gradients(loaded, convs, batch_size, grad_tokens, peak_tflops, skip_ba
         for p in loaded.model.parameters():
             p.requires_grad_(False)
         emb = loaded.model.get_input_embeddings()
-        for s in range(0, len(enc), batch_size):
-            b = collate(enc[s : s + batch_size], tok.pad_token_id, "right").to(loaded.device)
+        for s in range(0, len(base_enc), batch_size):
+            b = collate(base_enc[s : s + batch_size], tok.pad_token_id, "right").to(loaded.device)
             x = emb(b.input_ids).detach().requires_grad_(True)
             out = loaded.model(
                 inputs_embeds=x,
@@ -114,12 +118,13 @@ def bench_gradients(loaded, convs, batch_size, grad_tokens, peak_tflops, skip_ba
     rows = []
     for name, fn in runs:
         secs, mem = timed(fn)
-        tps = tokens / secs
+        n_tok = base_tokens if name.startswith("baseline") else tokens
+        tps = n_tok / secs
         rows.append(
             {
                 "op": "gradients (8 layers)",
                 "method": name,
-                "tokens": tokens,
+                "tokens": n_tok,
                 "seconds": secs,
                 "tokens/s": tps,
                 "MFU %": 100 * tps * flops_per_token / (peak_tflops * 1e12)
@@ -129,7 +134,7 @@ def bench_gradients(loaded, convs, batch_size, grad_tokens, peak_tflops, skip_ba
             }
         )
     for r in rows:
-        r["ratio"] = rows[0]["seconds"] / r["seconds"]
+        r["ratio"] = r["tokens/s"] / rows[0]["tokens/s"]
     return rows
 
 
@@ -260,7 +265,15 @@ def main() -> None:
     ap.add_argument("--steer-repeats", type=int, default=3)
     ap.add_argument("--ops", default="gradients,steering,generation", help="comma-separated subset")
     ap.add_argument("--skip-grad-baseline", action="store_true")
-    ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
+    ap.add_argument(
+        "--grad-baseline-n", type=int, default=None, help="gradient baseline on the first N only"
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 matmul peak for MFU (default: measured in this run)",
+    )
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -285,6 +298,13 @@ def main() -> None:
             dtype,
         )
     ops = set(args.ops.split(","))
+    if device == "cuda" and args.peak_tflops is None:
+        from common import matmul_tflops
+
+        args.peak_tflops = matmul_tflops()
+        print(f"measured bf16 matmul: {args.peak_tflops:.0f} TFLOP/s", flush=True)
+    elif args.peak_tflops is None:
+        args.peak_tflops = float("nan")
     rows = []
     if "gradients" in ops:
         grad_convs = with_answers(make_items(loaded.tokenizer, args.n_grad, seed=1))
@@ -296,10 +316,11 @@ def main() -> None:
                 budget,
                 args.peak_tflops,
                 args.skip_grad_baseline or k > 0,
+                args.grad_baseline_n,
             )
             if k > 0 and rows:
                 for r in got:
-                    r["ratio"] = rows[0]["seconds"] / r["seconds"]
+                    r["ratio"] = r["tokens/s"] / rows[0]["tokens/s"]
             rows += got
             print(rows[-1], flush=True)
         if args.profile and torch.cuda.is_available():

@@ -31,6 +31,15 @@ SHAPES = {
         num_key_value_heads=4,
         vocab_size=152064,
     ),
+    # a few-MB model of the same architecture, for checking the scripts on a CPU
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=224,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+    ),
     "qwen2.5-32b": dict(
         hidden_size=5120,
         intermediate_size=27648,
@@ -104,12 +113,13 @@ def profile_top(fn, n: int = 15) -> str:
     )
 
 
-def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+def matmul_tflops(n: int = 8192, reps: int = 50) -> float:
     """Return the measured bf16 matmul rate (TFLOP/s) of an n x n x n product on random data."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
+    for _ in range(5):
         a @ b
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):

@@ -96,16 +96,21 @@ def residual_gradients(
     # Right-padded batches run without the padding mask (causal attention gives the same
     # values at every real token, on the fused kernels); see attention_mask_for.
     needs_mask = attention_mask_for(batch.attention_mask) is not None
+    # Only the logits that predict assistant tokens are computed: with a 128k vocabulary
+    # the full [batch, seq, vocab] logits would dominate memory. The positions and the
+    # empty-row check are read from the labels before they move, so the host never waits
+    # for the device (the previous batch's backward) here.
+    keep = scored_positions(batch.labels)
+    if bool(((batch.labels[:, 1:] != -100).sum(dim=1) == 0).any()):
+        raise ValueError("gradient batch has a row without assistant tokens to score")
     batch = batch.to(loaded.device)
+    keep = keep.to(loaded.device)
     try:
         with (
             frozen(model),
             forward_hooks(loaded.layers, {i: make(i) for i in layers}),
             torch.enable_grad(),
         ):
-            # Only the logits that predict assistant tokens are computed: with a 128k vocabulary
-            # the full [batch, seq, vocab] logits would dominate memory.
-            keep = scored_positions(batch.labels)
             out = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask if needs_mask else None,
@@ -113,8 +118,6 @@ def residual_gradients(
                 logits_to_keep=keep,
             )
             loss, count = _loss_at(out.logits, batch.labels[:, keep + 1])
-            if torch.any(count == 0):
-                raise ValueError("gradient batch has a row without assistant tokens to score")
             grads = torch.autograd.grad(loss.sum(), [store[i] for i in layers])
     finally:
         model.train(was_training)
