@@ -1,16 +1,36 @@
-"""Batched generation: left-padded, length-grouped, seeded sampling or greedy, stop strings."""
+"""Batched generation: left-padded, length-grouped, seeded sampling or greedy, stop strings.
+
+With `work_dir`, generation is resumable: every `save_every` batches the finished completions
+go to a shard file in `work_dir` (written atomically), and a re-run with the same model, inputs
+and settings reads them back and generates only the batches no shard holds. A kill therefore
+costs at most one shard's batches, and the result is the one an uninterrupted run gives: each
+batch's samples depend only on (seed, batch index), never on where a run started. The caller
+writes its final output and then removes `work_dir` (see `persona.generate`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from llmlab.chat import Message, collate, encode_chat, token_budget_batches
+from llmlab.io import atomic_path
 from llmlab.models import LoadedModel
+
+log = logging.getLogger(__name__)
+WORK_META = "meta.json"  # in a work dir: the fingerprint of the run its shards belong to
+SHARD_PREFIX = "shard-"
 
 SteerFactory = Callable[[list[int], torch.Tensor], contextlib.AbstractContextManager[Any]]
 
@@ -50,6 +70,9 @@ def generate(
     stop_strings: Sequence[str] = (),
     steer: SteerFactory | None = None,
     progress: bool = True,
+    work_dir: str | os.PathLike[str] | None = None,
+    save_every: int = 1,
+    resume_key: Any = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Return one completion per conversation, in input order.
@@ -59,7 +82,16 @@ def generate(
     samples. `steer(rows, attention_mask)` may return a context manager (e.g. steering.steer
     with per-row vectors) entered around each batch's generate call. Extra keyword arguments
     go to `model.generate` unchanged.
+
+    work_dir: make the run resumable (module docstring): completions are saved there every
+    `save_every` batches and a re-run reuses them. Shards are reused only when the model
+    name and path, dtype, device type, the encoded prompts, every setting above and
+    `resume_key` are unchanged (otherwise the work dir is cleared and the run starts fresh);
+    put in `resume_key` what the fingerprint cannot see, e.g. an adapter's digest or
+    which steering a `steer` factory applies.
     """
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
     tok = loaded.tokenizer
     encoded = [encode_chat(tok, conv, chat=loaded.chat) for conv in conversations]
     lengths = [len(e.input_ids) for e in encoded]
@@ -67,8 +99,34 @@ def generate(
     batches = token_budget_batches([n + max_new_tokens for n in lengths], batch_size, budget)
     eos = _eos_ids(loaded)
     outputs: list[str] = [""] * len(encoded)
+    done: dict[int, list[str]] = {}
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        settings = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "batch_size": batch_size,
+            "max_tokens_per_batch": budget,
+            "stop_strings": list(stop_strings),
+            "steer": steer is not None,
+            "generate_kwargs": generate_kwargs,
+            "resume_key": resume_key,
+        }
+        fingerprint = _fingerprint(loaded, [e.input_ids for e in encoded], settings)
+        done = _open_work_dir(work, fingerprint, batches)
+        for b, texts in done.items():
+            for row, text in zip(batches[b], texts, strict=True):
+                outputs[row] = text
+        if done:
+            log.info("%s: %d of %d batches already generated", work, len(done), len(batches))
+    pending: dict[int, dict[str, list]] = {}
     bar = tqdm(total=len(encoded), disable=not progress, desc="generate")
+    bar.update(sum(len(batches[b]) for b in done))
     for b, rows in enumerate(batches):
+        if b in done:
+            continue
         batch = collate([encoded[i] for i in rows], tok.pad_token_id, padding_side="left").to(
             loaded.device
         )
@@ -94,8 +152,115 @@ def generate(
             text = tok.decode(seq, skip_special_tokens=True)
             outputs[row] = truncate_at_stop(text, stop_strings).strip()
         bar.update(len(rows))
+        if work is not None:
+            pending[b] = {"rows": list(rows), "texts": [outputs[row] for row in rows]}
+            if len(pending) >= save_every or b == len(batches) - 1:
+                _write_shard(work, pending)
+                pending = {}
+    if work is not None and pending:  # the last batch was reused, an earlier one was not
+        _write_shard(work, pending)
     bar.close()
     return outputs
+
+
+def _fingerprint(loaded: LoadedModel, input_ids: list[list[int]], settings: dict) -> str:
+    """Return the digest of what a run's completions depend on (see generate)."""
+    config = getattr(loaded.model, "config", None)
+    try:
+        dtype = str(next(loaded.model.parameters()).dtype)
+    except (StopIteration, AttributeError, TypeError):
+        dtype = None
+    prompts = hashlib.sha256(json.dumps(input_ids).encode()).hexdigest()
+    doc = {
+        "model": loaded.name,
+        "path": str(getattr(config, "_name_or_path", "")),
+        "dtype": dtype,
+        "device": torch.device(loaded.device).type,
+        "prompts_sha256": prompts,
+        "n_prompts": len(input_ids),
+        **settings,
+    }
+    text = json.dumps(doc, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _open_work_dir(work: Path, fingerprint: str, batches: list[list[int]]) -> dict[int, list[str]]:
+    """Prepare a work dir; return {batch index: completions} of the shards it already holds.
+
+    A work dir of another run (other fingerprint) is cleared; a shard that cannot be read or
+    does not fit this run's batches is ignored (its batches are generated again).
+    """
+    remove_trash(work)
+    meta = work / WORK_META
+    try:
+        same = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
+        if work.exists():
+            log.warning("%s: generated with other inputs or settings; starting fresh", work)
+            discard_work_dir(work)
+        work.mkdir(parents=True)
+        with atomic_path(meta) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "n_batches": len(batches)}))
+        return {}
+    done: dict[int, list[str]] = {}
+    for path in sorted(work.glob(f"{SHARD_PREFIX}*.json")):
+        try:
+            shard = json.loads(path.read_text(encoding="utf-8"))
+            for key, entry in shard.items():
+                b = int(key)
+                texts = entry["texts"]
+                if entry["rows"] != batches[b] or len(texts) != len(batches[b]):
+                    raise ValueError(f"batch {b} does not match")
+                if not all(isinstance(t, str) for t in texts):
+                    raise ValueError(f"batch {b}: texts are not strings")
+                done[b] = texts
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            log.warning("%s: ignored (%s); its batches are generated again", path, e)
+    return done
+
+
+TRASH_SUFFIX = ".trash"
+
+
+def discard_work_dir(work_dir: str | os.PathLike[str]) -> None:
+    """Remove a work dir: renamed aside first, so a kill never leaves a half-deleted one.
+
+    (A half-deleted work dir without its meta file would make the next run start afresh.)
+    """
+    work = Path(work_dir)
+    if not work.exists():
+        return
+    trash = tempfile.mkdtemp(prefix=f".{work.name}.", suffix=TRASH_SUFFIX, dir=work.parent)
+    os.replace(work, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_trash(work_dir: str | os.PathLike[str]) -> None:
+    """Remove what a killed discard_work_dir(work_dir) left beside it."""
+    work = Path(work_dir)
+    if work.parent.is_dir():
+        for p in work.parent.glob(f".{work.name}.*{TRASH_SUFFIX}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_shard(work: Path, pending: dict[int, dict[str, list]]) -> None:
+    """Write finished batches to a new shard file (atomically: whole or absent)."""
+    first = min(pending)
+    doc = {str(b): entry for b, entry in sorted(pending.items())}
+    path = work / f"{SHARD_PREFIX}{first:06d}.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+
+
+def saved_batches(work_dir: str | os.PathLike[str]) -> dict[int, int]:
+    """Return {batch index: rows} of the shards in a work dir (for progress reports and tests)."""
+    out: dict[int, int] = {}
+    for path in sorted(Path(work_dir).glob(f"{SHARD_PREFIX}*.json")):
+        for key, entry in json.loads(path.read_text(encoding="utf-8")).items():
+            out[int(key)] = len(entry["texts"])
+    return out
 
 
 def repeat_for_samples(

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -823,7 +824,17 @@ def train_lora(
         return values
 
     monitor = _Monitor(cfg, evaluate)
-    trainer_dir = tempfile.mkdtemp(prefix="llmlab-trainer-")
+    resume_from: Path | None = None
+    if cfg.save_every is not None:
+        fingerprint = _resume_fingerprint(loaded, cfg, train, val, grad_accum)
+        trainer_dir = str(partial_dir(out_dir))
+        resume_from = _prepare_work_dir(Path(trainer_dir), fingerprint)
+        if resume_from is not None:
+            state = json.loads((resume_from / MONITOR_FILE).read_text(encoding="utf-8"))
+            monitor.load_state_dict(state)
+            log.info("%s: resuming from %s", out_dir, resume_from)
+    else:
+        trainer_dir = tempfile.mkdtemp(prefix="llmlab-trainer-")
     try:
         args = _training_args(cfg, trainer_dir, grad_accum, loaded.device)
         trainer = _make_trainer_class()(
@@ -837,17 +848,22 @@ def train_lora(
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
         t_train = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - t_train - monitor.eval_seconds
         state = trainer.state
         steps, tokens = int(state.global_step), int(state.num_input_tokens_seen)
         is_main = trainer.is_world_process_zero()
         model = trainer.model
         del trainer
-    except BaseException:
+    except BaseException as e:
         loaded.model = peft_model.unload()
+        # Checkpoints stay for a re-run to resume from, unless the run can never succeed as
+        # configured (a resumed run would diverge again) or there are none to keep.
+        if cfg.save_every is None or isinstance(e, TrainingDiverged | TrainingError):
+            if _is_main_process():
+                _discard(Path(trainer_dir))
         raise
-    finally:
+    if cfg.save_every is None:
         shutil.rmtree(trainer_dir, ignore_errors=True)
 
     model.eval()
@@ -875,13 +891,136 @@ def train_lora(
         "train_time_s": round(train_seconds, 3),
         "tokens_per_s": round(tokens_per_s, 2),
         "versions": _versions(),
+        "resumed_from_step": _checkpoint_step(resume_from) if resume_from else None,
     }
     meta.update(extra)
     if is_main:
         meta["wall_time_s"] = round(time.perf_counter() - t_start, 3)
         _write_output(out_dir, model, meta, curve)
+        # Only once the adapter is in place: a kill before this leaves the final checkpoint,
+        # from which a re-run resumes with nothing left to train.
+        if cfg.save_every is not None:
+            _discard(Path(trainer_dir))
     _wait_for_everyone()
     return TrainResult(out_dir, curve, final_train, final_val, tokens_per_s, steps, tokens, model)
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Return the work directory that holds the resumable checkpoints of `out_dir`."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def out_name(work: Path) -> str:
+    """Return the output directory name a work directory belongs to."""
+    return work.name.removesuffix(".partial")
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """Return N of a `checkpoint-N` directory name (None for other names)."""
+    suffix = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    """Return the newest complete checkpoint in a work directory (its monitor file written)."""
+    best: tuple[int, Path] | None = None
+    for p in Path(work).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = _checkpoint_step(p)
+        if step is not None and (p / MONITOR_FILE).is_file() and (best is None or step > best[0]):
+            best = (step, p)
+    return best[1] if best else None
+
+
+def _resume_fingerprint(
+    loaded: LoadedModel,
+    cfg: LoraTrainConfig,
+    train: Sequence[TrainExample],
+    val: Sequence[TrainExample] | None,
+    grad_accum: int,
+) -> dict[str, Any]:
+    """Return what checkpoints must have been made from for a run to resume from them."""
+    config = getattr(loaded.model, "config", None)
+    return {
+        "base_model": loaded.name,
+        "base_path": str(getattr(config, "_name_or_path", "")),
+        "hidden_size": loaded.hidden_size,
+        "n_layers": loaded.n_layers,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "config": cfg.model_dump(mode="json"),
+        "data_sha256": examples_sha256(train),
+        "val_sha256": examples_sha256(val) if val else None,
+        "gradient_accumulation_steps": grad_accum,
+        "world_size": _world_size(),
+        "versions": _versions(),
+    }
+
+
+def _prepare_work_dir(work: Path, fingerprint: dict[str, Any]) -> Path | None:
+    """Make `work` ready for this run; return the checkpoint to resume from, if any.
+
+    Checkpoints made from another config, data set or base model are discarded (with a log
+    line saying why); so are incomplete checkpoints a kill left behind.
+    """
+    resume: Path | None = None
+    if _is_main_process():
+        record = work / RESUME_FILE
+        if work.exists():
+            try:
+                before = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                before = None
+            if before != fingerprint:
+                changed = (
+                    sorted(k for k in fingerprint if before.get(k) != fingerprint[k])
+                    if isinstance(before, dict)
+                    else ["no readable " + RESUME_FILE]
+                )
+                log.warning("%s: starting fresh; the checkpoints differ in %s", work, changed)
+                _discard(work)
+        if not work.exists():
+            work.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{work.name}.", dir=work.parent))
+            write_json(staging / RESUME_FILE, fingerprint)
+            os.replace(staging, work)
+        # Staging directories a kill left beside the output (see _write_output).
+        stale = re.compile(re.escape(f".{out_name(work)}.") + r"(old\.|partial\.)?[\w]{8}")
+        for p in work.parent.iterdir():
+            if p.is_dir() and stale.fullmatch(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+        resume = latest_checkpoint(work)
+        for p in work.glob(f"{CHECKPOINT_PREFIX}*"):
+            if p != resume:  # incomplete (no monitor file) or superseded
+                shutil.rmtree(p, ignore_errors=True)
+        for p in work.glob(".*"):  # temporary files of an interrupted atomic write
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    _wait_for_everyone()
+    if not _is_main_process():
+        resume = latest_checkpoint(work)
+    return resume
+
+
+def _discard(path: Path) -> None:
+    """Remove a directory by first renaming it aside (to a name the next run cleans up).
+
+    A kill in the middle of removing a work directory must not leave a half-deleted one that
+    looks like a work directory to the next run.
+    """
+    if not path.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _is_main_process() -> bool:
+    """Return whether this is the main process (always true without accelerate launch)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _versions() -> dict[str, str]:

@@ -2,18 +2,24 @@
 
 The model loads once with the adapter; the base model's answers come from the same weights
 with the adapter disabled, sampled with the same seed, so the two differ only by the LoRA.
+
+Generation is resumable: completed batches go to `<out>.partial/<model>/` as they finish, a
+re-run after a crash generates only what is missing (each batch's samples depend on the seed
+and its index alone, so the result equals an uninterrupted run's), and the directory is
+removed once the outputs are written.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from llmlab.chat import render
-from llmlab.generation import generate, repeat_for_samples
+from llmlab.generation import discard_work_dir, generate, remove_trash, repeat_for_samples
 from llmlab.io import write_json, write_jsonl
 from llmlab.models import LoadedModel, load_model
 from llmlab.params import load_params
@@ -44,10 +50,31 @@ def identical_conditions(
     return [names for names in rendered.values() if len(names) > 1]
 
 
+def adapter_digest(adapter: Path) -> str:
+    """Return the sha256 of an adapter directory's files (names and contents)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(adapter).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(adapter)).encode() + b"\0")
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
 def sample_grid(
-    loaded: LoadedModel, cells: list[Cell], trigger: Trigger, model: str, cfg: Any
+    loaded: LoadedModel,
+    cells: list[Cell],
+    trigger: Trigger,
+    model: str,
+    cfg: Any,
+    work_dir: Path | None = None,
+    resume_key: Any = None,
 ) -> list[dict[str, Any]]:
-    """Return one row per (cell, sample) for the model variant currently active."""
+    """Return one row per (cell, sample) for the model variant currently active.
+
+    work_dir / resume_key: resumable generation (llmlab.generation.generate).
+    """
     prompts = [c.conversation(trigger) for c in cells]
     conversations = repeat_for_samples(prompts, cfg.n_samples)
     replies = generate(
@@ -58,6 +85,8 @@ def sample_grid(
         top_p=cfg.top_p,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
+        work_dir=work_dir,
+        resume_key=resume_key,
     )
     n = cfg.n_samples
     return [
@@ -87,11 +116,16 @@ def main() -> None:
     )
     cells = grid_cells(eval_items(questions, heldout), cfg.system_prompts)
     loaded = load_model(params, adapter=args.adapter)
+    work = args.out.with_name(args.out.name + ".partial")
+    remove_trash(work)
+    key = {"adapter_sha256": adapter_digest(args.adapter)}
     rows: list[dict[str, Any]] = []
     for model in MODELS:
         ctx = loaded.model.disable_adapter() if model == "base" else contextlib.nullcontext()
         with ctx:
-            rows += sample_grid(loaded, cells, trigger, model, cfg)
+            rows += sample_grid(
+                loaded, cells, trigger, model, cfg, work / model, {**key, "variant": model}
+            )
         log.info("%s: %d samples", model, len(rows))
     write_jsonl(args.out, rows)
     write_json(
@@ -108,6 +142,7 @@ def main() -> None:
             "n_rows": len(rows),
         },
     )
+    discard_work_dir(work)
 
 
 if __name__ == "__main__":
