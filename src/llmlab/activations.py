@@ -27,8 +27,11 @@ from llmlab.chat import (
     ChatError,
     EncodedChat,
     Message,
+    _user_end,
+    adds_bos,
     collate,
     encode_chat,
+    render,
     token_budget_batches,
 )
 from llmlab.hooks import record_layers
@@ -91,63 +94,46 @@ def capture_batch(
     return out
 
 
-# Below this many items, encoding in this process is quicker than starting workers.
-PARALLEL_ENCODE_MIN = 2048
-
-# The tokenizer and chat flag the forked encode workers read (set only around a pool's life).
-_ENCODE_STATE: tuple[Any, bool] | None = None
-
-
-def _encode_chunk(chunk: list[list[Message]]) -> list[EncodedChat]:
-    assert _ENCODE_STATE is not None
-    tok, chat = _ENCODE_STATE
-    return [encode_chat(tok, messages, chat=chat) for messages in chunk]
-
-
-def encode_items(
-    loaded: LoadedModel, items: Sequence[CaptureItem], workers: int | None = None
-) -> list[EncodedChat]:
+def encode_items(loaded: LoadedModel, items: Sequence[CaptureItem]) -> list[EncodedChat]:
     """Return the encoded conversations of the items, in order.
 
-    Rendering the chat template and tokenizing cost about a millisecond an item on one core,
-    which for 10k+ prompts is a large share of a GPU capture. Large lists are therefore split
-    across forked worker processes (`workers`: default the usable cores, at most 16; 1 or a
-    list under PARALLEL_ENCODE_MIN items encodes here). Every item goes through the same
-    `encode_chat`, so the result is identical either way; the first failing item's ChatError
-    is raised as in the serial path.
+    Prompts (conversations not ending in an assistant message, the usual capture input) are
+    rendered one by one but tokenized in one batched call, which runs in the tokenizer's native
+    code (in parallel where it is allowed to) instead of paying the per-call overhead for each
+    item; the result is the same as `encode_chat`, which encodes everything else.
     """
-    if workers is None:
-        workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     tok, chat = loaded.tokenizer, loaded.chat
-    if workers <= 1 or len(items) < PARALLEL_ENCODE_MIN or not _can_fork():
-        return [encode_chat(tok, it.messages, chat=chat) for it in items]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    global _ENCODE_STATE
-    size = -(-len(items) // (workers * 4))
-    chunks = [[it.messages for it in items[i : i + size]] for i in range(0, len(items), size)]
-    _ENCODE_STATE = (tok, chat)
-    # Workers are forked after this point: the Rust tokenizer must not have its thread pool
-    # running in them (it would otherwise warn and fall back per process anyway).
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            parts = list(pool.map(_encode_chunk, chunks))
-    finally:
-        _ENCODE_STATE = None
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    out: list[EncodedChat | None] = [None] * len(items)
+    prompts: list[int] = []
+    for i, it in enumerate(items):
+        if it.messages and it.messages[-1].get("role") != "assistant" and _batchable(tok):
+            prompts.append(i)
         else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
-    return [enc for part in parts for enc in part]
+            out[i] = encode_chat(tok, it.messages, chat=chat)
+    for lo in range(0, len(prompts), _ENCODE_CHUNK):
+        part = prompts[lo : lo + _ENCODE_CHUNK]
+        texts = [
+            render(tok, items[i].messages, chat=chat, add_generation_prompt=True) for i in part
+        ]
+        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        bos = adds_bos(tok)
+        for k, (i, text) in enumerate(zip(part, texts, strict=True)):
+            ids = list(enc["input_ids"][k])
+            offsets = [tuple(o) for o in enc["offset_mapping"][k]]
+            if bos and not text.startswith(tok.bos_token):
+                ids, offsets = [tok.bos_token_id, *ids], [(0, 0), *offsets]
+            user_end = _user_end(items[i].messages, text, offsets)
+            out[i] = EncodedChat(ids, len(ids), user_end)
+    return out  # type: ignore[return-value]
 
 
-def _can_fork() -> bool:
-    import multiprocessing as mp
+# Prompts tokenized per batched call (bounds the transient memory of one call).
+_ENCODE_CHUNK = 4096
 
-    return "fork" in mp.get_all_start_methods()
+
+def _batchable(tokenizer: Any) -> bool:
+    """Return whether the tokenizer gives character offsets for a batch (fast tokenizers)."""
+    return bool(getattr(tokenizer, "is_fast", False))
 
 
 def _run_key(
