@@ -11,6 +11,9 @@ LLAMA_CPP_PIN ?= llama-cpp-python[server]==0.3.16
 LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
+# Passive OpenMP waiting: spinning threads collapse on a shared CPU (see src/llmlab/__init__.py).
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 
 .PHONY: setup setup-test repro test test-all bench lint clean-venv
 
