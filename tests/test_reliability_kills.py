@@ -322,8 +322,11 @@ def checkpoint_step(out: Path) -> int:
     return int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else 0
 
 
-def assert_same_adapter(out: Path, reference: Path) -> None:
-    """Fail unless `out` holds the reference run's adapter weights and curve (float noise)."""
+def assert_same_adapter(out: Path, reference: Path) -> float:
+    """Fail unless `out` holds the reference run's adapter weights and curve (float noise).
+
+    Returns the largest absolute difference of a weight.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -350,6 +353,7 @@ def assert_same_adapter(out: Path, reference: Path) -> None:
         assert meta[key] == ref_meta[key], key
     for key in ("final_train_loss", "final_val_loss"):
         assert meta[key] == pytest.approx(ref_meta[key], rel=1e-4), key
+    return max(float((got[k] - want[k]).abs().max()) for k in want)
 
 
 def leftovers(out: Path) -> list[str]:
@@ -383,7 +387,7 @@ def kill_training_repeatedly(
     rng = random.Random(seed)
     interval = TRAIN["save_every"] * GRAD_ACCUM  # forward passes in one checkpoint interval
     out = tmp / "adapter"
-    stats: dict[str, Any] = {"kills": 0, "runs": 0, "lost_forwards": [], "resumed_from": []}
+    stats: dict[str, Any] = {"kills": 0, "runs": 0, "lost": [], "resumed_from": []}
     while True:
         before = checkpoint_step(out)
         fw = tmp / f"fw{stats['runs']}.log"
@@ -414,33 +418,61 @@ def kill_training_repeatedly(
             f"kill {stats['kills']}: {lost} forward passes computed but not checkpointed "
             f"(limit {interval}: {TRAIN['save_every']} steps)"
         )
-        stats["lost_forwards"].append(lost)
-    assert_same_adapter(out, reference)
+        stats["lost"].append(lost)
+    stats["max_weight_diff"] = assert_same_adapter(out, reference)
     assert leftovers(out) == sorted(p.name for p in tmp.iterdir() if p.suffix == ".log")
-    stats["worst_lost_steps"] = max(stats["lost_forwards"], default=0) / GRAD_ACCUM
+    stats["worst_lost_steps"] = max(stats["lost"], default=0) / GRAD_ACCUM
     return stats
 
 
+def kill_in_chains(
+    run_chain: Callable[..., dict[str, Any]],
+    server: Server,
+    tmp: Path,
+    kills: int,
+    per_chain: int,
+    seed: int,
+    plain_from: int | None = None,
+) -> dict[str, Any]:
+    """Run kill chains (fresh outputs) until `kills` kills landed; sum their figures.
+
+    Chains from index `plain_from` on start plain `python` processes instead of forks. A chain
+    can end with fewer kills than asked when a run finishes first; the next chain continues.
+    """
+    total: dict[str, Any] = {"kills": 0, "runs": 0, "chains": 0, "lost": [], "max_weight_diff": 0.0}
+    while total["kills"] < kills:
+        chain = total["chains"]
+        assert chain < 3 * kills, "runs keep finishing before the kill"
+        case = tmp / f"chain{chain}"
+        case.mkdir()
+        how = None if plain_from is not None and chain >= plain_from else server
+        n = min(per_chain, kills - total["kills"])
+        stats = run_chain(how, case, n, seed + chain)
+        total["chains"] += 1
+        total["kills"] += stats["kills"]
+        total["runs"] += stats["runs"]
+        total["lost"] += stats["lost"]
+        total["max_weight_diff"] = max(total["max_weight_diff"], stats.get("max_weight_diff", 0.0))
+    return total
+
+
 def test_training_survives_sigkill_short(server, tiny_dirs, train_reference, tmp_path) -> None:
-    stats = kill_training_repeatedly(
-        server, tiny_dirs["llama"], train_reference, tmp_path, kills=2, seed=1
-    )
+    def chain(how: Server | None, case: Path, n: int, seed: int) -> dict[str, Any]:
+        return kill_training_repeatedly(how, tiny_dirs["llama"], train_reference, case, n, seed)
+
+    stats = kill_in_chains(chain, server, tmp_path, kills=2, per_chain=2, seed=1)
     print(f"\ntraining kills (short): {stats}")
     assert stats["kills"] == 2
 
 
 @pytest.mark.slow
 def test_training_survives_sigkill_long(server, tiny_dirs, train_reference, tmp_path) -> None:
-    total: dict[str, Any] = {"kills": 0, "runs": 0, "lost_forwards": []}
-    for chain, (seed, how) in enumerate([(11, server), (12, server), (13, None)]):
-        case = tmp_path / f"chain{chain}"
-        case.mkdir()
-        stats = kill_training_repeatedly(how, tiny_dirs["llama"], train_reference, case, 4, seed)
-        print(f"\ntraining kills (long, chain {chain}): {stats}")
-        for key in total:
-            total[key] += stats[key]
-    print(f"training kills (long): {total}")
-    assert total["kills"] == 12
+    def chain(how: Server | None, case: Path, n: int, seed: int) -> dict[str, Any]:
+        return kill_training_repeatedly(how, tiny_dirs["llama"], train_reference, case, n, seed)
+
+    stats = kill_in_chains(chain, server, tmp_path, kills=16, per_chain=4, seed=11, plain_from=3)
+    print(f"\ntraining kills (long): {stats}")
+    assert stats["kills"] == 16
 
 
 # ---------------------------------------------------------------- generation (persona_generate)
@@ -542,7 +574,7 @@ def kill_generation_repeatedly(
     rng = random.Random(seed)
     shard = PERSONA_EVAL["batch_size"]  # generate() saves every batch (save_every=1)
     out = tmp / "generations.jsonl"
-    stats: dict[str, Any] = {"kills": 0, "runs": 0, "lost_rows": [], "resumed_with": []}
+    stats: dict[str, Any] = {"kills": 0, "runs": 0, "lost": [], "resumed_with": []}
     while True:
         before = saved_rows(out)
         rows_log = tmp / f"rows{stats['runs']}.log"
@@ -571,7 +603,7 @@ def kill_generation_repeatedly(
         assert 0 <= lost <= shard, (
             f"kill {stats['kills']}: {lost} rows generated but not saved (limit {shard})"
         )
-        stats["lost_rows"].append(lost)
+        stats["lost"].append(lost)
     assert out.read_bytes() == setup["reference"].read_bytes()
     assert not out.with_name(out.name + ".partial").exists()
     assert not [p for p in tmp.iterdir() if p.name.startswith(".")], "temporary files left"
@@ -579,23 +611,157 @@ def kill_generation_repeatedly(
 
 
 def test_generation_survives_sigkill_short(server, generate_setup, tmp_path) -> None:
-    stats = kill_generation_repeatedly(server, generate_setup, tmp_path, kills=2, seed=1)
+    def chain(how: Server | None, case: Path, n: int, seed: int) -> dict[str, Any]:
+        return kill_generation_repeatedly(how, generate_setup, case, n, seed)
+
+    stats = kill_in_chains(chain, server, tmp_path, kills=2, per_chain=2, seed=1)
     print(f"\ngeneration kills (short): {stats}")
     assert stats["kills"] == 2
 
 
 @pytest.mark.slow
 def test_generation_survives_sigkill_long(server, generate_setup, tmp_path) -> None:
-    total: dict[str, Any] = {"kills": 0, "runs": 0, "lost_rows": []}
-    for chain, (seed, how) in enumerate([(21, server), (22, server), (23, None)]):
-        case = tmp_path / f"chain{chain}"
-        case.mkdir()
-        stats = kill_generation_repeatedly(how, generate_setup, case, 4, seed)
-        print(f"\ngeneration kills (long, chain {chain}): {stats}")
-        for key in total:
-            total[key] += stats[key]
-    print(f"generation kills (long): {total}")
-    assert total["kills"] == 12
+    def chain(how: Server | None, case: Path, n: int, seed: int) -> dict[str, Any]:
+        return kill_generation_repeatedly(how, generate_setup, case, n, seed)
+
+    stats = kill_in_chains(chain, server, tmp_path, kills=16, per_chain=4, seed=21, plain_from=3)
+    print(f"\ngeneration kills (long): {stats}")
+    assert stats["kills"] == 16
+
+
+# ---------------------------------------------------------------- states a kill leaves, in process
+
+
+class Crash(RuntimeError):
+    """Raised by a hook to stop a run at a chosen point (an in-process stand-in for a kill)."""
+
+
+class Prefills:
+    """Counts the batches generate() starts (prompt passes); raises Crash at batch `crash_at`."""
+
+    def __init__(self, loaded: Any, crash_at: int | None = None) -> None:
+        self.batches = 0
+        self.crash_at = crash_at
+        self._handle = loaded.layers[0].register_forward_hook(self._hook)
+
+    def _hook(self, _module: Any, _inputs: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] > 1:
+            if self.crash_at is not None and self.batches == self.crash_at:
+                raise Crash(f"crash at batch {self.batches}")
+            self.batches += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+GEN_CONVS = [
+    [{"role": "user", "content": f"Tell me about item {i}: " + " ".join(WORDS[: 1 + i % 9])}]
+    for i in range(14)
+]
+GEN_KW = {"max_new_tokens": 5, "temperature": 1.0, "seed": 4, "batch_size": 2, "progress": False}
+
+
+def counted_generate(loaded: Any, crash_at: int | None = None, **kw: Any) -> tuple[Any, int]:
+    """Return (completions or the Crash raised, batches started) of one generate() call."""
+    from llmlab.generation import generate
+
+    counter = Prefills(loaded, crash_at)
+    try:
+        return generate(loaded, GEN_CONVS, **{**GEN_KW, **kw}), counter.batches
+    except Crash as e:
+        return e, counter.batches
+    finally:
+        counter.remove()
+
+
+@pytest.mark.parametrize("save_every", [1, 3])
+def test_generation_resumes_from_shards(tiny_models, tmp_path, save_every: int) -> None:
+    from llmlab.generation import saved_batches
+
+    loaded = tiny_models["llama"]
+    reference, n_batches = counted_generate(loaded)
+    assert n_batches == 7
+    work = tmp_path / "work"
+    crashed, started = counted_generate(loaded, crash_at=5, work_dir=work, save_every=save_every)
+    assert isinstance(crashed, Crash) and started == 5
+    saved = len(saved_batches(work))
+    assert saved == 5 - 5 % save_every  # whole shards only; at most one shard lost
+    again, started = counted_generate(loaded, work_dir=work, save_every=save_every)
+    assert again == reference and started == n_batches - saved
+    # finished: a third run generates nothing and returns the same completions
+    assert counted_generate(loaded, work_dir=work, save_every=save_every) == (reference, 0)
+
+
+def test_generation_work_dir_of_other_settings_or_torn_shard(tiny_models, tmp_path, caplog):
+    from llmlab.generation import SHARD_PREFIX, discard_work_dir, remove_trash
+
+    loaded = tiny_models["llama"]
+    reference, _ = counted_generate(loaded)
+    work = tmp_path / "work"
+    assert counted_generate(loaded, crash_at=4, work_dir=work, seed=99)[1] == 4
+    # other settings (seed 99, resume_key): the shards are not used, the run starts fresh
+    with caplog.at_level("WARNING", logger="llmlab.generation"):
+        assert counted_generate(loaded, work_dir=work, resume_key="other") == (reference, 7)
+    assert "starting fresh" in caplog.text
+    # a torn shard (not valid JSON) and one of another batch plan are generated again
+    shards = sorted(work.glob(f"{SHARD_PREFIX}*.json"))
+    shards[1].write_text(shards[1].read_text()[:10])
+    doc = json.loads(shards[2].read_text())
+    next(iter(doc.values()))["rows"].reverse()
+    shards[2].write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="llmlab.generation"):
+        assert counted_generate(loaded, work_dir=work, resume_key="other") == (reference, 2)
+    assert caplog.text.count("its batches are generated again") == 2
+    # removal goes through a rename: a kill mid-way leaves a trash dir the next run removes
+    discard_work_dir(work)
+    assert not work.exists() and not list(tmp_path.iterdir())
+    (tmp_path / ".work.abc123.trash").mkdir()
+    remove_trash(work)
+    assert not list(tmp_path.iterdir())
+
+
+def test_training_restarts_fresh_when_config_changed(tiny_dirs, tmp_path, caplog) -> None:
+    import torch
+    from conftest import make_params
+
+    from llmlab.adapters import read_adapter_metadata
+    from llmlab.models import load_model
+    from llmlab.training import LoraTrainConfig, latest_checkpoint, partial_dir, train_lora
+
+    def run(lr: float, crash_after: int | None) -> tuple[int, Any]:
+        loaded = load_model(make_params(tiny_dirs["llama"]))
+        forwards = [0]
+
+        def hook(module: Any, _inputs: Any, _output: Any) -> None:
+            if module.training:
+                if forwards[0] == crash_after:
+                    raise Crash("crash")
+                forwards[0] += 1
+
+        loaded.layers[0].register_forward_hook(hook)
+        cfg = LoraTrainConfig(
+            rank=4, lr=lr, epochs=None, max_steps=4, per_device_batch_size=4,
+            effective_batch_size=4, save_every=2, log_every=1, dropout=0.0,
+        )  # fmt: skip
+        try:
+            result = train_lora(loaded, train_examples(8), cfg, out)
+        except Crash as e:
+            result = e
+        return forwards[0], result
+
+    torch.set_num_threads(1)
+    out = tmp_path / "adapter"
+    forwards, result = run(1e-3, crash_after=3)
+    assert isinstance(result, Crash) and forwards == 3
+    ckpt = latest_checkpoint(partial_dir(out))
+    assert ckpt is not None and ckpt.name == "checkpoint-2"  # kept for a re-run
+    with caplog.at_level("WARNING", logger="llmlab.training"):
+        forwards, result = run(2e-3, crash_after=None)
+    assert forwards == 4, "a run with another config resumed from the old checkpoints"
+    assert "starting fresh" in caplog.text and "config" in caplog.text
+    assert read_adapter_metadata(out)["resumed_from_step"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 # ---------------------------------------------------------------- worker entry point
