@@ -294,7 +294,7 @@ def test_two_queue_workers_never_write_the_same_file(tmp_path) -> None:
 def test_two_queue_workers_never_write_the_same_file_long(tmp_path) -> None:
     stats = run_queue(tmp_path, [1, 2, 3, 4, 5, 6], sleep_s=0.7)
     print(f"\nqueue (long): {stats}")
-    assert stats["pairs_run_concurrently"] >= 3
+    assert stats["pairs_run_concurrently"] >= 2
 
 
 def _run(seed: int, cwd: str, start: float, end: float, gpus: list[str], *writes: str) -> dict:
