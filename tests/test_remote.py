@@ -194,12 +194,15 @@ def test_clone_pull_then_nothing_to_reproduce(origin, s3, tmp_path: Path) -> Non
     unpushed = unpushed_outs(clone)
     assert unpushed == {"data/foundation/activations"}
 
-    # A plain pull fails, naming the push: false outputs only (they are not in the remote).
+    # DVC's plain pull exits 1, naming the push: false outputs only (they are not in the remote).
     plain = sh(["dvc", "pull"], clone, env, check=False)
     assert plain.returncode != 0
     assert "Checkout failed for following targets:\ndata/foundation/activations\n" in plain.stderr
-    # --allow-missing takes everything the remote has, the run cache included.
-    sh(["dvc", "pull", "--run-cache", "--allow-missing"], clone, env)
+    # The project's pull (`make pull`) takes every pushable output and the run cache, exits 0,
+    # and says which outputs it leaves to `dvc repro`.
+    pulled = sh([sys.executable, "-m", "llmlab.pull", "--run-cache"], clone, env)
+    assert "push: false" in pulled.stdout
+    assert "  data/foundation/activations\n" in pulled.stdout
     assert (clone / "data/foundation/prompts.jsonl").read_bytes() == (
         repo / "data/foundation/prompts.jsonl"
     ).read_bytes()
@@ -218,6 +221,26 @@ def test_clone_pull_then_nothing_to_reproduce(origin, s3, tmp_path: Path) -> Non
     assert "Running stage 'foundation_capture'" in full.stdout
     assert "Stage 'foundation_report' didn't change" in full.stdout
     assert status(clone, env) == {}
+
+
+def test_pull_fails_when_a_pushed_output_is_missing(origin, s3, tmp_path: Path) -> None:
+    repo, home = origin
+    env = base_env(tmp_path / "gap", home)
+    creds = {"access_key_id": s3["key"], "secret_access_key": s3["secret"]}
+    clone = clone_of(repo, tmp_path / "gap", env, **creds)
+    # dvc.lock names a version of the prompts that nobody pushed.
+    lock_path = clone / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text())
+    for out in lock["stages"]["foundation_capture"]["outs"]:
+        if out["path"] == "data/foundation/prompts.jsonl":
+            out["md5"] = "0" * 32
+    lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
+    # --allow-missing would hide it; the project's pull does not.
+    assert sh(["dvc", "pull", "--allow-missing"], clone, env, check=False).returncode == 0
+    proc = sh([sys.executable, "-m", "llmlab.pull"], clone, env, check=False)
+    assert proc.returncode != 0
+    assert "data/foundation/prompts.jsonl" in proc.stderr
+    assert "data/foundation/activations" not in proc.stderr
 
 
 def test_partial_pull_of_one_output(origin, s3, tmp_path: Path) -> None:
