@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: setup setup-test repro test test-all bench lint clean-venv
+.PHONY: setup setup-test repro pull test test-all bench lint clean-venv
 
 $(BIN)/python:
 	if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -43,6 +43,11 @@ setup-test: $(VENV)/.installed-test
 
 repro: setup
 	$(BIN)/dvc repro
+
+# Every output the remote holds, plus the run cache; `push: false` outputs are left to `dvc repro`.
+# Extra dvc pull options: make pull PULL_ARGS='-r s3 -j 8'
+pull: setup
+	$(BIN)/python -m llmlab.pull --run-cache $(PULL_ARGS)
 
 test: setup-test
 	$(BIN)/ruff check src tests benchmarks
