@@ -106,6 +106,11 @@ def main() -> None:
         help="RxL: also time a bare stopped forward of one R x L batch (the model's own ceiling)",
     )
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for random-shape models")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="after the eager runs, repeat each budget with norms and MLPs compiled",
+    )
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,7 +190,20 @@ def main() -> None:
             "",
         )
     ]
-    for budget in (int(b) for b in args.max_tokens.split(",")):
+    variants = [(int(b), False) for b in args.max_tokens.split(",")]
+    if args.compile:
+        variants += [(int(b), True) for b in args.max_tokens.split(",")]
+    for budget, compiled in variants:
+        if compiled and not getattr(loaded.model, "_bench_compiled", False):
+            from common import compile_elementwise
+
+            t0 = time.perf_counter()
+            compile_elementwise(loaded.model)
+            loaded.model._bench_compiled = True
+            with tempfile.TemporaryDirectory() as tmp:  # compiles here, untimed
+                capture_to_disk(loaded, items[:64], layers, Path(tmp) / "w", progress=False)
+                capture_to_disk(loaded, items[-64:], layers, Path(tmp) / "w2", progress=False)
+            print(f"compile + warm-up: {time.perf_counter() - t0:.1f}s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             rss0 = _rss_gib()
             ours_s, ours_mem = timed(
@@ -201,7 +219,8 @@ def main() -> None:
             )
             runs.append(
                 (
-                    f"llmlab capture_to_disk, <= {budget} tokens/batch",
+                    f"llmlab capture_to_disk, <= {budget} tokens/batch"
+                    + (", norms + MLP compiled" if compiled else ""),
                     len(items),
                     real_tokens,
                     ours_s,

@@ -266,6 +266,11 @@ def main() -> None:
     ap.add_argument("--ops", default="gradients,steering,generation", help="comma-separated subset")
     ap.add_argument("--skip-grad-baseline", action="store_true")
     ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="after the eager gradient runs, repeat them with norms and MLPs compiled",
+    )
+    ap.add_argument(
         "--grad-baseline-n", type=int, default=None, help="gradient baseline on the first N only"
     )
     ap.add_argument(
@@ -323,6 +328,21 @@ def main() -> None:
                     r["ratio"] = r["tokens/s"] / rows[0]["tokens/s"]
             rows += got
             print(rows[-1], flush=True)
+        if args.compile:
+            from common import compile_elementwise
+
+            t0 = time.perf_counter()
+            compile_elementwise(loaded.model)
+            print(f"compiled norms and MLPs in {time.perf_counter() - t0:.1f}s", flush=True)
+            for budget in (int(b) for b in args.grad_tokens.split(",")):
+                got = bench_gradients(
+                    loaded, grad_convs, args.batch_size, budget, args.peak_tflops, True
+                )
+                for r in got:
+                    r["method"] += ", norms + MLP compiled"
+                    r["ratio"] = r["tokens/s"] / rows[0]["tokens/s"]
+                rows += got
+                print(rows[-1], flush=True)
         if args.profile and torch.cuda.is_available():
             from common import profile_top
 

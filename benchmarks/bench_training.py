@@ -259,6 +259,11 @@ def gpu_main(args: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if args.peak_tflops is None:
+        from common import matmul_tflops
+
+        args.peak_tflops = matmul_tflops()
+        print(f"measured bf16 matmul: {args.peak_tflops:.0f} TFLOP/s", flush=True)
     model = random_shape_model(args.shape, torch.bfloat16, "cuda")
     n_params = sum(p.numel() for p in model.parameters())
     loaded = LoadedModel(model, tok, args.shape, True, len(decoder_layers(model)),
@@ -302,7 +307,7 @@ def gpu_main(args: argparse.Namespace) -> None:
             "grad ckpt": args.gradient_checkpointing, "steps": args.steps,
             "seconds": secs, "tokens/s": tps,
             "MFU % (4N)": 100 * tps * 4 * n_params / (args.peak_tflops * 1e12),
-            "peak GiB": mem, "ratio": tps / base,
+            "peak GiB": mem, "ratio": tps / base, "peak TFLOP/s": args.peak_tflops,
         })  # fmt: skip
     report(
         f"LoRA SFT ({args.shape}, cuda, r=16 all projections, bf16)",
@@ -325,7 +330,12 @@ def main() -> None:
     ap.add_argument(
         "--gradient-checkpointing", action="store_true", help="GPU: recompute activations"
     )
-    ap.add_argument("--peak-tflops", type=float, default=795.0, help="measured bf16 matmul peak")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="GPU: bf16 matmul peak for MFU (default: measured in this run)",
+    )
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
