@@ -141,6 +141,22 @@ def test_exp_show_csv_has_every_family_and_the_params(tmp_path: Path) -> None:
         shown = [k for k in numeric if column(family, k) in columns]
         assert len(shown) == len(numeric), f"{family}: {sorted(set(numeric) - set(shown))[:5]}"
 
+    # The headline view documented in docs/workflow.md has columns of every family it names.
+    doc = (ROOT / "docs/workflow.md").read_text()
+    start = doc.index("dvc exp show --drop '.*' --keep '") + len(
+        "dvc exp show --drop '.*' --keep '"
+    )
+    keep = doc[start : doc.index("'", start)]
+    out = sh(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", keep], repo)
+    headline = next(csv.reader(io.StringIO(out)))
+    assert "params.yaml:model" in headline and "foundation.seed" in headline
+    for family in present:
+        if family == "introspection":
+            continue  # no headline keys named yet
+        leaves = flat(json.loads((ROOT / "metrics" / f"{family}.json").read_text()))
+        shown = [c for c in headline if c in leaves or c.startswith(f"metrics/{family}.json:")]
+        assert shown, f"the documented headline view shows nothing of {family}"
+
 
 def flat(tree: object, prefix: str = "") -> dict[str, object]:
     """Return the leaves of a JSON tree under dotted keys, as `dvc exp show` names them."""
