@@ -170,6 +170,24 @@ def flat(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+def test_readme_names_exactly_the_unpushed_outputs() -> None:
+    import re
+
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(ROOT)) as r:
+        unpushed = {o.def_path for o in r.index.outs if o.use_cache and not o.can_push}
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("**Not pushed**")
+    paragraph = readme[start : readme.index("\n\n", start)]
+    named = set()
+    for path in re.findall(r"`(data/[^`]+|models/[^`]+)`", paragraph):
+        brace = re.fullmatch(r"(.*)\{(.+)\}(.*)", path)
+        parts = brace.group(2).split(",") if brace else [""]
+        named |= {f"{brace.group(1)}{p}{brace.group(3)}" if brace else path for p in parts}
+    assert named == unpushed
+
+
 # ---------------------------------------------------------------- plots
 
 
