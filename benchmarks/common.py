@@ -140,20 +140,7 @@ def matmul_tflops(n: int = 8192, reps: int = 50, trials: int = 5) -> float:
 
 
 def compile_elementwise(model) -> int:
-    """Compile each decoder layer's norms and MLP in place (torch.compile, dynamic shapes).
+    """Compile each decoder layer's norms and MLP in place (see llmlab.fused)."""
+    from llmlab.fused import compile_elementwise as compile_layers
 
-    The matrix products stay cuBLAS calls; what changes is that the fp32 RMSNorm chain and the
-    SiLU-times-up product each become one fused kernel instead of several passes over memory.
-    Hooks on the decoder layers are untouched (they sit outside the compiled modules). Returns
-    the number of modules compiled.
-    """
-    from llmlab.models import decoder_layers
-
-    n = 0
-    for layer in decoder_layers(model):
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            mod = getattr(layer, name, None)
-            if mod is not None:
-                mod.compile(dynamic=True)
-                n += 1
-    return n
+    return compile_layers(model)
