@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,26 @@ from llmlab.stage import run_stage
 
 def main():
     print("device=" + os.environ.get("CUDA_VISIBLE_DEVICES", "none"), flush=True)
+    sys.stdin.read()
+
+run_stage(main)
+"""
+
+# The same on real GPUs, also reporting what CUDA then sees as cuda:0.
+REAL_HOLDER = """
+import os, sys
+from llmlab.stage import run_stage
+
+def main():
+    line = "device=" + os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        uuid = str(torch.cuda.get_device_properties(0).uuid)
+        line += f" count={torch.cuda.device_count()} uuid={uuid}"
+    print(line, flush=True)
     sys.stdin.read()
 
 run_stage(main)
@@ -55,9 +76,9 @@ def _pump(stream, lines: queue.Queue[str]) -> None:
 class Holder:
     """A holder process; reader threads collect its stdout and stderr lines as they come."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], script: str = HOLDER) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER],
+            [sys.executable, "-c", script],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -250,3 +271,39 @@ def test_claim_in_process_sets_visible_devices(tmp_path: Path, monkeypatch) -> N
     again = gpu.try_lock(gpu.Gpu("0", "gpu0"), tmp_path)
     assert again is not None
     os.close(again.fd)
+
+
+def real_gpu_listing() -> str:
+    """Return `nvidia-smi -L` output, or "" on a machine without NVIDIA GPUs."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+REAL_LISTING = real_gpu_listing()
+
+
+@pytest.mark.skipif(not gpu.parse_nvidia_smi(REAL_LISTING), reason="needs real NVIDIA GPUs")
+def test_real_gpus_one_stage_each_and_cuda0_is_the_locked_gpu(tmp_path: Path, procs) -> None:
+    gpus = gpu.parse_nvidia_smi(REAL_LISTING)
+    uuids = dict(re.findall(r"^GPU (\d+): .*\(UUID: GPU-([^)]+)\)", REAL_LISTING, re.M))
+    env = env_for(tmp_path, None)
+    procs.extend(Holder(env, REAL_HOLDER) for _ in gpus)
+    seen = [
+        dict(kv.split("=", 1) for kv in h.wait_for(h.out, "device=", 180)[-1].split())
+        for h in procs
+    ]
+    assert sorted(s["device"] for s in seen) == sorted(g.cuda_id for g in gpus)
+    for s in seen:
+        if "uuid" in s:  # torch with CUDA: the stage sees exactly its GPU, as cuda:0
+            assert s["count"] == "1"
+            assert s["uuid"].removeprefix("GPU-") == uuids[s["device"]]
+    # One more stage waits while every GPU is held, and gets the GPU of a SIGKILLed one.
+    waiter = Holder(env, REAL_HOLDER)
+    procs.append(waiter)
+    waiter.wait_for(waiter.err, "all GPUs busy", 60)
+    procs[0].kill()
+    line = waiter.wait_for(waiter.out, "device=", 60)[-1]
+    assert line.split()[0] == f"device={seen[0]['device']}"
