@@ -764,6 +764,52 @@ def test_training_restarts_fresh_when_config_changed(tiny_dirs, tmp_path, caplog
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_training_killed_while_finishing_recomputes_nothing(
+    tiny_dirs, tmp_path, monkeypatch
+) -> None:
+    # The state a kill between the adapter's rename and the work dir's removal leaves: the
+    # output is whole and the final checkpoint is still there. The re-run (DVC runs the stage
+    # again: it did not exit 0) must train no step and write the same adapter.
+    import shutil
+
+    import torch
+    from conftest import make_params
+
+    import llmlab.training as training
+    from llmlab.adapters import read_adapter_metadata
+    from llmlab.models import load_model
+
+    cfg = training.LoraTrainConfig(
+        rank=4, lr=1e-3, epochs=None, max_steps=4, per_device_batch_size=4,
+        effective_batch_size=4, save_every=2, log_every=1, dropout=0.1, eval_every=2,
+    )  # fmt: skip
+
+    def run(out: Path) -> int:
+        loaded = load_model(make_params(tiny_dirs["llama"]))
+        forwards = [0]
+
+        def hook(module: Any, _inputs: Any, _output: Any) -> None:
+            forwards[0] += int(module.training)
+
+        loaded.layers[0].register_forward_hook(hook)
+        training.train_lora(loaded, train_examples(8), cfg, out, val=train_examples(2, 50))
+        return forwards[0]
+
+    torch.set_num_threads(1)
+    out = tmp_path / "adapter"
+    with monkeypatch.context() as m:
+        m.setattr(training, "_discard", lambda _path: (_ for _ in ()).throw(Crash("kill")))
+        with pytest.raises(Crash):
+            run(out)
+    assert training.latest_checkpoint(training.partial_dir(out)).name == "checkpoint-4"
+    first = tmp_path / "first"
+    shutil.copytree(out, first)
+    assert run(out) == 0
+    assert_same_adapter(out, first)
+    assert read_adapter_metadata(out)["resumed_from_step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "first"]
+
+
 # ---------------------------------------------------------------- worker entry point
 
 
