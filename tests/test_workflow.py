@@ -388,3 +388,43 @@ def test_dvc_status_sees_a_foundation_seed_change_in_foundation_stages_only(
     newly = {s for s in after if after[s] != before.get(s)}
     assert newly == {"foundation_capture", "foundation_report"}
     assert all(after[s] == {"foundation": "modified"} for s in newly)
+
+
+def test_dvc_status_agrees_for_one_param_of_every_family(params_repo: Path, tmp_path: Path) -> None:
+    declared, outs, deps = pipeline(params_repo)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = values(declared, params)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    sh(["dvc", "init", "--no-scm", "-q"], repo)
+    locked = set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"])
+
+    def params_changed() -> set[str]:
+        report = json.loads(sh(["dvc", "status", "--json"], repo) or "{}")
+        return {
+            stage
+            for stage, entries in report.items()
+            for e in entries
+            if isinstance(e, dict) and "params.yaml" in e.get("changed deps", {})
+        }
+
+    before = params_changed()
+    checked = []
+    for family in FAMILIES:
+        for leaf in params_leaves(params[family], family):
+            changed = yaml.safe_load((ROOT / "params.yaml").read_text())
+            set_leaf(changed, leaf)
+            now = values(declared, changed)
+            expected = {s for s in base if base[s] != now[s]} & locked - before
+            if expected:
+                break
+        else:
+            continue  # none of this family's stages has run yet
+        (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+        newly = params_changed() - before
+        assert newly == expected, f"-S {leaf}: dvc status {sorted(newly)}, expected {expected}"
+        assert {family_of(s) for s in newly} <= {family, "report"}
+        checked.append(leaf)
+    assert len(checked) >= 3, checked
