@@ -188,6 +188,21 @@ def test_readme_names_exactly_the_unpushed_outputs() -> None:
     assert named == unpushed
 
 
+def test_pull_plan_of_one_family() -> None:
+    from llmlab.pull import plan
+
+    everything = plan(ROOT)
+    persona = plan(ROOT, ["persona"])
+    preferences = plan(ROOT, ["preferences"])
+    assert "models/persona/adapter" in persona.pull + persona.unlocked
+    assert all(p.startswith(("data/persona/", "models/persona/")) for p in persona.pull)
+    assert not persona.unpushed
+    assert "data/preferences/activations/instruct" in preferences.unpushed
+    assert set(preferences.unpushed) <= set(everything.unpushed)
+    assert "data/foundation/activations" in everything.unpushed
+    assert not set(everything.pull) & set(everything.unpushed)
+
+
 # ---------------------------------------------------------------- plots
 
 

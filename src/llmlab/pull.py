@@ -6,7 +6,7 @@ that, but it also hides an adapter or dataset somebody forgot to push. This comm
 pushable outputs by name instead: it exits 0 when the remote holds all of them and fails, naming
 them, when any is missing. The `push: false` outputs are listed and left to `dvc repro`.
 
-    python -m llmlab.pull [--dry] [dvc pull options, e.g. --run-cache -r s3 -j 8]
+    python -m llmlab.pull [--dry] [--family NAME ...] [dvc pull options: --run-cache -r s3 -j 8]
 """
 
 from __future__ import annotations
@@ -28,13 +28,19 @@ class PullPlan:
     unlocked: list[str] = field(default_factory=list)  # cached but no hash yet (stage never ran)
 
 
-def plan(root: str | Path = ".") -> PullPlan:
-    """Return the pull plan of the DVC project at `root` (dvc.yaml, dvc.lock and .dvc files)."""
+def plan(root: str | Path = ".", families: list[str] | None = None) -> PullPlan:
+    """Return the pull plan of the DVC project at `root` (dvc.yaml, dvc.lock and .dvc files).
+
+    `families` keeps only the outputs of stages named `<family>_*` (e.g. ["persona"]).
+    """
     from dvc.repo import Repo
 
     result = PullPlan()
     with Repo(os.fspath(root)) as repo:
         for out in repo.index.outs:
+            name = getattr(out.stage, "name", "")
+            if families and not any(name.startswith(f"{f}_") for f in families):
+                continue
             if not out.use_cache or out.is_in_repo is False:
                 continue  # cache: false (committed to git) or an external output
             path = os.path.relpath(out.fs_path, repo.root_dir).replace(os.sep, "/")
@@ -54,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--dry", action="store_true", help="print the plan, pull nothing")
+    ap.add_argument(
+        "--family", action="append", help="only this family's outputs (repeatable), e.g. persona"
+    )
     args, dvc_args = ap.parse_known_args(argv)
-    todo = plan(".")
+    todo = plan(".", args.family)
     if todo.unpushed:
         print("not pulled (push: false; `dvc repro` recomputes them when needed):")
         print("".join(f"  {p}\n" for p in todo.unpushed), end="")
