@@ -768,7 +768,9 @@ def train_lora(
 
     After success `loaded.model` is the trained PeftModel (eval mode): use
     `loaded.model.disable_adapter()` for base-model behaviour. On failure (TrainingDiverged
-    included) the LoRA layers are removed again and nothing appears at out_dir.
+    included) the LoRA layers are removed again and nothing appears at out_dir; the
+    checkpoints in `<out_dir>.partial` stay for a re-run to resume from, except after
+    TrainingDiverged / TrainingError.
     eval_hook(model, step) runs on the main process under torch.no_grad in eval mode and
     returns {name: value} recorded in the curve.
     """
@@ -858,10 +860,11 @@ def train_lora(
     except BaseException as e:
         loaded.model = peft_model.unload()
         # Checkpoints stay for a re-run to resume from, unless the run can never succeed as
-        # configured (a resumed run would diverge again) or there are none to keep.
-        if cfg.save_every is None or isinstance(e, TrainingDiverged | TrainingError):
-            if _is_main_process():
-                _discard(Path(trainer_dir))
+        # configured (a resumed run would diverge again).
+        if cfg.save_every is None:
+            shutil.rmtree(trainer_dir, ignore_errors=True)  # this process's own temp dir
+        elif isinstance(e, TrainingDiverged | TrainingError) and _is_main_process():
+            _discard(Path(trainer_dir))
         raise
     if cfg.save_every is None:
         shutil.rmtree(trainer_dir, ignore_errors=True)
