@@ -6,9 +6,10 @@ grouping, warmup, validation and an eval hook) are killed at random points and r
 one finishes; the adapter weights and the curve must equal an uninterrupted run's, and each
 kill may cost at most one checkpoint interval (`save_every` optimizer steps).
 
-Generation: the real `persona_generate` stage (`python -m llmlab.persona.generate`, sampling
-at temperature 1) on a tiny adapter is killed the same way; its generations must equal an
-uninterrupted run's exactly and each kill may cost at most one shard of batches.
+Generation: the real `persona_generate` stage (`llmlab.persona.generate`, run as `python -m`
+runs it), sampling at temperature 1 with the adapter trained above, is killed the same way;
+its generations must equal an uninterrupted run's exactly and each kill may cost at most one
+shard of batches.
 
 Workers are forked from a server that has already imported torch, transformers and peft (each
 child is its own process and session, killed with SIGKILL of its process group), so a kill
