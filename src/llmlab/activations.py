@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from collections.abc import Sequence
@@ -281,6 +282,11 @@ def _fill_work_dir(
     bar = tqdm(total=n, initial=int(done.sum()), disable=not progress, desc="capture")
     # One batch in flight: while the device runs batch k, the host writes batch k-1's rows
     # (copied into pinned memory without blocking). Rows are marked done only once written.
+    # A kill can then lose the batch in flight as well as the rows written since the last
+    # checkpoint, so checkpoints come one write sooner: still at most `save_every` batches of
+    # work are lost. With save_every=1 every batch is written and checkpointed before the next.
+    pipelined = save_every >= 2
+    every = save_every - 1 if pipelined else 1
     pending: _Pending | None = None
     written = 0
 
@@ -292,7 +298,7 @@ def _fill_work_dir(
         done[p.rows] = True
         bar.update(len(p.rows))
         written += 1
-        if written % save_every == 0:
+        if written % every == 0:
             _checkpoint(arrays, done, prog_file)
 
     for rows in batches:
@@ -302,7 +308,11 @@ def _fill_work_dir(
         current = _Pending(rows, stacked, store_dtype)
         if pending is not None:
             finish(pending)
-        pending = current
+            pending = None
+        if pipelined:
+            pending = current
+        else:
+            finish(current)
     if pending is not None:
         finish(pending)
     bar.close()
@@ -340,9 +350,27 @@ def _checkpoint(arrays: dict[int, np.memmap], done: np.ndarray, prog_file: Path)
     # Rows reach the files before the progress mask says they are done.
     for arr in arrays.values():
         arr.flush()
+        _release_pages(arr)
     tmp = prog_file.with_suffix(".tmp.npy")
     np.save(tmp, done)
     os.replace(tmp, prog_file)
+
+
+def _release_pages(arr: np.memmap) -> None:
+    """Drop the flushed pages of a shared file mapping from this process's resident memory.
+
+    Written rows would otherwise stay mapped until the run ends, so resident memory would grow
+    with the output (about 1.5 GB per 10k rows x 9 layers x 4096 floats). The data are in the
+    file (and the page cache, which the kernel manages); a later access reads them back.
+    """
+    mm = getattr(arr, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):
+        pass
 
 
 @dataclass
