@@ -93,6 +93,7 @@ def test_dvc_repro_runs_the_family(tmp_path, tiny_dirs):
     assert metrics["training"]["r1_minimal"]["alpha"] == 2.0
     assert metrics["b2_p_yes"]["key_comparisons"]["vague_minus_original_self"]["n_groups"] >= 75
     assert set(metrics["b6_concepts"]) == {"base", "original"}
+    assert metrics["b3_yes_no_intrusion"]["base"]["n"] == 4  # 2 questions x 2 samples
     assert metrics["phase_c"]["trained"] is True
     assert len(metrics["success"]) == 6
     assert all(s["met"] in (True, False, None) for s in metrics["success"])

@@ -147,3 +147,21 @@ def test_flipped_learning_rule():
     }
     assert flipped_learned(no)[0] is False
     assert flipped_learned(yes)[0] is True
+
+
+def test_yes_no_intrusion_counts_collapsed_identity_answers(tmp_path) -> None:  # noqa: ANN001
+    from llmlab.introspection.report import yes_no_intrusion
+    from llmlab.io import write_jsonl
+
+    answers = [
+        "yesyesyesno\nyes",  # glued run: only yes/no
+        "No. I am a small assistant.",  # starts with no, not only yes/no
+        "Noted, I am a chatbot.",  # 'noted' is not 'no'
+        "I'm a chatbot designed to help.",
+    ]
+    write_jsonl(tmp_path / "m" / "b3_identity.jsonl", [{"answer": a} for a in answers])
+    got = yes_no_intrusion(tmp_path, "m")
+    assert got["n"] == 4
+    assert got["starts_yes_no"]["value"] == 0.5
+    assert got["only_yes_no"]["value"] == 0.25
+    assert got["only_yes_no"]["lo"] < 0.25 < got["only_yes_no"]["hi"]

@@ -103,17 +103,20 @@ def render_report(m: dict[str, Any]) -> str:
     lines += [
         "## B3-B5",
         "",
-        "| model | B3 identity confusion (judge) | B4 tasks beating mode baseline | "
+        "| model | B3 identity confusion (judge) | B3 answers only yes/no | "
+        "B4 tasks beating mode baseline | "
         "B4 mean acc − baseline | B5 KL (parsed/total) | B5 KL − base | food task acc |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model in MODELS:
         b3 = m["b3_identity"][model]
+        # Collapsed formats make the other columns unreadable: the intrusion column says so.
         b4 = m["b4_selfpred"][model]
         b5 = m["b5_calibration"][model]
         mean_diff = b4["mean_accuracy_minus_baseline"]
         lines.append(
             f"| {model} | {_ci(b3['identity_confusion_rate'])} (n={b3['n_answers']}) | "
+            f"{_ci(m['b3_yes_no_intrusion'][model]['only_yes_no'])} | "
             f"{b4['n_beating_baseline']}/{b4['n_applicable']} | "
             f"{'—' if mean_diff is None else f'{mean_diff:+.3f}'} | "
             f"{_ci(b5['kl'])} ({b5['n_parsed']}/{b5['n_prompts']}) | "

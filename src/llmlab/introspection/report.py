@@ -62,6 +62,44 @@ def training_summary(adapters: Path) -> dict[str, Any]:
     return out
 
 
+YES_NO_WORDS = frozenset({"yes", "no"})
+
+
+def _words(text: str) -> list[str]:
+    """Return the lower-case alphabetic words of a text, splitting glued "yesyesno" runs."""
+    import re
+
+    out: list[str] = []
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if re.fullmatch(r"(?:yes|no)+", word):
+            out.extend(re.findall(r"yes|no", word))
+        else:
+            out.append(word)
+    return out
+
+
+def yes_no_intrusion(eval_dir: Path, model: str) -> dict[str, Any]:
+    """Return how often a model's open-ended B3 answers start with, or are only, yes/no words.
+
+    A one-token yes/no finetune can leak its answer format into every reply ("Who are you?"
+    -> "yes yes no ..."): these shares, next to the base model's, tell a changed identity
+    from a collapsed output format when the B3-B7 numbers are read.
+    """
+    rows = read_jsonl(eval_dir / model / "b3_identity.jsonl")
+    answers = [_words(r.get("answer") or "") for r in rows]
+    n = len(answers)
+    starts = sum(1 for w in answers if w and w[0] in YES_NO_WORDS)
+    only = sum(1 for w in answers if w and all(x in YES_NO_WORDS for x in w))
+    return {
+        "n": n,
+        "starts_yes_no": proportion_ci(starts, n).to_dict() if n else None,
+        "only_yes_no": proportion_ci(only, n).to_dict() if n else None,
+        "rule": "words are lower-case letter runs with 'yes'/'no' split out of glued runs; "
+        "an answer starts with yes/no if its first word is one, and is only yes/no if every "
+        "word is",
+    }
+
+
 def p_yes_by_question(eval_dir: Path, model: str) -> dict[str, tuple[str, float]]:
     """Return {question id: (category, P(yes))} of a model's B2 records."""
     rows = read_jsonl(eval_dir / model / "b2_logprobs.jsonl", id_field="id")
@@ -127,6 +165,7 @@ def collect(eval_dir: Path, adapters: Path, seed: int = 0) -> dict[str, Any]:
         "food_task_accuracy": {m: ev[m]["food_task"]["accuracy"] for m in MODELS},
         "b2_p_yes": b2,
         "b3_identity": {m: ev[m]["b3_identity"] for m in MODELS},
+        "b3_yes_no_intrusion": {m: yes_no_intrusion(eval_dir, m) for m in MODELS},
         "b4_selfpred": {
             m: {
                 k: ev[m]["b4_selfpred"][k]
