@@ -107,3 +107,23 @@ def test_adapter_for_another_base_model_is_refused(tiny_dirs, tmp_path):
     write_adapter_metadata(tmp_path / "ad", {"base_model": "tiny"})
     wrapped = attach_adapter(fresh.model, tmp_path / "ad", "tiny")
     assert len(decoder_layers(wrapped)) == 3
+
+
+def test_each_launched_process_gets_its_local_gpu(monkeypatch) -> None:  # noqa: ANN001
+    # Under accelerate launch / torchrun every rank must load onto GPU LOCAL_RANK, not GPU 0.
+    import torch
+
+    from llmlab.models import resolve_device
+    from llmlab.params import Runtime
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(Runtime(device="auto")) == torch.device("cuda", 1)
+    assert resolve_device(Runtime(device="cuda")) == torch.device("cuda", 1)
+    assert chosen == [1, 1]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device(Runtime(device="auto")) == torch.device("cuda")
+    assert resolve_device(Runtime(device="cpu")) == torch.device("cpu")

@@ -87,12 +87,27 @@ def text_config(model: Any) -> Any:
     return get_text() if callable(get_text) else cfg
 
 
+def _cuda_device() -> torch.device:
+    """Return this process's GPU: LOCAL_RANK's under accelerate launch / torchrun, else cuda.
+
+    Every process of a multi-GPU launch owns one GPU; a bare "cuda" would put them all on GPU 0.
+    """
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return torch.device("cuda")
+    index = int(local) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def resolve_device(runtime: Runtime) -> torch.device:
     """Return the torch device the runtime asks for."""
     if runtime.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if runtime.device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("runtime.device: cuda requested but no GPU is visible")
+        return _cuda_device() if torch.cuda.is_available() else torch.device("cpu")
+    if runtime.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("runtime.device: cuda requested but no GPU is visible")
+        return _cuda_device()
     return torch.device(runtime.device)
 
 
