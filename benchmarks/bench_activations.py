@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, device_name, prompt_lengths, random_shape_model, report  # noqa: E402
+from common import SHAPES, device_name, prompt_lengths, random_loaded, report  # noqa: E402
 
 from llmlab.activations import CaptureItem, capture_to_disk, encode_items  # noqa: E402
 from llmlab.chat import collate, encode_chat  # noqa: E402
@@ -121,19 +121,7 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = random_shape_model(args.shape, dtype, device)
-        loaded = LoadedModel(
-            model,
-            tokenizer,
-            args.shape,
-            True,
-            len(decoder_layers(model)),
-            model.config.hidden_size,
-            torch.device(device),
-            dtype,
-        )
+        loaded = random_loaded(args.shape, AutoTokenizer.from_pretrained(args.tokenizer), device)
     layers = resolve_layers(LAYERS, loaded.n_layers)
     items = make_items(loaded.tokenizer, args.n, seed=0)
     if device == "cuda" and args.peak_tflops is None:
@@ -195,7 +183,7 @@ def main() -> None:
         variants += [(int(b), True) for b in args.max_tokens.split(",")]
     for budget, compiled in variants:
         if compiled and not getattr(loaded.model, "_bench_compiled", False):
-            from common import compile_elementwise
+            from llmlab.fused import compile_elementwise
 
             t0 = time.perf_counter()
             compile_elementwise(loaded.model)

@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_activations import make_items  # noqa: E402
-from common import SHAPES, device_name, random_shape_model, report  # noqa: E402
+from common import SHAPES, device_name, random_loaded, report  # noqa: E402
 
 from llmlab.chat import collate, encode_chat, token_budget_batches  # noqa: E402
 from llmlab.generation import generate  # noqa: E402
 from llmlab.gradients import residual_gradients  # noqa: E402
 from llmlab.layers import resolve_layers  # noqa: E402
-from llmlab.models import LoadedModel, decoder_layers, load_model  # noqa: E402
+from llmlab.models import decoder_layers, load_model  # noqa: E402
 from llmlab.steering import steer  # noqa: E402
 
 
@@ -289,19 +289,7 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = random_shape_model(args.shape, dtype, device)
-        loaded = LoadedModel(
-            model,
-            tok,
-            args.shape,
-            True,
-            len(decoder_layers(model)),
-            model.config.hidden_size,
-            torch.device(device),
-            dtype,
-        )
+        loaded = random_loaded(args.shape, AutoTokenizer.from_pretrained(args.tokenizer), device)
     ops = set(args.ops.split(","))
     if device == "cuda" and args.peak_tflops is None:
         from common import matmul_tflops
@@ -329,7 +317,7 @@ def main() -> None:
             rows += got
             print(rows[-1], flush=True)
         if args.compile:
-            from common import compile_elementwise
+            from llmlab.fused import compile_elementwise
 
             t0 = time.perf_counter()
             compile_elementwise(loaded.model)

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, device_name, prompt_lengths, random_shape_model, report  # noqa: E402
+from common import SHAPES, device_name, prompt_lengths, random_loaded, report  # noqa: E402
 
-from llmlab.models import LoadedModel, decoder_layers, load_model
+from llmlab.models import LoadedModel, load_model
 from llmlab.params import parse_params
 from llmlab.training import LoraTrainConfig, TrainExample, prepare_examples, train_lora
 
@@ -264,10 +264,8 @@ def gpu_main(args: argparse.Namespace) -> None:
 
         args.peak_tflops = matmul_tflops()
         print(f"measured bf16 matmul: {args.peak_tflops:.0f} TFLOP/s", flush=True)
-    model = random_shape_model(args.shape, torch.bfloat16, "cuda")
-    n_params = sum(p.numel() for p in model.parameters())
-    loaded = LoadedModel(model, tok, args.shape, True, len(decoder_layers(model)),
-                         model.config.hidden_size, torch.device("cuda"), torch.bfloat16)  # fmt: skip
+    loaded = random_loaded(args.shape, tok, "cuda", torch.bfloat16)
+    n_params = sum(p.numel() for p in loaded.model.parameters())
     examples = make_gpu_examples(tok, args.examples, seed=0, max_length=args.max_length)
     lengths = [
         len(f["input_ids"]) for f in prepare_examples(loaded, examples, args.max_length).features

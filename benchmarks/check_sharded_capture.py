@@ -22,12 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_activations import LAYERS, make_items  # noqa: E402
-from common import SHAPES, random_shape_model  # noqa: E402
+from common import SHAPES, random_loaded  # noqa: E402
 
 from llmlab.activations import capture_to_disk, load_activations  # noqa: E402
 from llmlab.distributed import capture_sharded, process_rank, use_local_gpu  # noqa: E402
 from llmlab.layers import resolve_layers  # noqa: E402
-from llmlab.models import LoadedModel, decoder_layers  # noqa: E402
 
 
 def main() -> None:
@@ -44,11 +43,8 @@ def main() -> None:
     rank, world, _ = process_rank()
     device = use_local_gpu()
     torch.manual_seed(0)  # same random weights in every process
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_shape_model(args.shape, dtype, str(device))
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    loaded = LoadedModel(model, tok, args.shape, True, len(decoder_layers(model)),
-                         model.config.hidden_size, device, dtype)  # fmt: skip
+    loaded = random_loaded(args.shape, tok, device)
     layers = resolve_layers(LAYERS, loaded.n_layers)
     items = make_items(tok, args.items, seed=0)
     base = Path(args.out or tempfile.gettempdir()) / f"sharded-check-{args.shape}-{args.items}"

@@ -78,6 +78,21 @@ def random_shape_model(shape: str, dtype: torch.dtype, device: str):
     return model.eval()
 
 
+def random_loaded(
+    shape: str, tokenizer, device: str | torch.device, dtype: torch.dtype | None = None
+):
+    """Return a LoadedModel around a random model of a named shape (bf16 on GPU, fp32 on CPU)."""
+    from llmlab.models import LoadedModel, decoder_layers
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = random_shape_model(shape, dtype, str(device))
+    return LoadedModel(
+        model, tokenizer, shape, True, len(decoder_layers(model)), model.config.hidden_size,
+        device, dtype,
+    )  # fmt: skip
+
+
 def markdown_table(rows: list[dict[str, object]]) -> str:
     """Return rows as a markdown table (columns from the first row)."""
     cols = list(dict.fromkeys(c for r in rows for c in r))
@@ -137,10 +152,3 @@ def matmul_tflops(n: int = 8192, reps: int = 50, trials: int = 5) -> float:
         torch.cuda.synchronize()
         best = max(best, 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12)
     return best
-
-
-def compile_elementwise(model) -> int:
-    """Compile each decoder layer's norms and MLP in place (see llmlab.fused)."""
-    from llmlab.fused import compile_elementwise as compile_layers
-
-    return compile_layers(model)

@@ -49,3 +49,20 @@ def test_jsonl_round_trip(tmp_path):
     rows = [{"id": i, "text": f"row {i} é"} for i in range(5)]
     assert write_jsonl(tmp_path / "r.jsonl", rows) == 5
     assert read_jsonl(tmp_path / "r.jsonl", id_field="id") == rows
+
+
+def test_replace_dir_swaps_whole_directories(tmp_path) -> None:  # noqa: ANN001
+    from llmlab.io import replace_dir
+
+    out, work = tmp_path / "out", tmp_path / "out.partial"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    work.mkdir()
+    (work / "new.txt").write_text("new")
+    assert replace_dir(work, out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left aside
+    work.mkdir()
+    (work / "b.txt").write_text("b")
+    replace_dir(work, tmp_path / "fresh")  # no old output to move aside
+    assert (tmp_path / "fresh" / "b.txt").read_text() == "b"

@@ -36,7 +36,7 @@ from llmlab.chat import (
     token_budget_batches,
 )
 from llmlab.hooks import record_layers
-from llmlab.io import DataError, read_json, write_json
+from llmlab.io import DataError, read_json, replace_dir, write_json
 from llmlab.models import LoadedModel
 
 INDEX_FILE = "index.json"
@@ -205,14 +205,7 @@ def capture_to_disk(
         write_json(work / INDEX_FILE, {**meta, "ids": ids})
     for name in (PROGRESS_FILE, "meta.json"):
         (work / name).unlink(missing_ok=True)
-    # An old output is moved aside first, so a kill leaves either it or the new one whole.
-    old_out = out.with_name(out.name + ".old.partial")
-    if out.exists():
-        shutil.rmtree(old_out, ignore_errors=True)
-        os.replace(out, old_out)
-    os.replace(work, out)
-    shutil.rmtree(old_out, ignore_errors=True)
-    return out
+    return replace_dir(work, out)
 
 
 def _work_meta(work: Path) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from llmlab.activations import (
     layer_file,
     read_index,
 )
-from llmlab.io import DataError, write_json
+from llmlab.io import DataError, replace_dir, write_json
 from llmlab.models import LoadedModel
 
 
@@ -158,12 +158,7 @@ def merge_shards(
     meta = {k: v for k, v in first.items() if k != "ids"}
     meta.update(run_key=run_key, n_items=n, ids=[it.id for it in items])
     write_json(work / INDEX_FILE, meta)
-    old = out.with_name(out.name + ".old.partial")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(work, out)
     for _, d in shards:
         shutil.rmtree(d, ignore_errors=True)
     return out

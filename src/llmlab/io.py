@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -45,6 +46,23 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_dir(work: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Rename the finished directory `work` onto `out`, replacing what was there, and return out.
+
+    A directory cannot be renamed over a non-empty one, so an old `out` is first moved aside to
+    `<out>.old.partial` (a name DVC outputs ignore); a kill at any instant leaves either the old
+    or the new directory whole at `out`, or the old one aside, never a mix.
+    """
+    work, out = Path(work), Path(out)
+    old = out.with_name(out.name + ".old.partial")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

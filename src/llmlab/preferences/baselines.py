@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from llmlab.activations import INDEX_FILE, CaptureItem, capture_to_disk, layer_file
-from llmlab.io import write_json
+from llmlab.io import replace_dir, write_json
 from llmlab.layers import resolve_layers
 from llmlab.models import load_model
 from llmlab.params import Params, ParamsError, load_params
@@ -59,9 +58,7 @@ def write_embeddings(out: Path, ids: list[str], vecs: np.ndarray, model: str) ->
             "ids": ids,
         },
     )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
+    replace_dir(work, out)
 
 
 def main() -> None:
