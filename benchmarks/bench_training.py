@@ -106,6 +106,11 @@ def lora_config(group_by_length: bool, steps: int) -> LoraTrainConfig:
     )
 
 
+def _per_second(result: tuple[float, int]) -> float:
+    seconds, tokens = result
+    return tokens / seconds
+
+
 def run_train_lora(
     loaded: LoadedModel, examples: list[TrainExample], grouped: bool, steps: int
 ) -> float:
@@ -116,13 +121,17 @@ def run_train_lora(
     return res.tokens_per_s
 
 
-def run_plain_trainer(loaded: LoadedModel, examples: list[TrainExample], steps: int) -> float:
-    """Return tokens/s of a plain Trainer padding unsorted batches to their longest row."""
+def plain_trainer(loaded: LoadedModel, examples, cfg: LoraTrainConfig) -> tuple[float, int]:
+    """Return (seconds, non-padding tokens) of a plain Trainer: random order, pad to longest.
+
+    The baseline every LoRA run is compared with, on CPU (fp32, plain AdamW) or GPU (bf16,
+    fused AdamW, the config's gradient checkpointing); the LoRA layers are removed afterwards.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    cfg = lora_config(False, steps)
-    data = prepare_examples(loaded, examples, MAX_LENGTH)
+    cuda = loaded.device.type == "cuda"
+    data = prepare_examples(loaded, examples, cfg.max_length)
     features = [
         {
             "input_ids": f["input_ids"],
@@ -134,39 +143,38 @@ def run_plain_trainer(loaded: LoadedModel, examples: list[TrainExample], steps: 
     set_seed(cfg.seed)
     model = get_peft_model(
         loaded.model,
-        LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=list(cfg.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                   target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+    )  # fmt: skip
     loaded.tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding="longest", label_pad_token_id=-100)
+    ckpt = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    device_args = (
+        dict(bf16=True, optim="adamw_torch_fused")
+        if cuda
+        else dict(use_cpu=True, optim="adamw_torch")
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=BATCH,
-            max_steps=steps,
-            learning_rate=cfg.lr,
-            seed=cfg.seed,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            logging_steps=1000,
-            log_level="warning",
-            use_cpu=True,
-            optim="adamw_torch",
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.per_device_batch_size,
+            max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed, save_strategy="no",
+            report_to=[], disable_tqdm=True, logging_steps=1000, log_level="warning",
             include_num_input_tokens_seen="non_padding",
-        )
-        trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=features)
+            gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt,
+            **device_args,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=features)
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        tokens = trainer.state.num_input_tokens_seen
+        tokens = int(trainer.state.num_input_tokens_seen)
+        del trainer
     loaded.model = model.unload()
-    return tokens / seconds
+    return seconds, tokens
 
 
 # ---- GPU: real shapes ------------------------------------------------------------------------
@@ -198,50 +206,6 @@ def gpu_config(args: argparse.Namespace, grouped: bool, steps: int) -> LoraTrain
         max_length=args.max_length, group_by_length=grouped, log_every=1000,
         divergence_factor=None, gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
-
-
-def gpu_plain_trainer(loaded: LoadedModel, examples, args, steps: int) -> tuple[float, int]:
-    """Return (seconds, non-padding tokens) of a plain Trainer (random order, pad to longest)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
-
-    cfg = gpu_config(args, False, steps)
-    data = prepare_examples(loaded, examples, args.max_length)
-    features = [
-        {
-            "input_ids": f["input_ids"],
-            "attention_mask": [1] * len(f["input_ids"]),
-            "labels": [-100] * f["prompt_len"] + f["input_ids"][f["prompt_len"] :],
-        }
-        for f in data.features
-    ]
-    set_seed(cfg.seed)
-    model = get_peft_model(
-        loaded.model,
-        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                   target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
-    )  # fmt: skip
-    loaded.tokenizer.padding_side = "right"
-    collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding="longest", label_pad_token_id=-100)
-    ckpt = {"use_reentrant": False} if cfg.gradient_checkpointing else None
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.per_device_batch_size,
-            max_steps=steps, learning_rate=cfg.lr, seed=cfg.seed, save_strategy="no",
-            report_to=[], disable_tqdm=True, logging_steps=1000, log_level="warning", bf16=True,
-            optim="adamw_torch_fused", include_num_input_tokens_seen="non_padding",
-            gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=features)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.train()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        tokens = int(trainer.state.num_input_tokens_seen)
-        del trainer
-    loaded.model = model.unload()
-    return seconds, tokens
 
 
 def gpu_train_lora(loaded: LoadedModel, examples, args, steps: int) -> tuple[float, int]:
@@ -276,8 +240,8 @@ def gpu_main(args: argparse.Namespace) -> None:
     )
     gpu_train_lora(loaded, examples[: args.batch], args, 1)  # warm-up (kernels, allocator)
     runs = {
-        "baseline: plain Trainer, unsorted, pad to longest": lambda: gpu_plain_trainer(
-            loaded, examples, args, args.steps
+        "baseline: plain Trainer, unsorted, pad to longest": lambda: plain_trainer(
+            loaded, examples, gpu_config(args, False, args.steps)
         ),
         "llmlab train_lora, length-grouped": lambda: gpu_train_lora(
             loaded, examples, args, args.steps
@@ -362,8 +326,8 @@ def main() -> None:
 
     n = args.steps
     runs = {
-        "baseline: plain Trainer, unsorted, pad to longest": lambda: run_plain_trainer(
-            loaded, examples, n
+        "baseline: plain Trainer, unsorted, pad to longest": lambda: _per_second(
+            plain_trainer(loaded, examples, lora_config(False, n))
         ),
         "train_lora, unsorted": lambda: run_train_lora(loaded, examples, False, n),
         "train_lora, length-grouped": lambda: run_train_lora(loaded, examples, True, n),
