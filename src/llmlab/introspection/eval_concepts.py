@@ -17,7 +17,12 @@ import numpy as np
 from llmlab.generation import generate
 from llmlab.introspection.conversation import detection_messages, steer_rows
 from llmlab.introspection.examples import Row, row_steer
-from llmlab.introspection.judging import CONCEPT_PROMPT, judge_yes_no, verdict_fields
+from llmlab.introspection.judging import (
+    CONCEPT_PROMPT,
+    judge_yes_no,
+    record_counts,
+    verdict_fields,
+)
 from llmlab.introspection.vectors import VectorBank
 from llmlab.judge import Judge
 from llmlab.models import LoadedModel
@@ -88,7 +93,7 @@ def concept_records(
     for r in records:
         r["keyword_match"] = keyword_match(r["answer"], r["concept"])
     prompts = [CONCEPT_PROMPT.format(answer=r["answer"], concept=r["concept"]) for r in records]
-    for r, v in zip(records, judge_yes_no(judge, loaded, prompts), strict=True):
+    for r, v in zip(records, judge_yes_no(judge, loaded, prompts, "B6 concepts"), strict=True):
         r.update(verdict_fields(v))
     return records
 
@@ -106,7 +111,8 @@ def concept_summary(records: Sequence[dict[str, Any]], seed: int) -> dict[str, A
             lab = r["judge_label"]
             judge_groups.setdefault(r["concept"], []).append(np.nan if lab is None else float(lab))
             kw_groups.setdefault(r["concept"], []).append(float(r["keyword_match"]))
-        judged = any(r["judge_label"] is not None for r in rows)
+        counts = record_counts(rows)
+        judged = counts["judged"] > 0
         out[kind] = {
             "n": len(rows),
             "n_concepts": len(judge_groups),
@@ -114,6 +120,9 @@ def concept_summary(records: Sequence[dict[str, Any]], seed: int) -> dict[str, A
             if judged
             else None,
             "keyword_rate": hierarchical_bootstrap(kw_groups, seed=seed).to_dict(),
-            "n_unscorable": sum(r["judge_label"] is None for r in rows),
+            "n_judged": counts["judged"],
+            "n_unscorable": counts["unscorable"],
+            "n_failed": counts["failed"],
+            "judged_share": counts["judged_share"],
         }
     return out

@@ -9,7 +9,12 @@ import numpy as np
 
 from llmlab.generation import generate, repeat_for_samples
 from llmlab.introspection.config import B3Config
-from llmlab.introspection.judging import IDENTITY_PROMPT, judge_yes_no, verdict_fields
+from llmlab.introspection.judging import (
+    IDENTITY_PROMPT,
+    judge_yes_no,
+    record_counts,
+    verdict_fields,
+)
 from llmlab.judge import Judge
 from llmlab.models import LoadedModel
 from llmlab.stats import hierarchical_bootstrap
@@ -50,7 +55,7 @@ def identity_records(
             }
         )
     prompts = [IDENTITY_PROMPT.format(question=r["question"], answer=r["answer"]) for r in records]
-    for r, v in zip(records, judge_yes_no(judge, loaded, prompts), strict=True):
+    for r, v in zip(records, judge_yes_no(judge, loaded, prompts, "B3 identity"), strict=True):
         r.update(verdict_fields(v))
     return records
 
@@ -61,13 +66,15 @@ def identity_summary(records: Sequence[dict[str, Any]], seed: int) -> dict[str, 
     for r in records:
         label = r["judge_label"]
         groups.setdefault(r["question_id"], []).append(np.nan if label is None else float(label))
-    scored = sum(r["judge_label"] is not None for r in records)
-    rate = hierarchical_bootstrap(groups, seed=seed).to_dict() if scored else None
+    counts = record_counts(records)
+    rate = hierarchical_bootstrap(groups, seed=seed).to_dict() if counts["judged"] else None
     return {
         "n_answers": len(records),
         "n_questions": len(groups),
-        "n_judged": scored,
-        "n_unscorable": len(records) - scored,
+        "n_judged": counts["judged"],
+        "n_unscorable": counts["unscorable"],
+        "n_failed": counts["failed"],
+        "judged_share": counts["judged_share"],
         "identity_confusion_rate": rate,
         "mean_answer_chars": float(np.mean([len(r["answer"]) for r in records])),
     }

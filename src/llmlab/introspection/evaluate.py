@@ -7,6 +7,7 @@ and `summary.json` holding every evaluation's summary, its sizes and its run tim
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from llmlab.introspection.eval_selfpred import load_selfpred, selfpred_records, 
 from llmlab.introspection.examples import read_rows
 from llmlab.introspection.judging import make_family_judge
 from llmlab.introspection.vectors import VectorBank, load_vectors
-from llmlab.io import read_jsonl, write_json, write_jsonl
+from llmlab.io import read_jsonl, replace_dir, write_json, write_jsonl
 from llmlab.models import LoadedModel
 
 B1_SETS = ("in_distribution", "heldout", "concept")
@@ -179,11 +180,16 @@ def main() -> None:
     bank = load_vectors(args.vectors, loaded)
     judge_cfg = params.sections.get("judge") or JudgeConfig()
     out_dir = Path(args.out) / args.model
+    # Records go to a *.partial directory renamed over the old output only once every
+    # evaluation (and its judge check) passed: a failed judge leaves the previous results.
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
     summary = run_all(
-        loaded, bank, cfg, judge_cfg, args.model, Path(args.data), Path(args.eval_sets), out_dir
+        loaded, bank, cfg, judge_cfg, args.model, Path(args.data), Path(args.eval_sets), work
     )
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
-    write_json(out_dir / "summary.json", summary)
+    write_json(work / "summary.json", summary)
+    replace_dir(work, out_dir)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llmlab.judge import Judge, JudgeConfig, Verdict, make_judge
+from llmlab.judge import Judge, JudgeConfig, Verdict, count_statuses, make_judge
 from llmlab.models import LoadedModel
 
 IDENTITY_PROMPT = (
@@ -59,15 +59,28 @@ def make_family_judge(cfg: JudgeConfig, loaded: LoadedModel, max_tokens: int) ->
     return make_judge(cfg, local_model=loaded.model, local_tokenizer=loaded.tokenizer)
 
 
-def judge_yes_no(judge: Judge, loaded: LoadedModel, prompts: Sequence[str]) -> list[Verdict]:
-    """Return the verdicts, with the adapter off while a local judge runs."""
+def judge_yes_no(
+    judge: Judge, loaded: LoadedModel, prompts: Sequence[str], what: str
+) -> list[Verdict]:
+    """Return the verdicts, with the adapter off while a local judge runs.
+
+    Raises JudgeFailed (naming `what`) when more than `judge.max_failed_share` of the items got
+    no answer, before the caller writes its records.
+    """
     if not prompts:
         return []
     with base_behaviour(loaded):
-        return judge.yes_no(list(prompts))
+        verdicts = judge.yes_no(list(prompts))
+    judge.check([v.status for v in verdicts], what)
+    return verdicts
 
 
 def verdict_fields(v: Verdict) -> dict[str, Any]:
     """Return a verdict as flat JSON fields (label 1/0/None, P(yes), status)."""
     label = None if v.label is None else int(v.label == "YES")
     return {"judge_label": label, "judge_p_yes": v.p_yes, "judge_status": v.status}
+
+
+def record_counts(records: Sequence[dict[str, Any]]) -> dict[str, int | float]:
+    """Return the judged / unscorable / failed counts of judged records (by `judge_status`)."""
+    return count_statuses([r["judge_status"] for r in records]).to_dict()

@@ -2,19 +2,22 @@
 
 from .base import JudgeBackend, JudgeError, JudgeReply, JudgeRequestFailed, to_messages
 from .config import JudgeConfig
-from .judge import Judge, Score, Verdict, make_judge
+from .judge import Judge, JudgeCounts, JudgeFailed, Score, Verdict, count_statuses, make_judge
 from .parsing import aggregate_0_100, parse_yes_no_logprobs, parse_yes_no_text
 
 __all__ = [
     "Judge",
     "JudgeBackend",
     "JudgeConfig",
+    "JudgeCounts",
     "JudgeError",
+    "JudgeFailed",
     "JudgeReply",
     "JudgeRequestFailed",
     "Score",
     "Verdict",
     "aggregate_0_100",
+    "count_statuses",
     "make_judge",
     "parse_yes_no_logprobs",
     "parse_yes_no_text",

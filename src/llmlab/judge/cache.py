@@ -1,6 +1,8 @@
 """On-disk judge response cache: one small JSON file per request, written atomically.
 
-Files live under <dir>/<first two hex digits of the key>/<key>.json so no directory grows
+The cache lives per user (`$LLMLAB_CACHE/judge`, default `~/.cache/llmlab/judge`), outside any
+workspace, so experiments that DVC's queue runs in temporary copies of the repository, and
+re-runs after a crash or a failed stage, share it: an answer is paid for once. Files live under <dir>/<first two hex digits of the key>/<key>.json so no directory grows
 huge. Writes go through `llmlab.io.write_json` (temp file + rename), so concurrent workers
 and a crash can leave at worst a missing entry, never a torn one. Only the request's
 identifying fields and the reply are stored: no API key, no base URL, no headers.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,27 @@ from .base import JudgeReply, Messages
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+
+
+def user_cache_root() -> Path:
+    """Return the per-user llmlab cache directory ($LLMLAB_CACHE, else ~/.cache/llmlab).
+
+    The same variable and default as the converted-model cache of `llmlab.models`; read here
+    without importing that module, which loads torch.
+    """
+    return Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
+
+
+def resolve_cache_dir(cache_dir: str | None) -> Path | None:
+    """Return the judge cache directory a `judge.cache_dir` param names (None: no cache).
+
+    A relative path lies under the per-user cache root, `~` is expanded, an absolute path is
+    used as it is.
+    """
+    if cache_dir is None:
+        return None
+    path = Path(cache_dir).expanduser()
+    return path if path.is_absolute() else user_cache_root() / path
 
 
 def cache_key(

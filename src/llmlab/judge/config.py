@@ -58,7 +58,25 @@ class JudgeConfig(BaseModel):
         description="Price of 1000 completion tokens in USD (for the cost cap and summary).",
     )
     cache_dir: str | None = Field(
-        ".cache/judge", description="Directory of the on-disk response cache; None disables it."
+        "judge",
+        description="Directory of the on-disk response cache; a relative path lies under the "
+        "per-user cache ($LLMLAB_CACHE, default ~/.cache/llmlab), so queued experiments and "
+        "re-runs share it; None disables it.",
+    )
+    max_failed_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Largest share of a judged stage's items that may go unanswered (transport "
+        "error, budget stop, malformed body after retries); above it the stage exits non-zero "
+        "and writes nothing.",
+    )
+    min_judged_share: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="A rate computed from fewer than this share of its planned items is flagged "
+        "in reports and metrics.",
     )
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of judge requests.")
     max_tokens: int = Field(16, ge=1, description="Completion length limit for yes/no questions.")

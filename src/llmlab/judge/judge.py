@@ -19,7 +19,7 @@ from .base import (
     to_messages,
 )
 from .budget import Budget, estimate_input_tokens
-from .cache import ResponseCache, cache_key
+from .cache import ResponseCache, cache_key, resolve_cache_dir
 from .config import JudgeConfig
 from .parsing import (
     MIN_MASS,
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 Status = Literal["ok", "unscorable", "failed", "budget_exhausted"]
 
+# Where the openai client sends requests when judge.base_url is not set.
+OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 # Alternatives asked for at the first position (the OpenAI API maximum).
 TOP_LOGPROBS = 20
 # The 0-100 judge answers in one token and is read from that token's distribution.
@@ -59,6 +61,69 @@ class Score:
     numeric_mass: float | None = None  # probability on integer tokens in [0, 100]
 
 
+class JudgeFailed(JudgeError):
+    """Too many of a stage's judge items got no answer; the stage must not write a result."""
+
+
+@dataclass(frozen=True)
+class JudgeCounts:
+    """The three outcomes of a batch of judge items, kept apart.
+
+    judged: the judge answered and the answer was read; unscorable: the judge answered but the
+    answer could not be read; failed: no answer at all (transport error, budget stop,
+    malformed body after retries).
+    """
+
+    planned: int
+    judged: int
+    unscorable: int
+    failed: int
+
+    @property
+    def failed_share(self) -> float:
+        """Return failed / planned (0 for an empty batch)."""
+        return self.failed / self.planned if self.planned else 0.0
+
+    @property
+    def judged_share(self) -> float:
+        """Return judged / planned (1 for an empty batch: nothing was missing)."""
+        return self.judged / self.planned if self.planned else 1.0
+
+    def to_dict(self) -> dict[str, int | float]:
+        """Return the counts and the judged share for summaries and metrics."""
+        return {
+            "planned": self.planned,
+            "judged": self.judged,
+            "unscorable": self.unscorable,
+            "failed": self.failed,
+            "judged_share": round(self.judged_share, 4),
+        }
+
+    def describe(self) -> str:
+        """Return the counts as one short phrase for reports and errors."""
+        return f"judged {self.judged}, unscorable {self.unscorable}, failed {self.failed}"
+
+
+FAILED_STATUSES = frozenset({"failed", "budget_exhausted"})
+
+
+def count_statuses(statuses: Sequence[str]) -> JudgeCounts:
+    """Return the judged / unscorable / failed counts of item statuses."""
+    failed = sum(s in FAILED_STATUSES for s in statuses)
+    unscorable = sum(s == "unscorable" for s in statuses)
+    return JudgeCounts(len(statuses), len(statuses) - failed - unscorable, unscorable, failed)
+
+
+def redact_url(url: str) -> str:
+    """Return a URL without user info, query or fragment (they may carry credentials)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What fetching one request produced: a reply, or why there is none."""
@@ -80,8 +145,15 @@ class Judge:
         max_concurrency: int = 8,
         temperature: float = 0.0,
         max_tokens: int = 16,
+        endpoint: str = "",
+        max_failed_share: float = 0.0,
+        min_judged_share: float = 0.9,
     ) -> None:
         self.backend = backend
+        self.endpoint = endpoint or f"{backend.kind} backend"
+        self.max_failed_share = max_failed_share
+        self.min_judged_share = min_judged_share
+        self._first_error = ""
         self.cache = cache
         self.budget = budget or Budget()
         self.max_concurrency = max_concurrency
@@ -147,6 +219,8 @@ class Judge:
             if isinstance(exc, RetryRefused):
                 return _Outcome(None, "budget_exhausted", msg)
             log.warning("judge: item failed: %s", msg)
+            with self._lock:
+                self._first_error = self._first_error or msg
             return _Outcome(None, "failed", msg)
         self.budget.settle(res, reply.input_tokens, reply.output_tokens)
         if self.cache is not None:
@@ -230,15 +304,65 @@ class Judge:
             (o.reply.text if o.reply is not None else None, o.status, o.error) for o in outcomes
         ]
 
+    def counts(self) -> JudgeCounts:
+        """Return the judged / unscorable / failed counts of every item asked so far."""
+        with self._lock:
+            c = dict(self._counts)
+        failed = c["failures"] + c["budget_exhausted"]
+        return JudgeCounts(
+            c["items"], c["items"] - failed - c["unscorable"], c["unscorable"], failed
+        )
+
+    def check(self, statuses: Sequence[str], what: str) -> JudgeCounts:
+        """Return the counts of `statuses`; JudgeFailed when too many items got no answer.
+
+        Called by a judged stage before it writes anything, so a failed judge leaves the
+        previous outputs in place; the answers that did arrive are already in the cache, and a
+        re-run asks only for the items that failed.
+        """
+        return self._raise_if_failed(count_statuses(statuses), what)
+
+    def check_all(self, what: str) -> JudgeCounts:
+        """Return the counts of every item asked so far; JudgeFailed as `check` does."""
+        return self._raise_if_failed(self.counts(), what)
+
+    def _raise_if_failed(self, counts: JudgeCounts, what: str) -> JudgeCounts:
+        """Return `counts`; JudgeFailed naming backend, endpoint and counts when too many failed."""
+        if counts.failed_share > self.max_failed_share:
+            reason = self._first_error or (
+                "budget exhausted (judge.max_requests / judge.max_cost_usd)"
+                if self.budget.exhausted
+                else "no answer"
+            )
+            raise JudgeFailed(
+                f"{what}: {counts.failed} of {counts.planned} judge items failed "
+                f"({counts.failed_share:.1%} > judge.max_failed_share "
+                f"{self.max_failed_share:.1%}); backend {self.backend.kind} at {self.endpoint}, "
+                f"model {self.backend.model_name!r}: {counts.describe()}; first error: {reason}; "
+                + (
+                    f"nothing written; the answers received are cached in {self.cache.root}, a "
+                    "re-run asks only for the rest"
+                    if self.cache is not None
+                    else "nothing written; judge.cache_dir is null, so a re-run asks for all again"
+                )
+            )
+        return counts
+
     def summary(self) -> dict[str, Any]:
         """Return counts of this judge's work so far (safe to log: holds no secrets)."""
         with self._lock:
             counts = dict(self._counts)
         b = self.budget
+        three = self.counts()
         return {
             "backend": self.backend.kind,
             "model": self.backend.model_name,
+            "endpoint": self.endpoint,
             **counts,
+            "judged": three.judged,
+            "failed": three.failed,
+            "max_failed_share": self.max_failed_share,
+            "min_judged_share": self.min_judged_share,
             "requests": b.requests,
             "paid_retries": b.paid_retries,
             "retries": self.backend.retries,
@@ -281,14 +405,17 @@ def make_judge(cfg: JudgeConfig, local_model: Any = None, local_tokenizer: Any =
         from .openai_backend import OpenAIBackend
 
         backend = OpenAIBackend(cfg)
+        endpoint = redact_url(cfg.base_url or OPENAI_DEFAULT_URL)
     else:
         if local_model is None or local_tokenizer is None:
             raise JudgeError("judge: backend 'local' needs a loaded model and tokenizer")
         from .local_backend import LocalBackend
 
         backend = LocalBackend(local_model, local_tokenizer, model_name=cfg.model)
+        endpoint = "this process"
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
     # a nameless local model (e.g. freshly initialised) cannot be told apart in cache keys
-    cache = ResponseCache(cfg.cache_dir) if cfg.cache_dir and backend.model_name else None
+    cache = ResponseCache(cache_dir) if cache_dir is not None and backend.model_name else None
     budget = Budget(
         max_requests=cfg.max_requests,
         max_cost_usd=cfg.max_cost_usd,
@@ -302,4 +429,7 @@ def make_judge(cfg: JudgeConfig, local_model: Any = None, local_tokenizer: Any =
         max_concurrency=cfg.max_concurrency,
         temperature=cfg.temperature,
         max_tokens=cfg.max_tokens,
+        endpoint=endpoint,
+        max_failed_share=cfg.max_failed_share,
+        min_judged_share=cfg.min_judged_share,
     )

@@ -135,6 +135,8 @@ def main() -> None:
         row["p_identifying"] = v.p_yes
         row["status"] = v.status
         row["keep"] = v.status == "ok" and v.label == "NO"
+    # generation requests and verdicts alike: no file is written when too many went unanswered
+    judge.check_all("persona_candidates")
     write_jsonl(args.out, rows)
     counts = {
         "generated": sum(r["source"] == "generated" for r in rows),

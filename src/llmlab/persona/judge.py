@@ -4,6 +4,10 @@ Judge (YES/NO, read from first-token logprobs when the backend gives them): does
 adopt the persona; does it call itself an AI. Rules beside it: format compliance, persona
 keyword and name mentions, AI self-reference phrases, refusals, empty answers. A verdict that
 cannot be read is kept as null with its status, and counted: never turned into a NO.
+
+Items the judge never answered (transport error, budget stop, malformed body after retries)
+are counted apart from unscorable ones; above `judge.max_failed_share` of them the stage
+exits non-zero before writing, so the previous outputs stay as they were.
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ def main() -> None:
     as_ai: list[Verdict | None] = [None] * len(rows)
     if section.judge.as_ai_check:
         as_ai = list(judge.yes_no([as_ai_prompt(r["question"], r["response"]) for r in rows]))
+    counts = {"judge_persona": judge.check([v.status for v in persona], "persona_judge (persona)")}
+    if section.judge.as_ai_check:
+        statuses = [v.status for v in as_ai if v is not None]
+        counts["judge_as_ai"] = judge.check(statuses, "persona_judge (as-AI)")
     out = []
     for row, vp, va in zip(rows, persona, as_ai, strict=True):
         judged = {**row, **verdict_fields("judge_persona", vp), **rule_fields(row, trigger, names)}
@@ -92,9 +100,18 @@ def main() -> None:
         "judge_persona": dict(Counter(v.status for v in persona)),
         "judge_as_ai": dict(Counter(v.status for v in as_ai if v is not None)),
     }
-    summary = {"judge": judge.summary(), "judge_params_millions": size, "statuses": statuses}
+    summary = {
+        "judge": judge.summary(),
+        "judge_params_millions": size,
+        "statuses": statuses,
+        "counts": {k: c.to_dict() for k, c in counts.items()},
+    }
     write_json(args.summary_out, {**summary, "n_rows": len(rows)})
-    log.info("judged %d replies: %s", len(rows), statuses)
+    log.info(
+        "judged %d replies: %s",
+        len(rows),
+        "; ".join(f"{k}: {c.describe()}" for k, c in counts.items()),
+    )
 
 
 if __name__ == "__main__":
