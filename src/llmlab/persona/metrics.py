@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmlab.judge.judge import FAILED_STATUSES
 from llmlab.stats import Estimate, bootstrap_diff, hierarchical_bootstrap
 
 ALL = "all"
@@ -87,6 +88,26 @@ def n_unscorable(groups: dict[str, list[float]]) -> int:
     return sum(math.isnan(v) for vals in groups.values() for v in vals)
 
 
+def judged_share(groups: dict[str, list[float]]) -> float | None:
+    """Return the share of a cell's planned replies that carry a verdict (None: empty cell)."""
+    n = sum(len(vals) for vals in groups.values())
+    return round(1 - n_unscorable(groups) / n, 4) if n else None
+
+
+def n_judge_failed(
+    rows: Iterable[dict[str, Any]], *, model: str, condition: str, question_set: str | None
+) -> int:
+    """Return how many replies of one cell the judge never answered (told apart by status)."""
+    status = f"{MEASURES['judge']}_status"
+    return sum(
+        r.get(status) in FAILED_STATUSES
+        for r in rows
+        if r["model"] == model
+        and (condition == ALL or r["condition"] == condition)
+        and (question_set is None or r["question_set"] == question_set)
+    )
+
+
 def cell_metrics(
     rows: Sequence[dict[str, Any]],
     *,
@@ -125,7 +146,15 @@ def cell_metrics(
     out["n_replies"] = sum(len(v) for v in judge_on.values()) + sum(
         len(v) for v in judge_off.values()
     )
-    out["judge_unscorable"] = n_unscorable(judge_on) + n_unscorable(judge_off)
+    # judged / unscorable / failed kept apart: a null verdict is failed when the judge never
+    # answered, unscorable when its answer could not be read
+    missing = n_unscorable(judge_on) + n_unscorable(judge_off)
+    failed = n_judge_failed(rows, model=model, condition=condition, question_set=question_set)
+    out["judge_judged"] = out["n_replies"] - missing
+    out["judge_unscorable"] = missing - failed
+    out["judge_failed"] = failed
+    out["judge_judged_share_triggered"] = judged_share(judge_on)
+    out["judge_judged_share_untriggered"] = judged_share(judge_off)
     return out
 
 
