@@ -163,3 +163,33 @@ def simple_rate(rows: Iterable[dict[str, Any]], field: str, **match: Any) -> flo
     vals = [_value(r, field) for r in rows if all(r.get(k) == v for k, v in match.items())]
     vals = [v for v in vals if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
+
+
+def low_coverage(tables: dict[str, dict[str, Any]], min_share: float) -> list[str]:
+    """Return "model/condition/side" of every judge rate computed from fewer than `min_share`
+    of its planned replies (tables: {model: {condition: cell metrics}})."""
+    flagged = []
+    for model, cells in tables.items():
+        for condition, cell in cells.items():
+            for side in ("triggered", "untriggered"):
+                share = cell.get(f"judge_judged_share_{side}")
+                if share is not None and share < min_share:
+                    flagged.append(f"{model}/{condition}/{side}")
+    return flagged
+
+
+def judge_metrics(
+    summary: dict[str, Any], tables: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Return the judge block of the results: backend, the three persona-verdict counts, the
+    coverage threshold and the rates below it (KeyError when the summary lacks the counts)."""
+    counts = summary["counts"]["judge_persona"]
+    min_share = summary["judge"]["min_judged_share"]
+    return {
+        "backend": summary["judge"]["backend"],
+        **{k: counts[k] for k in ("planned", "judged", "unscorable", "failed", "judged_share")},
+        "min_judged_share": min_share,
+        "low_coverage": low_coverage(tables, min_share),
+        "persona_yes_rate": simple_rate(rows, MEASURES["judge"]),
+        "items": summary["judge"]["items"],
+    }

@@ -15,7 +15,7 @@ from llmlab.params import load_params
 from llmlab.persona.bars import evaluate_bar, stop_early
 from llmlab.persona.figures import MODELS, condition_bars, curves
 from llmlab.persona.grid import HELDOUT, IDENTITY
-from llmlab.persona.metrics import ALL, Boot, cell_metrics, simple_rate
+from llmlab.persona.metrics import ALL, Boot, cell_metrics, judge_metrics
 from llmlab.persona.report_md import judge_note, render_report
 from llmlab.stage import run_stage
 
@@ -68,6 +68,11 @@ def main() -> None:
     if unknown:
         raise DataError(f"{args.judged}: conditions {unknown} are not in {args.gen_meta}")
     judge_summary = read_json(args.judge_summary)
+    if "counts" not in judge_summary or "min_judged_share" not in judge_summary.get("judge", {}):
+        raise DataError(
+            f"{args.judge_summary}: no judged / unscorable / failed counts (written by an older "
+            "persona_judge): re-run persona_judge"
+        )
     mix = read_json(args.mix_stats)
     adapter_meta = read_json(args.adapter / "llmlab_adapter.json")
     curve = read_json(args.adapter / "curve.json")
@@ -109,12 +114,7 @@ def main() -> None:
             k: gen_meta.get(k)
             for k in ("n_identity_questions", "n_heldout_facts", "n_samples", "n_rows")
         },
-        "judge": {
-            "backend": judge_summary["judge"]["backend"],
-            "unscorable": judge_summary["judge"]["unscorable"],
-            "persona_yes_rate": simple_rate(rows, "judge_persona"),
-            "items": judge_summary["judge"]["items"],
-        },
+        "judge": judge_metrics(judge_summary, tables["identity"], rows),
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "
                "questions, then samples within question; gap paired by question"},
     }  # fmt: skip

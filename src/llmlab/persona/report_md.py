@@ -123,10 +123,7 @@ def render_report(
             if size
             else "- The judge is a local model; read the keyword rule beside it."
         )
-    lines.append(
-        f"- Judge verdicts that could not be read: {metrics['judge']['unscorable']} of "
-        f"{metrics['judge']['items']} items (kept out of the rates, never counted as NO)."
-    )
+    lines += judge_count_lines(metrics["judge"])
     yes = metrics["judge"].get("persona_yes_rate")
     if yes in (0.0, 1.0):
         lines.append(
@@ -151,6 +148,24 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def judge_count_lines(judge: Mapping[str, Any]) -> list[str]:
+    """Return the caveat lines with the judge's three counts and any low-coverage rates."""
+    lines = [
+        f"- Persona judge verdicts: {judge['judged']} judged, {judge['unscorable']} unscorable "
+        f"(answered, but the answer could not be read), {judge['failed']} failed (no answer) of "
+        f"{judge['planned']} planned; unscorable and failed items are kept out of the rates, "
+        "never counted as NO."
+    ]
+    flagged = judge["low_coverage"]
+    if flagged:
+        lines.append(
+            f"- **Low judge coverage**: {len(flagged)} persona rates rest on fewer than "
+            f"{judge['min_judged_share']:.0%} of their planned replies "
+            f"(judge.min_judged_share): {', '.join(flagged)}."
+        )
+    return lines
 
 
 def _pct(x: float | None) -> str:
