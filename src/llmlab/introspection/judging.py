@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmlab.judge import Judge, JudgeConfig, Verdict, count_statuses, make_judge
-from llmlab.models import LoadedModel
+
+if TYPE_CHECKING:  # the report imports the count helpers below without loading torch
+    from llmlab.models import LoadedModel
 
 IDENTITY_PROMPT = (
     "You are grading one answer written by an AI assistant.\n\n"
@@ -84,3 +86,37 @@ def verdict_fields(v: Verdict) -> dict[str, Any]:
 def record_counts(records: Sequence[dict[str, Any]]) -> dict[str, int | float]:
     """Return the judged / unscorable / failed counts of judged records (by `judge_status`)."""
     return count_statuses([r["judge_status"] for r in records]).to_dict()
+
+
+JUDGED_BLOCKS = {"b3_identity": ("",), "b6_concepts": ("steered", "control")}
+
+
+def judge_counts_by_model(evaluations: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return {model: {"b3_identity" | "b6_concepts/<kind>": counts}} of every judged block.
+
+    `evaluations` maps a model to its summary's evaluations; the counts are judged, unscorable
+    and failed items, their sum (planned) and the judged share.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for model, ev in evaluations.items():
+        for block, kinds in JUDGED_BLOCKS.items():
+            for kind in kinds:
+                s = ev.get(block, {}).get(kind) if kind else ev.get(block)
+                if not s:
+                    continue
+                counts = {k: s[f"n_{k}"] for k in ("judged", "unscorable", "failed")}
+                counts["planned"] = sum(counts.values())
+                counts["judged_share"] = s["judged_share"]
+                out.setdefault(model, {})[f"{block}/{kind}" if kind else block] = counts
+    return out
+
+
+def low_coverage(counts: dict[str, dict[str, Any]], min_share: dict[str, float]) -> list[str]:
+    """Return "model/block" of every judged rate resting on fewer than the model's judge
+    `min_judged_share` of its planned items (counts from `judge_counts_by_model`)."""
+    return [
+        f"{model}/{block}"
+        for model, blocks in counts.items()
+        for block, c in blocks.items()
+        if c["planned"] and c["judged_share"] < min_share[model]
+    ]

@@ -20,6 +20,36 @@ def _mark(met: bool | None) -> str:
     return {True: "yes", False: "no", None: "not assessable"}[met]
 
 
+def judge_count_lines(m: dict[str, Any]) -> list[str]:
+    """Return the judge section: judged / unscorable / failed of every judged block, and a flag
+    on each rate resting on fewer than judge.min_judged_share of its planned items."""
+    lines = [
+        "## Judge (B3, B6)",
+        "",
+        "judged / unscorable (answered, answer unreadable) / failed (no answer) of planned; "
+        "unscorable and failed items are kept out of the rates, never counted as no.",
+        "",
+        "| model | block | judged | unscorable | failed | planned |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, blocks in m["judge_counts"].items():
+        for block, c in blocks.items():
+            lines.append(
+                f"| {model} | {block} | {c['judged']} | {c['unscorable']} | {c['failed']} | "
+                f"{c['planned']} |"
+            )
+    lines.append("")
+    if m["judge_low_coverage"]:
+        lines += [
+            f"**Low judge coverage**: {len(m['judge_low_coverage'])} judged rates rest on fewer "
+            "than judge.min_judged_share of their planned items: "
+            + ", ".join(m["judge_low_coverage"])
+            + ".",
+            "",
+        ]
+    return lines
+
+
 def render_report(m: dict[str, Any]) -> str:
     """Return the markdown report of the metrics tree."""
     lines = ["# Introspection finetuning: detection of steering, five variants, B1-B7", ""]
@@ -168,6 +198,7 @@ def render_report(m: dict[str, Any]) -> str:
             ]
         else:
             lines += [f"Phase C not trained: {pc['reason']}.", ""]
+    lines += judge_count_lines(m)
     sizes = m["datasets"]["original"]
     lines += [
         "## Sizes and time",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.introspection.config import VARIANT_NAMES
+from llmlab.introspection.judging import judge_counts_by_model, low_coverage
 from llmlab.introspection.success import success_list
 from llmlab.io import read_json, read_jsonl, write_json, write_text
 from llmlab.plots import bar_with_ci, line_plot, write_series
@@ -158,6 +159,8 @@ def collect(eval_dir: Path, adapters: Path, seed: int = 0) -> dict[str, Any]:
     for m in VARIANT_NAMES:
         b5[m]["kl_minus_base"] = kl_diff(eval_dir, m, "base", seed)
     phase_c_path = eval_dir / "phase_c" / "summary.json"
+    judge_counts = judge_counts_by_model(ev)
+    min_share = {m: summaries[m]["judge"]["min_judged_share"] for m in MODELS}
     return {
         "d_prime_rule": D_PRIME_CLIP_RULE,
         "training": training_summary(adapters),
@@ -186,6 +189,8 @@ def collect(eval_dir: Path, adapters: Path, seed: int = 0) -> dict[str, Any]:
         "phase_c": read_json(phase_c_path) if phase_c_path.is_file() else None,
         "eval_seconds": {m: summaries[m].get("wall_s") for m in MODELS},
         "judge": {m: summaries[m].get("judge") for m in MODELS},
+        "judge_counts": judge_counts,
+        "judge_low_coverage": low_coverage(judge_counts, min_share),
     }
 
 
