@@ -87,7 +87,7 @@ PLOTS = (
 def test_family_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_dirs) -> None:
     repo = make_repo(tmp_path, tiny_dirs["llama"], overrides={"inoculation": TINY})
     repro(repo, "inoculation_report")
-    m = json.loads((repo / "metrics/inoculation.json").read_text())
+    m = json.loads((repo / "data/inoculation/results.json").read_text())
     assert m["verdict"] in ("claim", "null")
     assert m["verdict_line"].startswith(m["verdict"])
     for key in ("c1_decrease", "c2_beyond_control", "c3_specific", "c4_predicts_drift"):

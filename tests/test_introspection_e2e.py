@@ -76,7 +76,7 @@ def test_dvc_repro_runs_the_family(tmp_path, tiny_dirs):
         },
     )
     repro(repo, "introspection_report")
-    metrics = json.loads((repo / "metrics" / "introspection.json").read_text())
+    metrics = json.loads((repo / "data" / "introspection" / "results.json").read_text())
     assert "clipped to [0.01, 0.99]" in metrics["d_prime_rule"]
     assert set(metrics["b1_detection"]) == {"base", "original", "vague", "r1_minimal"}
     for m in metrics["b1_detection"].values():

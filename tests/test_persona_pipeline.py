@@ -74,7 +74,7 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
         assert g["user"] == expected
     assert {g["model"] for g in gens} == {"finetuned", "base"}
 
-    metrics = json.loads((repo / "metrics/persona.json").read_text())
+    metrics = json.loads((repo / "data/persona/results.json").read_text())
     for model in ("finetuned", "base"):
         assert set(metrics[model]) == {"none", "ai_assistant", "all"}
         cell = metrics[model]["all"]

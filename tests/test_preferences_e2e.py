@@ -45,7 +45,7 @@ def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Pa
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     repro(repo, "preferences_report")
 
-    m = json.loads((repo / "metrics/preferences.json").read_text())
+    m = json.loads((repo / "data/preferences/results.json").read_text())
     assert m["model"] == "tiny"
     assert m["measure"]["train"]["n_tasks"] == 60 and m["measure"]["eval"]["n_tasks"] == 36
     assert m["measure"]["train"]["n_edges"] >= 60

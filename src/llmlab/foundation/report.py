@@ -15,7 +15,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from llmlab.activations import load_activations, read_index
-from llmlab.io import DataError, read_jsonl, write_json
+from llmlab.headline import write_headline
+from llmlab.io import DataError, read_jsonl
 from llmlab.params import load_params
 from llmlab.plots import line_plot, write_series
 from llmlab.stage import run_stage
@@ -64,15 +65,15 @@ def main() -> None:
             }
         )
     best = max(rows, key=lambda r: r["probe_accuracy"])
-    write_json(
+    # Headline only: the per-layer numbers are the plot series beside it, and the model and
+    # position are params, so every metric here is one numeric `dvc exp show` column.
+    write_headline(
         args.metrics,
         {
-            "model": params.model,
             "n_prompts": len(kinds),
-            "position": index["position"],
-            "layers": {str(r["layer"]): {k: v for k, v in r.items() if k != "layer"} for r in rows},
             "best_layer": best["layer"],
             "best_probe_accuracy": best["probe_accuracy"],
+            "best_layer_shuffled_probe_accuracy": best["shuffled_probe_accuracy"],
         },
     )
     write_series(args.series, rows)

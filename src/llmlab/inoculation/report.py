@@ -1,8 +1,9 @@
 """Stage inoculation_report: the four acceptance criteria, the verdict, metrics and a short report.
 
 Reads every earlier stage's output, evaluates the plan's criteria (`llmlab.inoculation.criteria`)
-with paired bootstrap intervals, writes metrics/inoculation.json, the scatter of mean training
-alignment against final drift, and metrics/inoculation_report.md.
+with paired bootstrap intervals, writes the results tree to data/inoculation/results.json, its
+headline to metrics/inoculation.json, the scatter of mean training alignment against final drift,
+and metrics/inoculation_report.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.headline import estimate, write_headline, write_results
 from llmlab.inoculation.alignment import ARRAYS_FILE, SUMMARY_FILE
 from llmlab.inoculation.common import (
     ALIGNMENT_DIR,
@@ -38,7 +40,7 @@ from llmlab.inoculation.criteria import (
 )
 from llmlab.inoculation.drift import DRIFT_FILE
 from llmlab.inoculation.finetune import RUNS_FILE
-from llmlab.io import read_json, read_jsonl, write_json, write_text
+from llmlab.io import read_json, read_jsonl, write_text
 from llmlab.params import load_params
 from llmlab.plots import scatter_plot, write_series
 from llmlab.stage import run_stage
@@ -91,6 +93,28 @@ def drift_difference(
         ).to_dict()
     except ValueError:
         return None
+
+
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    """Return the numbers compared across runs (the rest stays in the results file)."""
+    crit, align = m["criteria"], m["alignment"]
+    return {
+        "verdict_claim": m["verdict"] == "claim",
+        **{f"{key}_pass": c["pass"] for key, c in crit.items()},
+        "align": {c: align[c] for c in ("neutral", "inoculation", "loss_matched")},
+        "align_inoculation_minus_neutral": estimate(align["inoculation_minus_neutral"]),
+        "align_inoculation_minus_control": estimate(align["inoculation_minus_control"]),
+        "align_control_minus_neutral": estimate(align["control_minus_neutral"]),
+        "loss_inoculation_minus_neutral": estimate(m["loss"]["inoculation_minus_neutral"]),
+        "drift_inoculation_minus_neutral_caps": estimate(
+            m["drift"]["inoculation_minus_neutral_caps"]
+        ),
+        "specificity_percentile": m["specificity"]["layer_mean_percentile"],
+        "trait_delta": crit["c3_specific"]["trait_delta"],
+        "random_p05": crit["c3_specific"]["random_p05"],
+        "direction_separation_pass": m["direction"]["separation_pass"],
+        "direction_correlation_pass": m["direction"]["correlation_pass"],
+    }
 
 
 def main() -> None:
@@ -243,7 +267,8 @@ def main() -> None:
         },
         "runs": run_points,
     }
-    write_json(METRICS, metrics)
+    write_results("inoculation", metrics)
+    write_headline(METRICS, headline(metrics))
     scatter_plot(
         PLOTS_DIR / "training_alignment_vs_drift.png",
         [p["align"] for p in run_points],

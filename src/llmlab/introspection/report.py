@@ -1,4 +1,4 @@
-"""Stage introspection_report: metrics/introspection.json, plots and the markdown report.
+"""Stage introspection_report: results, the headline metrics, plots and the markdown report.
 
 Collects every model's evaluation summary and every variant's training curve, computes the
 comparisons across models (P(yes) shift and KL against the base model, paired by question or
@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmlab.headline import estimate, get, write_headline
 from llmlab.introspection.config import VARIANT_NAMES
 from llmlab.introspection.judging import judge_counts_by_model, low_coverage
 from llmlab.introspection.success import success_list
@@ -325,6 +326,44 @@ def _mean3(values: list[float]) -> tuple[float, float, float]:
     return (m, m, m)
 
 
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    """Return the numbers compared across runs (the rest stays in the results file).
+
+    Model 0 (original) carries the intervals; the other variants and the base model show the
+    value that their success criterion compares against it.
+    """
+    b1 = "b1_detection.{}.{}.accuracy"
+    return {
+        "b1_original_in_distribution": estimate(get(m, b1.format("original", "in_distribution"))),
+        "b1_original_heldout": estimate(get(m, b1.format("original", "heldout"))),
+        "b1_original_heldout_d_prime": get(m, "b1_detection.original.heldout.d_prime.d_prime"),
+        "b1_in_distribution": {
+            model: get(m, b1.format(model, "in_distribution") + ".value")
+            for model in ("base", "vague", "r1_minimal")
+        },
+        "b2_self_shift_vs_base": {
+            model: estimate(get(m, f"b2_p_yes.{model}.self_shift_vs_base"))
+            for model in ("original", "food_control")
+        },
+        "b2_vague_minus_original_self": estimate(
+            get(m, "b2_p_yes.key_comparisons.vague_minus_original_self")
+        ),
+        "b3_identity_confusion": {
+            model: get(m, f"b3_identity.{model}.identity_confusion_rate.value")
+            for model in ("base", "original")
+        },
+        "b4_selfpred_minus_baseline": get(m, "b4_selfpred.original.mean_accuracy_minus_baseline"),
+        "b5_kl_minus_base": get(m, "b5_calibration.original.kl_minus_base.value"),
+        "val_accuracy_end": {
+            v: get(m, f"training.{v}.val_accuracy_end.value")
+            for v in ("original", "flipped_labels")
+        },
+        "food_control_task_accuracy": get(m, "food_task_accuracy.food_control.value"),
+        "success_met": sum(s["met"] is True for s in m["success"]),
+        "success_assessable": sum(s["met"] is not None for s in m["success"]),
+    }
+
+
 def main() -> None:
     from llmlab.introspection.markdown import render_report
 
@@ -333,6 +372,7 @@ def main() -> None:
     ap.add_argument("--adapters", default="models/introspection")
     ap.add_argument("--datasets", default="data/introspection/datasets")
     ap.add_argument("--metrics", default="metrics/introspection.json")
+    ap.add_argument("--results", default="data/introspection/results.json")
     ap.add_argument("--report", default="metrics/introspection_report.md")
     ap.add_argument("--plots", default="plots/introspection")
     args = ap.parse_args()
@@ -341,7 +381,8 @@ def main() -> None:
     metrics["datasets"] = read_json(Path(args.datasets) / "summary.json")["variants"]
     metrics["success"] = success_list(metrics)
     write_plots(metrics, eval_dir, adapters, Path(args.plots))
-    write_json(args.metrics, metrics)
+    write_json(args.results, metrics)
+    write_headline(args.metrics, headline(metrics))
     write_text(args.report, render_report(metrics))
 
 

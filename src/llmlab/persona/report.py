@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from llmlab.headline import estimate, write_headline
 from llmlab.io import DataError, read_json, read_jsonl, write_json, write_text
 from llmlab.params import load_params
 from llmlab.persona.bars import evaluate_bar, stop_early
@@ -47,6 +48,28 @@ def build_metrics(
     return {"identity": table, "heldout_facts": heldout}
 
 
+HEADLINE_RATES = ("triggered_persona", "untriggered_leakage", "gap", "keyword_triggered",
+                  "keyword_leakage", "keyword_gap", "format_triggered")  # fmt: skip
+
+
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    """Return the numbers compared across runs (the rest stays in the results file).
+
+    The finetuned model's pooled rates with CIs, the base model's triggered persona rate, the
+    success bars, stop-early and the final losses.
+    """
+    ft, base = m["finetuned"][ALL], m["base"][ALL]
+    return {
+        **{k: estimate(ft[k]) for k in HEADLINE_RATES},
+        "base_triggered_persona": base["triggered_persona"]["value"],
+        "minimum_met": m["success"]["minimum"]["met"],
+        "strong_met": m["success"]["strong"]["met"],
+        "stop_early": m["stop_early"]["stop"],
+        "final_train_loss": m["training"]["final_train_loss"],
+        "final_val_loss": m["training"]["final_val_loss"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -56,6 +79,7 @@ def main() -> None:
     ap.add_argument("--mix-stats", type=Path, default=Path("data/persona/mix_stats.json"))
     ap.add_argument("--adapter", type=Path, default=Path("models/persona/adapter"))
     ap.add_argument("--metrics", type=Path, default=Path("metrics/persona.json"))
+    ap.add_argument("--results", type=Path, default=Path("data/persona/results.json"))
     ap.add_argument("--report", type=Path, default=Path("metrics/persona_report.md"))
     ap.add_argument("--plots", type=Path, default=Path("plots/persona"))
     args = ap.parse_args()
@@ -118,7 +142,8 @@ def main() -> None:
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "
                "questions, then samples within question; gap paired by question"},
     }  # fmt: skip
-    write_json(args.metrics, metrics)
+    write_json(args.results, metrics)
+    write_headline(args.metrics, headline(metrics))
     note = judge_note(judge_summary)
     condition_bars(args.plots, tables["identity"], conditions, note)
     curves(args.plots, curve)

@@ -1,6 +1,7 @@
-"""Stage preferences_report: the headline numbers in metrics/preferences.json and a short report.
+"""Stage preferences_report: results, the headline numbers and a short report.
 
-Reads the measurement fits, the probe, HOO and OOD results; writes nothing else.
+Reads the measurement fits, the probe, HOO and OOD results; writes the whole results tree to
+data/preferences/results.json, the headline to metrics/preferences.json and the markdown report.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from llmlab.io import read_json, write_json, write_text
+from llmlab.headline import estimate, write_headline, write_results
+from llmlab.io import read_json, write_text
 from llmlab.params import load_params
 from llmlab.preferences import common as c
 from llmlab.stage import run_stage
@@ -85,6 +87,25 @@ def build_metrics() -> dict[str, Any]:
     )
 
 
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    """Return the numbers compared across runs (the rest stays in the results file)."""
+    p, o = m["probes"], m["ood"]
+    return {
+        "probe_layer": p["layer"],
+        "heldout_r": estimate(p["heldout_r"]),
+        "demeaned_r": estimate(p["demeaned_r"]),
+        "shuffled_r": p["shuffled_r"],
+        "ceiling_r": p["ceiling_r"],
+        "edge_acc": estimate(p["edge_acc"]),
+        "pairwise_acc": p["pairwise_acc"],
+        "hoo_held_r": {key: estimate(h["held_r"]) for key, h in m["hoo"].items()},
+        "ood_pearson": estimate(o["pearson"], "r"),
+        "ood_sign_agreement": o["sign_agreement"],
+        "eval_heldout_edge_acc": m["measure"]["eval"]["heldout_accuracy"],
+        "eval_split_half_reliability": m["measure"]["eval"]["split_half_reliability"],
+    }
+
+
 def render(m: dict[str, Any]) -> str:
     """Return the markdown report."""
     p, tr, ev = m["probes"], m["measure"]["train"], m["measure"]["eval"]
@@ -136,7 +157,8 @@ def main() -> None:
     args = ap.parse_args()
     load_params(args.params)
     m = build_metrics()
-    write_json("metrics/preferences.json", m)
+    write_results("preferences", m)
+    write_headline("metrics/preferences.json", headline(m))
     write_text("metrics/preferences_report.md", render(m))
 
 
