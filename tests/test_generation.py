@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from llmlab.generation import generate, repeat_for_samples, truncate_at_stop
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llmlab.generation import (
+    auto_token_budget,
+    bytes_per_generated_token,
+    generate,
+    repeat_for_samples,
+    truncate_at_stop,
+)
 
 PROMPTS = [
     [{"role": "user", "content": "Say hello."}],
@@ -44,3 +54,23 @@ def test_real_model_answers_sensibly(smol):
         progress=False,
     )
     assert "Paris" in out[0]
+
+
+def test_bytes_per_generated_token_of_the_8b_shape():
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # KV: 2 x 32 layers x 8 heads x 128 x 2 bytes; prefill transient: (3 x 14336 + 4 x 4096) x 2
+    assert bytes_per_generated_token(model) == 131072 + 118784
+
+
+def test_auto_budget_off_cuda_is_the_default_budget(tiny_models):
+    loaded = tiny_models["llama"]
+    assert auto_token_budget(loaded) is None
+    auto = generate(loaded, PROMPTS, max_new_tokens=5, max_tokens_per_batch="auto", progress=False)
+    assert auto == generate(loaded, PROMPTS, max_new_tokens=5, progress=False)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        generate(loaded, PROMPTS, max_tokens_per_batch="big", progress=False)

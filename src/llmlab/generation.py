@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -56,6 +56,43 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
+# Share of the accelerator's free memory a generation batch may fill (KV cache plus the prefill's
+# transient activations); the rest absorbs allocator fragmentation and the sampling buffers.
+AUTO_MEMORY_FRACTION = 0.8
+
+
+def bytes_per_generated_token(model: Any) -> int:
+    """Return the accelerator bytes one token of a generation batch needs at its peak.
+
+    The key/value cache of every layer (2 x layers x KV heads x head size), plus the
+    prefill's largest transient per token: one MLP's gate, up and product activations
+    (3 x intermediate size) and a few hidden-size buffers, which are freed layer by layer.
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    size = next(model.parameters()).element_size()
+    kv = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * size
+    intermediate = int(getattr(text, "intermediate_size", 4 * text.hidden_size))
+    transient = (3 * intermediate + 4 * int(text.hidden_size)) * size
+    return kv + transient
+
+
+def auto_token_budget(loaded: LoadedModel, fraction: float = AUTO_MEMORY_FRACTION) -> int | None:
+    """Return how many (prompt + new) tokens one generation batch may hold on this device.
+
+    Sized by memory rather than by a row count: on a CUDA device, `fraction` of the free
+    memory divided by bytes_per_generated_token; None on other devices (no bound known).
+    """
+    device = torch.device(loaded.device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, int(free * fraction) // bytes_per_generated_token(loaded.model))
+
+
 @torch.no_grad()
 def generate(
     loaded: LoadedModel,
@@ -66,7 +103,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
-    max_tokens_per_batch: int | None = 16384,
+    max_tokens_per_batch: int | Literal["auto"] | None = 16384,
     stop_strings: Sequence[str] = (),
     steer: SteerFactory | None = None,
     progress: bool = True,
@@ -76,6 +113,12 @@ def generate(
     **generate_kwargs: Any,
 ) -> list[str]:
     """Return one completion per conversation, in input order.
+
+    batch_size caps the rows of a batch and max_tokens_per_batch its (prompt + new) tokens,
+    padding included; "auto" sizes the token budget by the free accelerator memory
+    (auto_token_budget; 16384 tokens off CUDA), which with a large batch_size gives the
+    largest batches that fit: a decode step reads all weights once whatever the batch, so
+    throughput grows with the batch until the KV-cache reads dominate.
 
     temperature 0 is greedy. Batches are grouped by prompt length (longest first) and each
     batch is seeded with seed + its index, so a re-run with the same inputs gives the same
@@ -95,7 +138,16 @@ def generate(
     tok = loaded.tokenizer
     encoded = [encode_chat(tok, conv, chat=loaded.chat) for conv in conversations]
     lengths = [len(e.input_ids) for e in encoded]
-    budget = None if max_tokens_per_batch is None else max(1, max_tokens_per_batch)
+    if max_tokens_per_batch == "auto":
+        budget = auto_token_budget(loaded) or 16384
+    elif max_tokens_per_batch is None:
+        budget = None
+    elif isinstance(max_tokens_per_batch, int):
+        budget = max(1, max_tokens_per_batch)
+    else:
+        raise ValueError(
+            f"max_tokens_per_batch must be an int, 'auto' or None, got {max_tokens_per_batch!r}"
+        )
     batches = token_budget_batches([n + max_new_tokens for n in lengths], batch_size, budget)
     eos = _eos_ids(loaded)
     outputs: list[str] = [""] * len(encoded)
