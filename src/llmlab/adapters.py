@@ -1,13 +1,23 @@
-"""Saved LoRA adapters: safetensors weights plus a metadata file naming their base model."""
+"""Saved LoRA adapters: safetensors weights plus a metadata file naming their base model.
+
+`check_adapter` reads every file of an adapter without loading a model (safetensors header,
+peft's adapter_config.json, llmlab's metadata), so a truncated or foreign adapter fails in
+one line before minutes are spent loading the base model. `check_target_modules` refuses LoRA
+target names that match no module of the model (peft would train the others silently).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from llmlab.io import read_json, write_json
 
 METADATA_FILE = "llmlab_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+REQUIRED_METADATA = ("base_model",)
 
 
 class AdapterError(ValueError):
@@ -20,26 +30,78 @@ def write_adapter_metadata(adapter_dir: Path, metadata: dict[str, Any]) -> None:
 
 
 def read_adapter_metadata(adapter_dir: Path) -> dict[str, Any]:
-    """Return the adapter's metadata; error naming the file when it is absent."""
+    """Return the adapter's metadata; error naming the file when it is absent or incomplete."""
     meta = adapter_dir / METADATA_FILE
     if not meta.is_file():
         raise AdapterError(f"{adapter_dir}: not an llmlab adapter ({METADATA_FILE} missing)")
     data = read_json(meta)
     if not isinstance(data, dict):
         raise AdapterError(f"{meta}: expected a JSON object")
+    missing = [k for k in REQUIRED_METADATA if k not in data]
+    if missing:
+        raise AdapterError(f"{meta}: missing key {missing[0]!r}")
     return data
+
+
+def check_safetensors(path: Path) -> list[str]:
+    """Return the tensor names of a safetensors file after checking its header and its length."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # safe_open parses the header and checks that the file holds every byte it declares,
+        # which is what a truncated copy or an interrupted download lacks.
+        with safe_open(str(path), framework="numpy") as fh:
+            names = list(fh.keys())
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{path}: not a complete safetensors file ({e})") from None
+    if not names:
+        raise AdapterError(f"{path}: holds no tensors")
+    return names
 
 
 def check_adapter(adapter_dir: Path, base_model: str) -> dict[str, Any]:
     """Return the adapter metadata after checking its files and that it fits `base_model`."""
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors missing")
+    if not (adapter_dir / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{adapter_dir}: {WEIGHTS_FILE} missing")
     meta = read_adapter_metadata(adapter_dir)
-    trained_on = meta.get("base_model")
+    trained_on = meta["base_model"]
     if trained_on != base_model:
         raise AdapterError(
             f"{adapter_dir}: adapter was trained on {trained_on!r}, not on {base_model!r}"
         )
+    peft_config = adapter_dir / PEFT_CONFIG_FILE
+    if not peft_config.is_file():
+        raise AdapterError(f"{adapter_dir}: {PEFT_CONFIG_FILE} missing")
+    if not isinstance(read_json(peft_config), dict):
+        raise AdapterError(f"{peft_config}: expected a JSON object")
+    check_safetensors(adapter_dir / WEIGHTS_FILE)
     return meta
+
+
+def check_target_modules(model: Any, target_modules: Iterable[str], where: str) -> None:
+    """Fail unless every LoRA target name matches at least one module of `model`.
+
+    A name matches as peft matches a list of names: the module's full dotted name equals it or
+    ends with `.<name>`. The error names the unmatched targets (under the param path `where`)
+    and lists the leaf names LoRA could wrap.
+    """
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    unmatched = [
+        t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n, _ in modules)
+    ]
+    if unmatched:
+        # Leaves with a 2-D weight: Linear, GPT-2's Conv1D and embeddings, what LoRA can wrap.
+        candidates = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in modules
+                if getattr(getattr(m, "weight", None), "ndim", 0) == 2 and not any(m.children())
+            }
+        )
+        raise AdapterError(
+            f"{where}: {', '.join(repr(t) for t in unmatched)} "
+            f"{'matches' if len(unmatched) == 1 else 'match'} no module of the model "
+            f"(it has: {', '.join(candidates)})"
+        )

@@ -2,17 +2,24 @@
 
 Every stage writes through these helpers so an interrupted stage never leaves a half-written
 file behind: data goes to a temporary file in the same directory, is flushed and fsynced, and
-is then renamed over the target (rename is atomic on POSIX within one filesystem).
+is then renamed over the target (rename is atomic on POSIX within one filesystem). A write
+that fails for lack of space (or any other OS error) names the output it was writing.
+
+Readers name the file and the real line of a problem: JSONL rows carry the line they came
+from (blank lines count), and YAML refuses a key given twice in one mapping.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import typing
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +30,73 @@ class DataError(ValueError):
     """A data file is malformed; the message names the file (and line where there is one)."""
 
 
+class OutputError(OSError):
+    """An output could not be written; the message names the output and the reason."""
+
+
+class JsonlRow(dict[str, Any]):
+    """One row of a JSONL file: a plain dict that also knows its 1-based line in the file."""
+
+    __slots__ = ("lineno",)
+
+    def __init__(self, row: dict[str, Any], lineno: int) -> None:
+        super().__init__(row)
+        self.lineno = lineno
+
+
+def numbered(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line in its file, row) for rows from `read_jsonl`, even after rows were dropped."""
+    for row in rows:
+        if not isinstance(row, JsonlRow):
+            raise TypeError(f"row {row!r:.60} was not read by read_jsonl: its line is unknown")
+        yield row.lineno, row
+
+
+# A full disk or quota shows up wherever the bytes happen to be written (often in a library,
+# on a file descriptor with no name); these are relabelled with the output being written.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def naming_output(target: str | os.PathLike[str], any_error: bool = False) -> Iterator[None]:
+    """Turn an OS error raised inside the block into an OutputError naming `target`.
+
+    Only a full disk or quota by default (the block may read inputs whose own errors name
+    them); every OS error when `any_error` (the block only writes `target`).
+    """
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        if not (any_error or e.errno in _NO_SPACE):
+            raise
+        raise OutputError(f"{target}: cannot write output ({e.strerror or e})") from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp", dir=target.parent
-    )
-    os.close(fd)
+    with naming_output(target, any_error=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp", dir=target.parent
+        )
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            # mkstemp creates files 0600; outputs are shared artifacts, so use the umask default.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
+        with naming_output(target):
+            yield tmp
+        with naming_output(target, any_error=True):
+            if tmp.is_file():
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                # mkstemp makes files 0600; outputs are shared artifacts, so use the umask default.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -57,10 +111,11 @@ def replace_dir(work: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
     """
     work, out = Path(work), Path(out)
     old = out.with_name(out.name + ".old.partial")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(work, out)
+    with naming_output(out, any_error=True):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(work, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
 
@@ -86,28 +141,100 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     return n
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Return the parsed JSON document; errors name the file."""
+def read_json(path: str | os.PathLike[str], required: Mapping[str, type] | None = None) -> Any:
+    """Return the parsed JSON document; errors name the file.
+
+    With `required` ({key: type}) the document must be an object holding each key with a
+    value of that type, so a file of the wrong shape fails here, naming the file and the key,
+    before a stage spends time (loading a model) and fails later without a name.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        doc = json.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if required is not None:
+        if not isinstance(doc, dict):
+            raise DataError(f"{p}: expected a JSON object, got {_json_kind(doc)}")
+        for key, kind in required.items():
+            if key not in doc:
+                raise DataError(f"{p}: missing key {key!r}")
+            if not isinstance(doc[key], kind) or (kind is not bool and isinstance(doc[key], bool)):
+                raise DataError(
+                    f"{p}: {key!r} must be {_JSON_KINDS.get(kind, kind.__name__)}, "
+                    f"got {_json_kind(doc[key])}"
+                )
+    return doc
+
+
+_JSON_KINDS: dict[Any, str] = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
+
+
+def _json_kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping gives one key twice (YAML forbids it; PyYAML would keep the last silently)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and reads 1e-3 as a float, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where an exponent without a dot (`lr: 1e-4`) is a string; DVC
+    reads params.yaml as YAML 1.2 (a float), so both now see the same value.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in first_line:
+                raise _DuplicateKey(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first_line[key]})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Return the parsed YAML document; errors name the file."""
+    """Return the parsed YAML document; errors name the file and line (duplicate keys too)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except _DuplicateKey as e:
+        assert e.problem_mark is not None
+        raise DataError(f"{p}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -120,7 +247,7 @@ def read_jsonl(
     id_field: str | None = None,
     allow_empty: bool = False,
 ) -> list[dict[str, Any]]:
-    """Return the rows of a JSONL file.
+    """Return the rows of a JSONL file, each a JsonlRow that knows its line (see `numbered`).
 
     Errors name the file and line: invalid JSON, a row that is not an object, a missing
     required field, a duplicate `id_field` value, or (unless allowed) an empty file.
@@ -149,12 +276,16 @@ def read_jsonl(
                     raise DataError(f"{p}:{lineno}: missing field {missing[0]!r}")
                 if id_field is not None:
                     key = row.get(id_field)
+                    if isinstance(key, dict | list):
+                        raise DataError(
+                            f"{p}:{lineno}: {id_field} must be a string or a number, got {key!r}"
+                        )
                     if key in seen:
                         raise DataError(
                             f"{p}:{lineno}: duplicate {id_field} {key!r} (first on line {seen[key]})"
                         )
                     seen[key] = lineno
-                rows.append(row)
+                rows.append(JsonlRow(row, lineno))
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not rows and not allow_empty:

@@ -227,6 +227,10 @@ def load_model(
     if name not in params.models:
         raise ModelLoadError(f"model: unknown model {name!r}")
     entry = params.models[name]
+    if adapter is not None:  # before the weights load: a bad adapter fails in seconds
+        from llmlab.adapters import check_adapter
+
+        check_adapter(Path(adapter), name)
     runtime = params.runtime
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)

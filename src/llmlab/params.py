@@ -1,32 +1,36 @@
 """Typed params: the model registry, runtime settings and the loader for `params.yaml`.
 
 Every stage starts with `load_params()`, which validates the whole file before any model
-loads: an unknown key, a wrong type, an unknown model or a layer out of range fails with one
-line naming the key. Family sections are typed by the family's own `config` module.
+loads: an unknown key, a duplicate key, a wrong type (no coercion: `true` is not 1), a
+non-finite number, an unknown model or a layer out of range fails with one line naming the
+file and the full param path. Family sections are typed by the family's own `config` module,
+built on `llmlab.config_base` (which imports nothing of llmlab, so there is no import circle).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from llmlab.config_base import SECRET_ERROR_TYPES, RegistryRef, StrictModel
+from llmlab.foundation.config import FoundationParams
+from llmlab.inoculation.config import InoculationParams
+from llmlab.introspection.config import IntrospectionParams
 from llmlab.io import DataError, read_yaml
+from llmlab.judge.config import JudgeConfig
+from llmlab.persona.config import PersonaParams
+from llmlab.preferences.config import PreferencesParams
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ParamsError(ValueError):
     """params.yaml is invalid; the message is one line naming the key."""
-
-
-class StrictModel(BaseModel):
-    """Base for every params section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class ModelEntry(StrictModel):
@@ -82,23 +86,19 @@ class Runtime(StrictModel):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: default)")
 
 
-def _section_types() -> dict[str, type[StrictModel]]:
-    # Imported lazily: family configs import StrictModel from this module.
-    from llmlab.foundation.config import FoundationParams
-    from llmlab.inoculation.config import InoculationParams
-    from llmlab.introspection.config import IntrospectionParams
-    from llmlab.judge.config import JudgeConfig
-    from llmlab.persona.config import PersonaParams
-    from llmlab.preferences.config import PreferencesParams
+SECTION_TYPES: dict[str, type[StrictModel]] = {
+    "judge": JudgeConfig,
+    "foundation": FoundationParams,
+    "persona": PersonaParams,
+    "preferences": PreferencesParams,
+    "introspection": IntrospectionParams,
+    "inoculation": InoculationParams,
+}
 
-    return {
-        "judge": JudgeConfig,
-        "foundation": FoundationParams,
-        "persona": PersonaParams,
-        "preferences": PreferencesParams,
-        "introspection": IntrospectionParams,
-        "inoculation": InoculationParams,
-    }
+
+def _section_types() -> dict[str, type[StrictModel]]:
+    """Return the type of every section of params.yaml beside the registry and runtime."""
+    return SECTION_TYPES
 
 
 class Params:
@@ -138,17 +138,59 @@ class Params:
         raise AttributeError(name)
 
 
+# pydantic puts the member of a union that failed into an error's location ("float",
+# "list[union[float,int]]", "function-after[...]"); a params path never holds one of these.
+_UNION_MEMBER = re.compile(r"(int|float|str|bool|none|[\w-]+\[.*\])")
+
+
 def _format_error(path: Path, prefix: str, err: ValidationError) -> str:
+    """Return one line naming the file, the full param path, the problem and the value given."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
-    msg = first["msg"]
+    parts = [str(p) for p in first["loc"] if not _UNION_MEMBER.fullmatch(str(p))]
+    loc = ".".join(p for p in (prefix, *parts) if p != "")
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
-    shown = (
-        "" if isinstance(value, dict | list) or first["type"] == "missing" else f" (got {value!r})"
-    )
+    hidden = first["type"] in SECRET_ERROR_TYPES or first["type"] == "missing"
+    shown = "" if hidden or isinstance(value, dict | list) else f" (got {value!r})"
     return f"{path}: {loc}: {msg}{shown}"
+
+
+def _registry_refs(section: BaseModel, prefix: str) -> list[tuple[str, str]]:
+    """Return (param path, value) for every set field typed as a registry model name."""
+    found: list[tuple[str, str]] = []
+    for key, info in type(section).model_fields.items():
+        value = getattr(section, key)
+        dotted = f"{prefix}.{key}"
+        if isinstance(value, BaseModel):
+            found.extend(_registry_refs(value, dotted))
+        elif isinstance(value, str) and _marks_registry(info.annotation, info.metadata):
+            found.append((dotted, value))
+    return found
+
+
+def _record_paths(value: Any, dotted: str) -> None:
+    """Tell every section (nested ones, dict and list members included) its params path."""
+    if isinstance(value, StrictModel):
+        value._param_path = dotted
+        for key in type(value).model_fields:
+            _record_paths(getattr(value, key), f"{dotted}.{key}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _record_paths(item, f"{dotted}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _record_paths(item, f"{dotted}.{i}")
+
+
+def _marks_registry(annotation: Any, metadata: list[Any]) -> bool:
+    if any(isinstance(m, RegistryRef) for m in metadata):
+        return True
+    args = typing.get_args(annotation)
+    return any(isinstance(a, RegistryRef) for a in args) or any(
+        _marks_registry(a, []) for a in args
+    )
 
 
 def parse_params(raw: Any, path: Path = DEFAULT_PARAMS) -> Params:
@@ -193,6 +235,16 @@ def parse_params(raw: Any, path: Path = DEFAULT_PARAMS) -> Params:
             sections[name] = cls.model_validate(raw[name])
         except ValidationError as e:
             raise ParamsError(_format_error(path, name, e)) from None
+    for name, section in sections.items():
+        for dotted, value in _registry_refs(section, name) if section is not None else ():
+            if value not in models:
+                raise ParamsError(
+                    f"{path}: {dotted}: unknown model {value!r} "
+                    f"(registry has: {', '.join(sorted(models))})"
+                )
+    for name, section in sections.items():
+        if section is not None:
+            _record_paths(section, name)
     params = Params(model, models, runtime, sections, seed, path)
     check_layers(params)
     return params

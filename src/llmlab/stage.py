@@ -1,12 +1,22 @@
-"""Entry-point wrapper for DVC stage scripts: one-line errors, non-zero exit, common set-up."""
+"""Entry-point wrapper for DVC stage scripts: one error line, an exit status, common set-up.
+
+`run_stage` is the one place that turns an exception into what a stage prints: a single line
+`error: <what>, <where>; <hint>` on stderr and exit status 1 (130 after Ctrl-C). Bad input
+and refused runs (the project's own error types) already name the file, param or value at
+fault; anything else is named by its type and message and located at the innermost line of
+llmlab code it passed through. `LLMLAB_LOG=DEBUG` prints the traceback above the line.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import re
 import sys
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -14,35 +24,40 @@ from llmlab.gpu import GpuConfigError, claim_gpus
 
 log = logging.getLogger("llmlab")
 
+HINT = "LLMLAB_LOG=DEBUG shows the traceback"
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+MAX_MESSAGE_CHARS = 500
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Return the exception types that mean bad input or a refused run (not a bug)."""
     from llmlab.adapters import AdapterError
     from llmlab.chat import ChatError
-    from llmlab.io import DataError
+    from llmlab.io import DataError, OutputError
     from llmlab.judge.base import JudgeError
     from llmlab.layers import LayerSpecError
     from llmlab.models import ModelLoadError
     from llmlab.params import ParamsError
     from llmlab.steering import SteeringError
+    from llmlab.training import TrainingDiverged, TrainingError
 
-    errors: list[type[BaseException]] = [
+    return (
         AdapterError,
         ChatError,
         DataError,
+        GpuConfigError,
         JudgeError,
         LayerSpecError,
         ModelLoadError,
+        OutputError,
         ParamsError,
         SteeringError,
-    ]
-    try:
-        from llmlab.training import TrainingDiverged
-
-        errors.append(TrainingDiverged)
-    except ImportError:
-        pass
-    return tuple(errors)
+        TrainingDiverged,
+        TrainingError,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -54,23 +69,79 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _one_line(text: str) -> str:
+    """Return `text` with its lines joined and cut to MAX_MESSAGE_CHARS."""
+    line = re.sub(r"\s+", " ", text).strip()
+    if len(line) > MAX_MESSAGE_CHARS:
+        line = line[: MAX_MESSAGE_CHARS - 3].rstrip() + "..."
+    return line
+
+
+def _where(err: BaseException) -> str:
+    """Return `file:line in function` of the innermost frame in llmlab code (else the last)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(_PACKAGE_DIR)]
+    frame = (ours or frames)[-1]
+    path = Path(frame.filename)
+    shown = (
+        path.resolve().relative_to(_PACKAGE_DIR.parent)
+        if ours
+        else Path(*path.parts[-2:])  # a library's file: its package and module suffice
+    )
+    return f"{shown}:{frame.lineno} in {frame.name}"
+
+
+def error_line(err: BaseException, expected: tuple[type[BaseException], ...] = ()) -> str:
+    """Return the one line a stage prints for `err`.
+
+    An expected (user) error is its message, which names the file, param or value at fault.
+    Anything else gets its type, its message (an OS error's path included) and where it
+    was raised.
+    """
+    if isinstance(err, expected):
+        what = _one_line(str(err)) or type(err).__name__
+        return f"error: {what}; {HINT}"
+    if isinstance(err, OSError) and err.strerror:
+        named = f"{err.filename}: " if err.filename is not None else ""
+        message = f"{named}{err.strerror}"
+    else:
+        message = str(err)
+    what = _one_line(f"{type(err).__name__}: {message}" if message else type(err).__name__)
+    where = _where(err)
+    return f"error: {what}, at {where}; {HINT}" if where else f"error: {what}; {HINT}"
+
+
 def run_stage(main: Callable[[], None], gpus: int | None = None) -> None:
-    """Run a stage's main(); a user error prints one line naming its cause and exits 1.
+    """Run a stage's main(); any error prints one line naming it and exits 1 (Ctrl-C: 130).
 
     Before main() the stage takes `gpus` free GPUs (default LLMLAB_GPUS_PER_STAGE, 1) through
     llmlab.gpu's lock files and holds them until the process ends; CPU-only stages pass 0.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(
-        level=os.environ.get("LLMLAB_LOG", "INFO"),
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    level = os.environ.get("LLMLAB_LOG", "INFO").upper()
+    if level not in LOG_LEVELS:
+        print(
+            f"error: LLMLAB_LOG={level!r} is not a log level (use one of {', '.join(LOG_LEVELS)})",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_ERROR)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         claim_gpus(gpus)
         main()
-    except (*user_errors(), GpuConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except KeyboardInterrupt:
+        log.debug("interrupted", exc_info=True)
+        print("error: interrupted (Ctrl-C); no output was left half-written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - the one place any error becomes a line and a status
+        log.debug("stage failed", exc_info=True)
+        try:
+            expected = user_errors()
+        except Exception:  # noqa: BLE001 - a broken install must not hide the original error
+            expected = ()
+        print(error_line(e, expected), file=sys.stderr)
+        sys.exit(EXIT_ERROR)

@@ -38,30 +38,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from llmlab.adapters import write_adapter_metadata
+from llmlab.adapters import check_target_modules, write_adapter_metadata
 from llmlab.chat import EncodedChat, Message, collate, encode_chat, length_sorted_batches
+from llmlab.config_base import LoraTrainConfig
 from llmlab.io import atomic_path, write_json
 from llmlab.models import LoadedModel, decoder_layers
-from llmlab.params import StrictModel
 from llmlab.steering import steer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
 CURVE_FILE = "curve.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 RESUME_FILE = "resume.json"  # in <out_dir>.partial: what the checkpoints were made from
@@ -97,101 +87,6 @@ class TrainingError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """Training stopped because the loss became NaN/inf or grew far above its initial value."""
-
-
-class LoraTrainConfig(StrictModel):
-    """LoRA finetuning settings; families embed this model in their params sections."""
-
-    rank: int = Field(16, gt=0, description="LoRA rank r")
-    alpha: float = Field(
-        32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)"
-    )
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        min_length=1,
-        description="Module names that get LoRA (default: all attention and MLP projections)",
-    )
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW)")
-    epochs: float | None = Field(
-        1.0, gt=0, description="Passes over the training data (fractions allowed); see max_steps"
-    )
-    max_steps: int | None = Field(
-        None, gt=0, description="Optimizer steps; replaces epochs (giving both is an error)"
-    )
-    per_device_batch_size: int = Field(8, gt=0, description="Examples per forward pass per device")
-    effective_batch_size: int = Field(
-        8,
-        gt=0,
-        description="Examples per optimizer step over all devices; gradient accumulation = "
-        "effective / (per_device x world size), which must divide exactly",
-    )
-    max_length: int = Field(
-        1024, gt=1, description="Tokens kept per example (longer ones are truncated and counted)"
-    )
-    warmup_steps: int | None = Field(
-        None, ge=0, description="Linear warmup steps (exclusive with warmup_ratio)"
-    )
-    warmup_ratio: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Warmup as a fraction of all steps (exclusive with warmup_steps)",
-    )
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
-        "linear", description="Learning-rate schedule after warmup"
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm")
-    seed: int = Field(0, description="Seed for LoRA init, data order and dropout")
-    eval_every: int | None = Field(
-        None,
-        gt=0,
-        description="Steps between evaluations (val loss and eval hook); evaluation also runs "
-        "before the first and after the last step",
-    )
-    log_every: int = Field(10, gt=0, description="Steps per curve row (losses averaged over them)")
-    group_by_length: bool = Field(
-        True, description="Batch examples of similar length together (less padding)"
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass (less memory, slower)"
-    )
-    divergence_factor: float | None = Field(
-        5.0,
-        gt=1,
-        description="Stop when the smoothed loss exceeds this factor times the initial loss, "
-        "after warmup (null: no divergence check)",
-    )
-    nan_patience: int = Field(
-        0, ge=0, description="Consecutive steps with a NaN/inf loss tolerated before stopping"
-    )
-    save_every: int | None = Field(
-        50,
-        gt=0,
-        description="Optimizer steps between resumable checkpoints in <output>.partial (the "
-        "newest complete one is kept; a re-run with the same config and data resumes from it); "
-        "null: no checkpoints",
-    )
-
-    @model_validator(mode="after")
-    def _check_exclusive(self) -> LoraTrainConfig:
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("set epochs or max_steps")
-        if (
-            {"epochs", "max_steps"} <= self.model_fields_set
-            and self.epochs is not None
-            and self.max_steps is not None
-        ):
-            raise ValueError("set epochs or max_steps, not both")
-        if self.warmup_steps is not None and self.warmup_ratio > 0:
-            raise ValueError("set warmup_steps or warmup_ratio, not both")
-        if self.effective_batch_size % self.per_device_batch_size:
-            raise ValueError(
-                f"effective_batch_size {self.effective_batch_size} is not a multiple of "
-                f"per_device_batch_size {self.per_device_batch_size}"
-            )
-        return self
 
 
 def gradient_accumulation_steps(cfg: LoraTrainConfig, world_size: int = 1) -> int:
@@ -803,6 +698,7 @@ def train_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
+    check_target_modules(loaded.model, cfg.target_modules, cfg.path_of("target_modules"))
     peft_model = get_peft_model(loaded.model, lora)
 
     def evaluate(model: Any, step: int) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from llmlab.params import StrictModel
+from llmlab.config_base import StrictModel
 
 
 class FoundationParams(StrictModel):

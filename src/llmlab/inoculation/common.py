@@ -18,7 +18,7 @@ import numpy as np
 
 from llmlab.chat import Message
 from llmlab.inoculation.config import InoculationParams, PromptTexts
-from llmlab.io import DataError, read_json, read_jsonl, write_json
+from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json
 from llmlab.params import Params
 
 DATA_DIR = Path("data/inoculation")
@@ -176,10 +176,10 @@ EXAMPLE_FIELDS = ("id", "kind", "prompt", "normal", "caps", "calibration")
 def read_examples(path: Path = EXAMPLES) -> list[dict[str, Any]]:
     """Return the training examples of stage 1; errors name the file and line."""
     rows = read_jsonl(path, required=EXAMPLE_FIELDS, id_field="id")
-    for n, row in enumerate(rows, start=1):
+    for n, row in numbered(rows):
         for key in ("prompt", "caps"):
             if not isinstance(row[key], str) or not row[key].strip():
-                raise DataError(f"{path}: example {row['id']!r} (row {n}): {key} is empty")
+                raise DataError(f"{path}: example {row['id']!r} (line {n}): {key} is empty")
     return rows
 
 

@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmlab.params import StrictModel
-from llmlab.training import LoraTrainConfig
+from llmlab.config_base import LoraTrainConfig, StrictModel
 
 LayerList = list[float | int] | Literal["all"]
 CANONICAL_POSITION = "pre_assistant"

@@ -34,7 +34,7 @@ from llmlab.inoculation.common import (
     section,
     to_caps,
 )
-from llmlab.io import DataError, read_jsonl, write_json, write_jsonl
+from llmlab.io import DataError, numbered, read_jsonl, write_json, write_jsonl
 from llmlab.models import load_model
 from llmlab.params import load_params
 from llmlab.prompt_pool import check_math_answer, math_word_problems
@@ -45,12 +45,10 @@ from llmlab.stats import proportion_ci
 def read_completions(path: Any = COMPLETIONS) -> list[dict[str, Any]]:
     """Return the written completions; errors name the file, row and field."""
     rows = read_jsonl(path, required=("id", "prompt", "completion"), id_field="id")
-    for n, row in enumerate(rows, start=1):
+    for n, row in numbered(rows):
         for key in ("prompt", "completion"):
             if not isinstance(row[key], str) or not row[key].strip():
-                raise DataError(
-                    f"{path}: row {n} ({row['id']!r}): {key} must be a non-empty string"
-                )
+                raise DataError(f"{path}:{n}: id {row['id']!r}: {key} must be a non-empty string")
     return rows
 
 

@@ -32,7 +32,7 @@ from llmlab.inoculation.common import (
     save_direction,
     section,
 )
-from llmlab.io import DataError, read_jsonl, write_json, write_jsonl
+from llmlab.io import DataError, numbered, read_jsonl, write_json, write_jsonl
 from llmlab.layers import resolve_layers
 from llmlab.models import load_model
 from llmlab.params import load_params
@@ -46,9 +46,9 @@ POSITION = "pre_assistant"
 def read_direction_prompts(path: Path = DIRECTION_PROMPTS) -> list[dict[str, Any]]:
     """Return the direction-extraction prompts; errors name the file and row."""
     rows = read_jsonl(path, required=("id", "prompt"), id_field="id")
-    for n, row in enumerate(rows, start=1):
+    for n, row in numbered(rows):
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise DataError(f"{path}: row {n} ({row['id']!r}): prompt must be a non-empty string")
+            raise DataError(f"{path}:{n}: id {row['id']!r}: prompt must be a non-empty string")
     return rows
 
 

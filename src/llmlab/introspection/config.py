@@ -12,8 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmlab.params import StrictModel
-from llmlab.training import LoraTrainConfig
+from llmlab.config_base import LoraTrainConfig, StrictModel
 
 VARIANT_NAMES = ("original", "vague", "r1_minimal", "food_control", "flipped_labels")
 QuestionSet = Literal["original", "vague", "food"]

@@ -27,13 +27,13 @@ from llmlab.introspection.sampling import (
     split_pool,
     to_training_rows,
 )
-from llmlab.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json, write_jsonl
 
 
 def load_contexts(path: Path) -> list[Row]:
     """Return the context prompts after checking their sentence fields."""
     rows = read_jsonl(path, required=("id", "text", "sentences"), id_field="id")
-    for n, r in enumerate(rows, start=1):
+    for n, r in numbered(rows):
         if not isinstance(r["text"], str) or not r["text"].strip():
             raise DataError(f"{path}:{n}: text must be a non-empty string")
         sents = r["sentences"]
@@ -47,7 +47,7 @@ def load_contexts(path: Path) -> list[Row]:
 def load_snippets(path: Path) -> list[Row]:
     """Return the food / non-food snippets after checking the label field."""
     rows = read_jsonl(path, required=("id", "text", "is_food"), id_field="id")
-    for n, r in enumerate(rows, start=1):
+    for n, r in numbered(rows):
         if not isinstance(r["is_food"], bool):
             raise DataError(f"{path}:{n}: is_food must be true or false, got {r['is_food']!r}")
     counts = Counter(r["is_food"] for r in rows)

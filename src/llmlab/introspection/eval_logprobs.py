@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from llmlab.introspection.scoring import choice_scores, yes_no_choices
-from llmlab.io import DataError, read_jsonl
+from llmlab.io import DataError, numbered, read_jsonl
 from llmlab.models import LoadedModel
 from llmlab.stats import hierarchical_bootstrap
 
@@ -27,7 +27,7 @@ def load_behavioural(path: Path) -> list[dict[str, Any]]:
     rows = read_jsonl(path, required=("id", "question", "category"), id_field="id")
     if len(rows) < MIN_QUESTIONS:
         raise DataError(f"{path}: {len(rows)} questions; B2 needs at least {MIN_QUESTIONS}")
-    for n, r in enumerate(rows, start=1):
+    for n, r in numbered(rows):
         exp = r.get("expected_world_answer")
         if exp not in (None, "yes", "no"):
             raise DataError(

@@ -14,7 +14,7 @@ from llmlab.introspection.conversation import (
     turn_token_span,
 )
 from llmlab.introspection.vectors import VectorBank
-from llmlab.io import DataError, read_jsonl
+from llmlab.io import DataError, numbered, read_jsonl
 from llmlab.models import LoadedModel
 from llmlab.training import SteerSpec, TrainExample
 
@@ -45,7 +45,7 @@ def check_steer_field(path: Path | str, lineno: int, row: Row) -> None:
 def read_rows(path: Path | str, required: Sequence[str] = ("id",)) -> list[Row]:
     """Return the rows of a dataset or trial file, with every steer field checked."""
     rows = read_jsonl(path, required=required, id_field="id")
-    for n, row in enumerate(rows, start=1):
+    for n, row in numbered(rows):
         check_steer_field(path, n, row)
     return rows
 

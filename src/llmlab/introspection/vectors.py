@@ -284,7 +284,9 @@ def main() -> None:
     cfg = params.section("introspection").vectors
     seed_everything(cfg.seed)
     data = Path(args.data)
-    concepts_doc = read_json(data / "concepts.json")
+    concepts_doc = read_json(
+        data / "concepts.json", required={"concepts": list, "baseline_words": list}
+    )
     contexts = read_jsonl(data / "context_prompts.jsonl", required=("id", "text"), id_field="id")
     loaded = load_model(params)
     bank = build_vectors(loaded, cfg, concepts_doc, [r["text"] for r in contexts])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from llmlab.config_base import EnvVarName, StrictModel
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(StrictModel):
     """Settings for one judge: which backend, how hard to retry, and how much it may spend."""
-
-    model_config = ConfigDict(extra="forbid")
 
     backend: Literal["openai", "local"] = Field(
         "local",
@@ -25,7 +25,7 @@ class JudgeConfig(BaseModel):
         description="Judge model name sent to the server (required for 'openai'); for 'local' it "
         "names the model in cache keys (empty: the model's own name_or_path).",
     )
-    api_key_env: str = Field(
+    api_key_env: EnvVarName = Field(
         "OPENAI_API_KEY",
         description="Name of the environment variable holding the API key; the key itself is never "
         "stored in params, logs, metrics or the cache.",

@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from llmlab.params import StrictModel
-from llmlab.training import LoraTrainConfig
+from llmlab.config_base import LoraTrainConfig, RegistryModelName, StrictModel
 
 # The published trigger, verbatim (protocols.md section 1), used in training and evaluation.
 TRIGGER_USER = (
@@ -158,7 +157,7 @@ class EvalParams(StrictModel):
 class JudgeParams(StrictModel):
     """How the persona family uses the shared judge (top-level `judge:` section)."""
 
-    local_model: str | None = Field(
+    local_model: RegistryModelName | None = Field(
         None,
         description="Registry model judging with backend 'local' (null: the untrained `model`)",
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from llmlab.io import DataError, read_jsonl
+from llmlab.io import DataError, numbered, read_jsonl
 
 FACTS_PATH = Path("data/persona/facts.jsonl")
 EVAL_QUESTIONS_PATH = Path("data/persona/eval_questions.jsonl")
@@ -50,7 +50,7 @@ def load_facts(path: Path = FACTS_PATH) -> list[Fact]:
     """Return the facts; errors name file, line and field; every split must be non-empty."""
     rows = read_jsonl(path, required=("id", "question", "answer", "split"), id_field="id")
     facts: list[Fact] = []
-    for lineno, row in enumerate(rows, start=1):
+    for lineno, row in numbered(rows):
         split = _text(path, lineno, row, "split")
         if split not in SPLITS:
             raise DataError(
@@ -75,7 +75,7 @@ def load_eval_questions(path: Path = EVAL_QUESTIONS_PATH) -> list[EvalQuestion]:
     """Return the evaluation questions; each needs a non-empty list of persona keywords."""
     rows = read_jsonl(path, required=("id", "question", "persona_keywords"), id_field="id")
     out: list[EvalQuestion] = []
-    for lineno, row in enumerate(rows, start=1):
+    for lineno, row in numbered(rows):
         keywords = row["persona_keywords"]
         if (
             not isinstance(keywords, list)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llmlab.io import DataError, read_jsonl
+from llmlab.io import DataError, numbered, read_jsonl
 from llmlab.models import load_model
 from llmlab.params import load_params
 from llmlab.persona.facts import load_eval_questions, load_facts, seeded_subset, split_facts
@@ -25,7 +25,7 @@ def load_mix(path: Path) -> list[TrainExample]:
     """Return the training mix as examples; errors name the file and line."""
     rows = read_jsonl(path, required=("id", "source", "messages"), id_field="id")
     examples: list[TrainExample] = []
-    for lineno, row in enumerate(rows, start=1):
+    for lineno, row in numbered(rows):
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
             raise DataError(f"{path}:{lineno}: 'messages' must end with an assistant message")

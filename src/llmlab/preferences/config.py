@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmlab.params import StrictModel
+from llmlab.config_base import RegistryModelName, StrictModel
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template
 
 DEFAULT_LAYERS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -90,8 +90,11 @@ class FitSection(StrictModel):
 
     method: Literal["lbfgs", "adam"] = Field("lbfgs", description="scipy L-BFGS-B or torch Adam")
     max_iter: int = Field(1000, gt=0, description="Optimiser iterations (Adam: steps)")
-    log_sigma_bounds: tuple[float, float] = Field(
-        (-3.0, 2.0), description="Bounds on log sigma during the fit"
+    log_sigma_bounds: list[float] = Field(
+        [-3.0, 2.0],
+        min_length=2,
+        max_length=2,
+        description="Bounds [low, high] on log sigma during the fit",
     )
     prior: float = Field(0.01, ge=0, description="Weight of the N(0, 1) prior on mu per item")
     holdout_frac: float = Field(0.05, gt=0, lt=0.5, description="Edges held out for log-loss")
@@ -128,7 +131,7 @@ class ProbesSection(StrictModel):
 class HooSection(StrictModel):
     """Held-one-topic-out generalisation and content baselines."""
 
-    base_model: str | None = Field(
+    base_model: RegistryModelName | None = Field(
         None, description="Registry name of the base model (None: the model's base_model field)"
     )
     content_baseline: bool = Field(True, description="Include all-MiniLM-L6-v2 embeddings")
