@@ -116,3 +116,38 @@ def test_sampling_backend_gives_probabilities(tiny_models) -> None:
     assert len(out) == 3
     for c in out:
         assert 0 <= c.p_first <= 1 and 0 <= c.mass <= 1
+
+
+def test_prefix_cache_runs_only_when_it_processes_fewer_tokens(tiny_models) -> None:
+    loaded = tiny_models["llama"]
+    # every task A shown once: sharing saves nothing, and the plain plan must run
+    unique = [PairOrder(TASKS[a], TASKS[(a + 1) % len(TASKS)]) for a in range(len(TASKS))]
+    plain = ChoiceScorer(loaded, DEFAULT_TEMPLATE, batch_size=8, prefix_cache=False)
+    cached = ChoiceScorer(loaded, DEFAULT_TEMPLATE, batch_size=8, prefix_cache=True)
+    a = [c.p_first for c in plain.p_first(unique)]
+    b = [c.p_first for c in cached.p_first(unique)]
+    assert a == b
+    assert cached.n_padded_tokens == plain.n_padded_tokens
+    # every task A against every task B: the shared prefixes win, padding included
+    plain, cached = (
+        ChoiceScorer(loaded, DEFAULT_TEMPLATE, batch_size=64, prefix_cache=flag)
+        for flag in (False, True)
+    )
+    plain.p_first(orders())
+    cached.p_first(orders())
+    assert cached.n_padded_tokens < plain.n_padded_tokens
+    assert cached.n_orders == plain.n_orders == len(orders())
+
+
+def test_prefix_batches_group_by_length(tiny_models) -> None:
+    scorer = ChoiceScorer(tiny_models["llama"], DEFAULT_TEMPLATE, batch_size=4)
+    long_a = "Describe, step by step and with examples, " + TASKS[3]
+    mixed = [PairOrder(a, b) for a in (TASKS[0], long_a) for b in TASKS[1:] + [long_a] if a != b]
+    encoded = [scorer.encode(o) for o in mixed]
+    batches = scorer._prefix_batches(encoded)
+    for rows in batches:
+        # one prefix length per batch here (two task As, four orders each, batches of four)
+        assert len({encoded[i].split for i in rows}) == 1
+        suffixes = [len(encoded[i].ids) - encoded[i].split for i in rows]
+        assert suffixes == sorted(suffixes, reverse=True)
+    assert sorted(i for rows in batches for i in rows) == list(range(len(mixed)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmlab.chat import Message, render, tokenize_rendered
+from llmlab.chat import Message, render, token_budget_batches, tokenize_rendered
 from llmlab.generation import generate
 from llmlab.models import LoadedModel, unwrap
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template, parse_choice
@@ -119,7 +119,11 @@ class ChoiceScorer:
         self.prefix_cache = prefix_cache
         self.max_tokens = max_tokens_per_batch
         self.a_ids, self.b_ids = choice_token_ids(loaded.tokenizer)
-        self.n_forward_tokens = 0  # tokens run through the model, for throughput reports
+        # For throughput reports: pair-orders scored, real tokens run through the model, and
+        # tokens processed including padding.
+        self.n_orders = 0
+        self.n_forward_tokens = 0
+        self.n_padded_tokens = 0
 
     def encode(self, order: PairOrder) -> _Encoded:
         """Return the prompt token ids and the prefix split (end of task A) of one pair-order."""
@@ -136,27 +140,63 @@ class ChoiceScorer:
         return _Encoded(ids, max(1, min(split, len(ids) - 1)))
 
     def p_first(self, orders: Sequence[PairOrder]) -> list[Choice]:
-        """Return one Choice per pair-order, in input order (logprob path)."""
+        """Return one Choice per pair-order, in input order (logprob path).
+
+        With prefix_cache, the prefix-shared plan runs only when it processes fewer padded
+        tokens than the plain plan over the same orders (both are planned first; sharing
+        pays only when task As repeat within a call), so caching never costs more than it saves.
+        """
         encoded = [self.encode(o) for o in orders]
         out: list[Choice | None] = [None] * len(encoded)
+        plain = self._plain_batches(encoded)
+        run, batches = self._run_plain, plain
         if self.prefix_cache:
-            batches = self._prefix_batches(encoded)
-            for rows in batches:
-                probs = self._run_cached([encoded[i] for i in rows])
-                for i, c in zip(rows, probs, strict=True):
-                    out[i] = c
-        else:
-            order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
-            for k in range(0, len(order), self.batch_size):
-                rows = order[k : k + self.batch_size]
-                probs = self._run_plain([encoded[i] for i in rows])
-                for i, c in zip(rows, probs, strict=True):
-                    out[i] = c
+            shared = self._prefix_batches(encoded)
+            if self._cached_cost(encoded, shared) < self._plain_cost(encoded, plain):
+                run, batches = self._run_cached, shared
+        for rows in batches:
+            probs = run([encoded[i] for i in rows])
+            for i, c in zip(rows, probs, strict=True):
+                out[i] = c
+        self.n_orders += len(encoded)
         return [c for c in out if c is not None]
 
+    def _plain_batches(self, encoded: Sequence[_Encoded]) -> list[list[int]]:
+        """Return length-sorted row batches capped by rows and padded tokens."""
+        return token_budget_batches([len(e.ids) for e in encoded], self.batch_size, self.max_tokens)
+
+    @staticmethod
+    def _plain_cost(encoded: Sequence[_Encoded], batches: list[list[int]]) -> int:
+        """Return the padded tokens the plain plan runs through the model."""
+        return sum(len(b) * max(len(encoded[i].ids) for i in b) for b in batches)
+
+    @staticmethod
+    def _cached_cost(encoded: Sequence[_Encoded], batches: list[list[int]]) -> int:
+        """Return the padded tokens the prefix-shared plan runs: prefixes once, then suffixes."""
+        total = 0
+        for b in batches:
+            prefixes = {tuple(encoded[i].ids[: encoded[i].split]) for i in b}
+            total += len(prefixes) * max(len(p) for p in prefixes)
+            total += len(b) * max(len(encoded[i].ids) - encoded[i].split for i in b)
+        return total
+
     def _prefix_batches(self, encoded: Sequence[_Encoded]) -> list[list[int]]:
-        """Return row batches ordered so rows sharing a prefix sit together, capped by tokens."""
-        order = sorted(range(len(encoded)), key=lambda i: (encoded[i].ids[: encoded[i].split], i))
+        """Return row batches by length, rows sharing a prefix together, capped by tokens.
+
+        Sorted by prefix length, then prefix, then suffix length: identical prefixes are
+        adjacent (they have one length), and a batch's prefixes and suffixes have similar
+        lengths, so little of either pass is padding (sorting by content alone mixed long and
+        short prefixes and suffixes in one batch).
+        """
+        order = sorted(
+            range(len(encoded)),
+            key=lambda i: (
+                -encoded[i].split,
+                encoded[i].ids[: encoded[i].split],
+                -(len(encoded[i].ids) - encoded[i].split),
+                i,
+            ),
+        )
         batches: list[list[int]] = []
         current: list[int] = []
         longest = 0
@@ -195,6 +235,7 @@ class ChoiceScorer:
             mask[k, : len(r.ids)] = 1
         last = torch.tensor([len(r.ids) - 1 for r in rows])
         self.n_forward_tokens += int(mask.sum())
+        self.n_padded_tokens += mask.numel()
         with _last_hidden_only(self.loaded.model, last):
             logits = self.loaded.model(
                 input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False
@@ -242,6 +283,7 @@ class ChoiceScorer:
         mask = torch.cat([p_mask[index.cpu()], s_mask], dim=1)
         last = s_mask.sum(-1) - 1
         self.n_forward_tokens += int(p_mask.sum() + s_mask.sum())
+        self.n_padded_tokens += p_mask.numel() + s_mask.numel()
         with _last_hidden_only(self.loaded.model, last):
             logits = self.loaded.model(
                 input_ids=s_ids.to(dev),
