@@ -47,6 +47,7 @@ from llmlab.adapters import check_target_modules, write_adapter_metadata
 from llmlab.chat import EncodedChat, Message, collate, encode_chat, length_sorted_batches
 from llmlab.config_base import LoraTrainConfig
 from llmlab.io import atomic_path, write_json
+from llmlab.live import live_callback
 from llmlab.models import LoadedModel, decoder_layers
 from llmlab.steering import steer
 
@@ -740,7 +741,7 @@ def train_lora(
             args=args,
             data_collator=collator,
             train_dataset=data.features,
-            callbacks=[_make_callback(monitor)],
+            callbacks=[_make_callback(monitor), live_callback(monitor, out_dir)],
         )
         trainer.steer_layers = decoder_layers(peft_model)
         for cb in (PrinterCallback, ProgressCallback):
