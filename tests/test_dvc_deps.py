@@ -110,14 +110,17 @@ def code_deps(stage: dict) -> list[str]:
 
 
 def test_every_stage_depends_on_exactly_its_import_closure() -> None:
-    problems = []
+    missing: dict[str, list[str]] = {}  # file -> stages that run it without depending on it
+    extra: dict[str, list[str]] = {}  # file -> stages that depend on it without running it
     for name, stage in stages().items():
         closure = import_closure(entry_module(stage["cmd"]))
         declared = set(code_deps(stage))
-        if missing := sorted(closure - declared):
-            problems.append(f"{name} imports but does not depend on {missing}")
-        if extra := sorted(declared - closure):
-            problems.append(f"{name} depends on {extra}, which it never imports")
+        for path in closure - declared:
+            missing.setdefault(path, []).append(name)
+        for path in declared - closure:
+            extra.setdefault(path, []).append(name)
+    problems = [f"{p} is imported by {s} but not a dep" for p, s in sorted(missing.items())]
+    problems += [f"{p} is a dep of {s} but never imported" for p, s in sorted(extra.items())]
     assert not problems, (
         "dvc.yaml: " + "; ".join(problems) + " (regenerate: python tests/test_dvc_deps.py)"
     )
@@ -230,3 +233,97 @@ def rewrite_code_deps(text: str) -> str:
 if __name__ == "__main__":
     target = ROOT / "dvc.yaml"
     target.write_text(rewrite_code_deps(target.read_text()))
+
+
+# ---------------------------------------------------------------- run-cache and git results
+
+# A sanity check of a few conversations, not a computation worth restoring: its readable
+# positions.txt stays in git beside the JSON.
+SANITY_CHECKS = {"inoculation_smoke"}
+
+
+def loads_model(stage) -> bool:
+    """A stage that reads `runtime` (device, dtype) loads a model: GPU time on real models."""
+    from dvc.dependency.param import ParamsDependency
+
+    return any("runtime" in d.params for d in stage.deps if isinstance(d, ParamsDependency))
+
+
+def run_cache_blockers(stage) -> list[str]:
+    """Return why DVC cannot restore a stage's run on another machine (empty: it can).
+
+    DVC's rules (dvc/stage/__init__.py and dvc/stage/cache.py): no run-cache entry is written
+    when an uncached output is neither a metric nor a plot, nor when an output is `persist`;
+    and a pushed entry restores elsewhere only if every cached output was pushed too.
+    """
+    blockers = []
+    for out in stage.outs:
+        if not out.use_cache and not (out.is_metric or out.is_plot):
+            blockers.append(f"{out.def_path} is cache: false but neither a metric nor a plot")
+        if out.persist:
+            blockers.append(f"{out.def_path} is persist: true")
+        if out.use_cache and not out.can_push:
+            blockers.append(f"{out.def_path} is push: false")
+    return blockers
+
+
+def dvc_stages(root: Path = ROOT) -> list:
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(root)) as repo:
+        return list(repo.index.stages)
+
+
+def test_every_model_loading_stage_is_restorable_from_a_pushed_run_cache() -> None:
+    costly = [
+        s for s in dvc_stages() if loads_model(s) and s.name.split("@")[0] not in SANITY_CHECKS
+    ]
+    assert len(costly) >= 25
+    blocked = {s.addressing: b for s in costly if (b := run_cache_blockers(s))}
+    assert not blocked, f"dvc.yaml: stages that would run again on another machine: {blocked}"
+
+
+def test_git_results_of_the_other_stages_are_persist() -> None:
+    """DVC deletes a stage's outputs before running it; a `persist` output is left in place.
+
+    So a failed report stage leaves the committed metrics, reports and plots as they were.
+    Model-loading stages cannot do this (DVC writes no run-cache entry for a `persist`
+    output): their git outputs are metrics or plots that the run-cache restores.
+    """
+    loose = [
+        f"{s.addressing}: {o.def_path}"
+        for s in dvc_stages()
+        if not loads_model(s)
+        for o in s.outs
+        if not o.use_cache and not o.persist
+    ]
+    assert not loose, f"dvc.yaml: git-tracked outputs deleted by a failed run: {loose}"
+
+
+def test_blockers_name_each_rule() -> None:
+    from types import SimpleNamespace as Out
+
+    def out(path, cache=True, metric=False, plot=False, persist=False, push=True):
+        return Out(
+            def_path=path,
+            use_cache=cache,
+            is_metric=metric,
+            is_plot=plot,
+            persist=persist,
+            can_push=push,
+        )
+
+    stage = Out(
+        outs=[
+            out("ok"),
+            out("m.json", cache=False, metric=True),
+            out("notes.md", cache=False),
+            out("ckpt", persist=True),
+            out("acts", push=False),
+        ]
+    )
+    assert run_cache_blockers(stage) == [
+        "notes.md is cache: false but neither a metric nor a plot",
+        "ckpt is persist: true",
+        "acts is push: false",
+    ]
