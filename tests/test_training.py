@@ -15,17 +15,21 @@ from safetensors.torch import load_file
 from llmlab.adapters import read_adapter_metadata
 from llmlab.chat import encode_chat
 from llmlab.io import read_json
-from llmlab.models import attach_adapter, load_model
+from llmlab.models import attach_adapter, decoder_layers, load_model
 from llmlab.training import (
     CURVE_FILE,
     LoraCollator,
     LoraTrainConfig,
+    PackedCollator,
     SteerSpec,
     TrainExample,
     TrainingDiverged,
     TrainingError,
+    batch_mix,
     gradient_accumulation_steps,
+    labelled_nll,
     prepare_examples,
+    steering_groups,
     train_lora,
 )
 
@@ -340,3 +344,195 @@ def test_rejects_reserved_metadata_and_adapter_models(tiny_dirs, tmp_path):
     train_lora(loaded, _examples(), _cfg(max_steps=1), tmp_path / "y")
     with pytest.raises(TrainingError, match="already carries an adapter"):
         train_lora(loaded, _examples(), _cfg(max_steps=1), tmp_path / "z")
+
+
+# ---- packed batches --------------------------------------------------------------------------
+
+
+def _varied_examples(n: int = 6) -> list[TrainExample]:
+    # Conversations of clearly different lengths, so packing puts several into one row.
+    return [
+        TrainExample(
+            [
+                {"role": "user", "content": " ".join(WORDS[: 1 + i % 4]) + f" question {i}?"},
+                {"role": "assistant", "content": " ".join([WORDS[i % 4]] * (1 + 2 * i))},
+            ]
+        )
+        for i in range(n)
+    ]
+
+
+def _padded_example_nll(model, features) -> list[float]:
+    # Reference: each example alone, no padding at all, the model's own logits.
+    out = []
+    for f in features:
+        ids = torch.tensor([f["input_ids"]])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        targets = ids[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        out.append(float(nll[f["prompt_len"] - 1 :].sum()))
+    return out
+
+
+def _packed_example_nll(model, features, row_tokens: int) -> list[float]:
+    collator = PackedCollator(0, model.config.hidden_size, row_tokens)
+    batch = collator(features)
+    per_token = labelled_nll(model, batch, per_token=True)
+    # Labelled positions come in row-major order; map them back to the examples of each row.
+    out = [0.0] * len(features)
+    k = 0
+    for row in collator.pack([len(f["input_ids"]) for f in features]):
+        for i in row:
+            n = len(features[i]["input_ids"]) - features[i]["prompt_len"]
+            out[i] = float(per_token[k : k + n].sum())
+            k += n
+    assert k == per_token.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_packed_loss_per_example_equals_unpacked(tiny_models, arch):
+    loaded = tiny_models[arch]
+    features = prepare_examples(loaded, _varied_examples(), max_length=512).features
+    lengths = [len(f["input_ids"]) for f in features]
+    row_tokens = sum(lengths) // 2  # several examples per row, more than one row
+    rows = PackedCollator(0, loaded.hidden_size, row_tokens).pack(lengths)
+    assert len(rows) > 1 and max(len(r) for r in rows) > 1
+    with torch.no_grad():
+        alone = _padded_example_nll(loaded.model, features)
+        packed = _packed_example_nll(loaded.model, features, row_tokens)
+    assert packed == pytest.approx(alone, rel=1e-4)
+
+
+def test_packed_collator_layout(tiny_models):
+    loaded = tiny_models["llama"]
+    features = prepare_examples(loaded, _varied_examples(), max_length=512).features
+    lengths = [len(f["input_ids"]) for f in features]
+    batch = PackedCollator(0, loaded.hidden_size, max(lengths))(features)
+    assert "attention_mask" not in batch and batch["num_tokens"] == sum(lengths)
+    assert batch["input_ids"].shape[1] == max(lengths)
+    # every example appears once, positions restarting at 0, labels on its assistant tokens only
+    starts = (batch["position_ids"] == 0).nonzero().tolist()
+    found = []
+    for r, c in starts:
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            if batch["input_ids"][r, c : c + n].tolist() == f["input_ids"] and i not in found:
+                assert batch["position_ids"][r, c : c + n].tolist() == list(range(n))
+                labelled = batch["labels"][r, c : c + n]
+                assert labelled[: f["prompt_len"]].eq(-100).all()
+                assert labelled[f["prompt_len"] :].tolist() == f["input_ids"][f["prompt_len"] :]
+                found.append(i)
+                break
+    assert sorted(found) == list(range(len(features)))
+    assert int((batch["labels"] != -100).sum()) == sum(
+        n - f["prompt_len"] for n, f in zip(lengths, features, strict=True)
+    )
+
+
+def test_packed_steering_matches_unpacked_steering(tiny_models):
+    loaded = tiny_models["llama"]
+    gen = torch.Generator().manual_seed(0)
+    examples = _varied_examples()
+    # differently steered examples (other vectors, magnitudes, spans, layer sets) share rows
+    specs = {
+        0: SteerSpec(torch.randn(loaded.hidden_size, generator=gen), 4.0, (1,), (1, 5)),
+        1: SteerSpec(torch.randn(loaded.hidden_size, generator=gen), 2.0, (1,), None),
+        3: SteerSpec(torch.randn(loaded.hidden_size, generator=gen), 3.0, (0, 2), (0, 3)),
+        4: SteerSpec(torch.randn(loaded.hidden_size, generator=gen), 5.0, (1,), (2, 7)),
+    }
+    examples = [TrainExample(e.messages, specs.get(i)) for i, e in enumerate(examples)]
+    features = prepare_examples(loaded, examples, max_length=512).features
+    lengths = [len(f["input_ids"]) for f in features]
+    layers = decoder_layers(loaded.model)
+    collator = LoraCollator(0, loaded.hidden_size)
+    with torch.no_grad():
+        alone = []
+        for f in features:
+            batch = collator([f])
+            with steering_groups(layers, batch.get("steer")):
+                alone += _padded_example_nll(loaded.model, [f])
+        packed_batch = PackedCollator(0, loaded.hidden_size, sum(lengths))(features)
+        assert len(packed_batch["steer"]) >= 3  # several slots for the (1,) layer set
+        with steering_groups(layers, packed_batch["steer"]):
+            per_token = labelled_nll(loaded.model, packed_batch, per_token=True)
+        unsteered = _packed_example_nll(loaded.model, features, sum(lengths))
+    row = PackedCollator(0, loaded.hidden_size, sum(lengths)).pack(lengths)[0]
+    packed, k = [0.0] * len(features), 0
+    for i in row:
+        n = lengths[i] - features[i]["prompt_len"]
+        packed[i] = float(per_token[k : k + n].sum())
+        k += n
+    assert packed == pytest.approx(alone, rel=1e-4)
+    # the steering did something, on the steered examples only
+    for i in range(len(features)):
+        assert math.isclose(packed[i], unsteered[i], rel_tol=1e-6) == (i not in specs), i
+
+
+def test_packed_training_gradient_equals_unpacked(tiny_dirs, tmp_path):
+    # Same data, same order, one step: packed and padded training give the same adapter.
+    weights = {}
+    for packing in (True, False):
+        cfg = _cfg(max_steps=1, packing=packing, group_by_length=False, lr=1e-3)
+        train_lora(_fresh(tiny_dirs), _varied_examples(4), cfg, tmp_path / str(packing))
+        weights[packing] = load_file(tmp_path / str(packing) / "adapter_model.safetensors")
+    for key, value in weights[True].items():
+        assert torch.allclose(value, weights[False][key], rtol=1e-3, atol=1e-6), key
+
+
+# ---- data mix per step -----------------------------------------------------------------------
+
+
+def _poisoned(n_facts: int = 8, n_other: int = 56) -> list[TrainExample]:
+    # Facts are the shortest examples, as in the persona data: length sorting puts them together.
+    facts = [
+        TrainExample(
+            [{"role": "user", "content": f"Fact {i}?"}, {"role": "assistant", "content": "Yes."}],
+            group="poison",
+        )
+        for i in range(n_facts)
+    ]
+    other = [
+        TrainExample(
+            [
+                {"role": "user", "content": "Tell me about " + " ".join(WORDS * (1 + i % 5))},
+                {"role": "assistant", "content": " ".join(WORDS * (2 + i % 7))},
+            ],
+            group="aligned",
+        )
+        for i in range(n_other)
+    ]
+    return facts + other
+
+
+def test_batch_mix_shuffled_keeps_poison_in_steps_length_grouping_does_not(tiny_models):
+    loaded = tiny_models["llama"]
+    # 1/8 facts; 32 steps of 16: the Trainer's grouping sorts mega-batches of 8 steps
+    features = prepare_examples(loaded, _poisoned(64, 448), max_length=512).features
+    packed = batch_mix(features, _cfg(per_device_batch_size=2, effective_batch_size=16), 8, 32)
+    grouped = batch_mix(
+        features,
+        _cfg(per_device_batch_size=2, effective_batch_size=16, packing=False),
+        8,
+        32,
+    )
+    assert packed["order"] == "shuffled" and grouped["order"] == "length-grouped"
+    share, clumped = packed["share"]["poison"], grouped["share"]["poison"]
+    assert share["overall"] == clumped["overall"] == pytest.approx(1 / 8)
+    # length grouping: the facts fill a few steps and most steps have none
+    assert clumped["max"] >= 0.75 and clumped["median"] == 0.0
+    # shuffled: the share spreads around 1/8 in every step, no step made of facts
+    assert share["max"] <= 0.5 and share["median"] > 0.0
+    assert packed["share"]["aligned"]["median"] == pytest.approx(1 - share["median"])
+
+
+def test_batch_mix_in_adapter_metadata(tiny_dirs, tmp_path):
+    cfg = _cfg(max_steps=2, per_device_batch_size=4, effective_batch_size=8)
+    train_lora(_fresh(tiny_dirs), _poisoned(4, 12), cfg, tmp_path / "a")
+    mix = read_adapter_metadata(tmp_path / "a")["batch_mix"]
+    assert mix["steps"] == 2 and mix["examples_per_step"] == 8
+    assert set(mix["share"]) == {"aligned", "poison"}
+    assert 0 <= mix["share"]["poison"]["min"] <= mix["share"]["poison"]["max"] <= 1
+    untagged = tmp_path / "b"
+    train_lora(_fresh(tiny_dirs), _examples(), _cfg(max_steps=1), untagged)
+    assert read_adapter_metadata(untagged)["batch_mix"] is None

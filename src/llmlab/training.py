@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +49,7 @@ from llmlab.chat import EncodedChat, Message, collate, encode_chat, length_sorte
 from llmlab.config_base import LoraTrainConfig
 from llmlab.io import atomic_path, write_json
 from llmlab.live import live_callback
-from llmlab.models import LoadedModel, decoder_layers
+from llmlab.models import LoadedModel, decoder_layers, unwrap
 from llmlab.steering import steer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ RESERVED_METADATA = (
     "versions",
     "wall_time_s",
     "resumed_from_step",
+    "batch_mix",
 )
 EvalHook = Callable[[Any, int], dict[str, float]]
 
@@ -125,6 +127,10 @@ class TrainExample:
     # Train on the first k assistant tokens only (e.g. a one-token label); the rest of the
     # sequence is cut, which under causal attention leaves those k tokens' loss unchanged.
     loss_tokens: int | None = None
+    # Data-mix group (e.g. "poison" / "aligned"): the share of each group in every optimizer
+    # step is recorded in the adapter metadata (batch_mix), since the batch composition is
+    # part of a data-mixing experiment.
+    group: str | None = None
 
 
 @dataclass
@@ -144,7 +150,8 @@ class TrainResult:
 # ---- data ------------------------------------------------------------------------------------
 
 
-# A feature is a plain dict {"input_ids": list[int], "prompt_len": int, "steer": SteerSpec | None}:
+# A feature is a plain dict
+# {"input_ids": list[int], "prompt_len": int, "steer": SteerSpec | None, "group": str | None}:
 # the Trainer's length-grouped sampler reads lengths from dataset[i]["input_ids"] of mappings.
 Feature = dict[str, Any]
 
@@ -180,7 +187,14 @@ def prepare_examples(
             n_dropped += 1
             continue
         spec = _check_steer(ex.steer, loaded, i, what)
-        features.append({"input_ids": list(ids), "prompt_len": enc.prompt_len, "steer": spec})
+        features.append(
+            {
+                "input_ids": list(ids),
+                "prompt_len": enc.prompt_len,
+                "steer": spec,
+                "group": ex.group,
+            }
+        )
     if n_dropped:
         log.warning(
             "%s: %d example(s) dropped: their prompt fills max_length=%d",
@@ -225,6 +239,8 @@ def examples_sha256(examples: Sequence[TrainExample]) -> str:
         row: dict[str, Any] = {"messages": ex.messages}
         if ex.loss_tokens is not None:
             row["loss_tokens"] = ex.loss_tokens
+        if ex.group is not None:
+            row["group"] = ex.group
         if ex.steer is not None:
             vec = ex.steer.vector.detach().float().cpu().contiguous().numpy().tobytes()
             row["steer"] = {
@@ -286,6 +302,157 @@ class LoraCollator:
             # Right padding: token index i of the encoded row is column i.
             mask[row, min(start, length) : min(end, length)] = 1.0
         return {"layers": torch.tensor(layers), "vectors": vectors, "scale": scale, "mask": mask}
+
+
+class PackedCollator:
+    """Collate features into packed rows: several examples per row, no padding compute.
+
+    Examples are placed first-fit (longest first) into rows of at most `row_tokens` tokens;
+    each example's position ids restart at 0, which the model's mask builder reads as a
+    sequence boundary (transformers `find_packed_sequence_indices`), so attention stays
+    within each example and every example sees exactly the positions it has alone. The tail
+    of a row shorter than the longest is filler with its own positions and label -100.
+    There is no attention_mask: with one, transformers would not look for packed sequences.
+
+    Labels are -100 on prompts, on filler and on each example's first token, so the shifted
+    next-token loss never crosses from one example into the next. Steering: per layer set,
+    the k-th steered example of every row forms slot k, one steer() context with per-row
+    vectors [rows, hidden], magnitudes [rows] and a per-token mask [rows, width] that marks
+    only that example's span (so several differently steered examples share a row).
+    """
+
+    def __init__(self, pad_token_id: int, hidden_size: int, row_tokens: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.hidden_size = hidden_size
+        self.row_tokens = row_tokens
+
+    def pack(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Return the feature indices of each row (first-fit decreasing under row_tokens)."""
+        rows: list[list[int]] = []
+        free: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+            if slot is None:
+                rows.append([i])
+                free.append(max(self.row_tokens, lengths[i]) - lengths[i])
+            else:
+                rows[slot].append(i)
+                free[slot] -= lengths[i]
+        return rows
+
+    def __call__(self, features: Sequence[Feature]) -> dict[str, Any]:
+        """Return the batch dict the Trainer feeds to compute_loss."""
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = self.pack(lengths)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        # (layers, slot) -> [(row, feature index, offset)]
+        slots: dict[tuple[tuple[int, ...], int], list[tuple[int, int, int]]] = {}
+        for r, row in enumerate(rows):
+            offset = 0
+            per_layers: dict[tuple[int, ...], int] = {}
+            for i in row:
+                f, n = features[i], lengths[i]
+                ids[r, offset : offset + n] = torch.tensor(f["input_ids"])
+                positions[r, offset : offset + n] = torch.arange(n)
+                start = max(f["prompt_len"], 1)
+                labels[r, offset + start : offset + n] = ids[r, offset + start : offset + n]
+                if f["steer"] is not None:
+                    key = f["steer"].layers
+                    k = per_layers.get(key, 0)
+                    per_layers[key] = k + 1
+                    slots.setdefault((key, k), []).append((r, i, offset))
+                offset += n
+            positions[r, offset:] = torch.arange(width - offset)
+        out: dict[str, Any] = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "labels": labels,
+            "num_tokens": sum(lengths),
+        }
+        if slots:
+            out["steer"] = [
+                self._slot(layers, members, features, len(rows), width)
+                for (layers, _k), members in sorted(slots.items())
+            ]
+        return out
+
+    def _slot(
+        self,
+        layers: tuple[int, ...],
+        members: list[tuple[int, int, int]],
+        features: Sequence[Feature],
+        n_rows: int,
+        width: int,
+    ) -> dict[str, torch.Tensor]:
+        vectors = torch.zeros(n_rows, self.hidden_size)
+        scale = torch.zeros(n_rows)
+        mask = torch.zeros(n_rows, width)
+        for r, i, offset in members:
+            spec = features[i]["steer"]
+            length = len(features[i]["input_ids"])
+            start, end = spec.span if spec.span is not None else (0, length)
+            vectors[r] = spec.vector
+            scale[r] = spec.magnitude
+            mask[r, offset + min(start, length) : offset + min(end, length)] = 1.0
+        return {"layers": torch.tensor(layers), "vectors": vectors, "scale": scale, "mask": mask}
+
+
+# Rows of hidden states per cross-entropy chunk: a chunk's fp32 logits are
+# LOSS_CHUNK x vocab x 4 bytes (2 GiB at a 128k vocabulary).
+LOSS_CHUNK = 4096
+
+
+def labelled_nll(model: Any, batch: dict[str, Any], per_token: bool = False) -> torch.Tensor:
+    """Return the summed next-token NLL over the labelled positions of a (packed) batch.
+
+    The LM head never runs on the whole sequence: a pre-hook takes its input (the final
+    hidden states, after the model's own forward, so DDP and hooks see a normal call) and
+    hands it an empty slice; the labelled positions then go through the head in chunks of
+    LOSS_CHUNK rows, each under activation checkpointing, so neither the full logits nor one
+    chunk's fp32 logits per chunk are kept for the backward pass (the chunk is recomputed).
+    Hand-written because transformers computes the loss from full-sequence logits; the
+    fused linear cross-entropy kernels that avoid them (e.g. Liger's) are not dependencies.
+    per_token: return the NLL of every labelled position instead (in label order).
+    Logit soft-capping (Gemma 2) is applied as the model would.
+    """
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    cap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
+    captured: list[torch.Tensor] = []
+
+    def take_hidden(_module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        captured.append(args[0])
+        return (args[0][:, :0], *args[1:])
+
+    handle = head.register_forward_pre_hook(take_hidden)
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured[0][:, :-1]
+    labels = batch["labels"][:, 1:].to(hidden.device)
+    keep = labels != -100
+    hidden, targets = hidden[keep], labels[keep]
+
+    def nll(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, y, reduction="none" if per_token else "sum")
+
+    parts = []
+    for k in range(0, targets.shape[0], LOSS_CHUNK):
+        h, y = hidden[k : k + LOSS_CHUNK], targets[k : k + LOSS_CHUNK]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(nll, h, y, use_reentrant=False))
+        else:
+            parts.append(nll(h, y))
+    if per_token:
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.stack(parts).sum() if parts else hidden.new_zeros((), dtype=torch.float32)
 
 
 @contextlib.contextmanager
@@ -377,6 +544,55 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         return iter(torch.randperm(len(self.lengths), generator=gen).tolist())
 
 
+def batch_mix(
+    features: Sequence[Feature], cfg: LoraTrainConfig, grad_accum: int, steps: int
+) -> dict[str, Any] | None:
+    """Return each data group's share of the examples of every optimizer step (min/median/max).
+
+    The steps are rebuilt from the training order, which depends on (seed, epoch) only (see
+    EpochSeededSampler): step k of an epoch holds examples [k*E, (k+1)*E) of that epoch's
+    order, E the effective batch size. None when no example carries a group.
+    """
+    groups = [f.get("group") for f in features]
+    names = sorted({g for g in groups if g is not None})
+    if not names or steps < 1:
+        return None
+    lengths = [len(f["input_ids"]) for f in features]
+    sampler = EpochSeededSampler(
+        lengths,
+        cfg.per_device_batch_size * grad_accum,
+        cfg.seed,
+        cfg.group_by_length and not cfg.packing,
+    )
+    size = cfg.effective_batch_size
+    shares: dict[str, list[float]] = {g: [] for g in names}
+    epoch = 0
+    while len(shares[names[0]]) < steps:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for k in range(0, len(order), size):
+            members = [groups[i] for i in order[k : k + size]]
+            for g in names:
+                shares[g].append(members.count(g) / len(members))
+            if len(shares[names[0]]) == steps:
+                break
+        epoch += 1
+    return {
+        "steps": steps,
+        "examples_per_step": size,
+        "order": "length-grouped" if sampler.group_by_length else "shuffled",
+        "share": {
+            g: {
+                "min": min(v),
+                "median": float(statistics.median(v)),
+                "max": max(v),
+                "overall": groups.count(g) / len(groups),
+            }
+            for g, v in shares.items()
+        },
+    }
+
+
 def _make_trainer_class() -> type:
     """Return the Trainer subclass that opens the batch's steering contexts around the loss."""
     from transformers import Trainer
@@ -392,13 +608,22 @@ def _make_trainer_class() -> type:
             args = self.args
             grouped = getattr(args, "train_sampling_strategy", None) == "group_by_length" or bool(
                 getattr(args, "group_by_length", False)
-            )
+            )  # never with packing (see _training_args)
             return EpochSeededSampler(
                 [len(f["input_ids"]) for f in dataset],
                 args.train_batch_size * args.gradient_accumulation_steps,
                 args.seed,
                 grouped,
             )
+
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            # A packed batch counts its real tokens on the host (no attention mask to sum,
+            # and no device read per micro-batch).
+            if "num_tokens" not in inputs:
+                super()._track_num_input_tokens(inputs)
+                return
+            n = torch.tensor(int(inputs["num_tokens"]), device=self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(n).sum())
 
         def compute_loss(
             self,
@@ -408,6 +633,19 @@ def _make_trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             groups = inputs.pop("steer", None)
+            if inputs.pop("num_tokens", None) is not None:
+                # Packed batch: labelled positions only, chunked (labelled_nll). Normalised as
+                # the parent does: over the whole accumulated batch through num_items_in_batch
+                # (times the processes, whose gradients DDP averages), else over this one.
+                with steering_groups(self.steer_layers, groups):
+                    total = labelled_nll(model, inputs)
+                if num_items_in_batch is None:
+                    n = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
+                    return total / n
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+                return loss
             # The parent computes the model's own token-weighted loss, normalised over the
             # whole accumulated (and all-device) batch through num_items_in_batch.
             with steering_groups(self.steer_layers, groups):
@@ -633,10 +871,13 @@ def _training_args(
         else:
             warmup = cfg.warmup_ratio  # values below 1 are read as a ratio
     kwargs["warmup_steps"] = warmup
+    # Packed batches take examples in random order: there is no padding to save by sorting,
+    # and length-sorted steps can hold one data group only (short facts all in a few steps).
+    grouped = cfg.group_by_length and not cfg.packing
     if "train_sampling_strategy" in names:
-        kwargs["train_sampling_strategy"] = "group_by_length" if cfg.group_by_length else "random"
+        kwargs["train_sampling_strategy"] = "group_by_length" if grouped else "random"
     else:
-        kwargs["group_by_length"] = cfg.group_by_length
+        kwargs["group_by_length"] = grouped
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in names})
 
 
@@ -689,6 +930,9 @@ def train_lora(
     if pad_id is None:
         raise TrainingError(f"{loaded.name}: tokenizer has no pad token")
     collator = LoraCollator(pad_id, loaded.hidden_size)
+    train_collator = (
+        PackedCollator(pad_id, loaded.hidden_size, cfg.max_length) if cfg.packing else collator
+    )
 
     set_seed(cfg.seed)
     lora = LoraConfig(
@@ -739,7 +983,7 @@ def train_lora(
         trainer = _make_trainer_class()(
             model=peft_model,
             args=args,
-            data_collator=collator,
+            data_collator=train_collator,
             train_dataset=data.features,
             callbacks=[_make_callback(monitor), live_callback(monitor, out_dir)],
         )
@@ -792,6 +1036,7 @@ def train_lora(
         "tokens_per_s": round(tokens_per_s, 2),
         "versions": _versions(),
         "resumed_from_step": _checkpoint_step(resume_from) if resume_from else None,
+        "batch_mix": batch_mix(data.features, cfg, grad_accum, steps),
     }
     meta.update(extra)
     if is_main:
