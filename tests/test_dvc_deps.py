@@ -165,23 +165,30 @@ def md5_of(path: Path) -> str:
     return file_md5(os.fspath(path), name="md5")
 
 
-def stale_code_deps(root: Path) -> dict[str, list[str]]:
-    """Return {stage: [code files whose dvc.lock hash differs from the file]} of a project."""
+def stale_code_deps(root: Path, declared: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Return {stage: [code files dvc.lock does not record as they are]} of a project.
+
+    `declared` maps each stage that dvc.lock records to its code deps in dvc.yaml: a dep the
+    lock lacks is stale too (the stage ran before the dep was declared).
+    """
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stale: dict[str, list[str]] = {}
     for name, entry in lock.items():
-        for dep in entry.get("deps", []):
-            path = dep["path"]
+        recorded = {d["path"]: d.get("md5") for d in entry.get("deps", [])}
+        for path in sorted(set(declared.get(name, [])) | set(recorded)):
             if not path.startswith("src/"):
                 continue
             file = root / path
-            if not file.is_file() or md5_of(file) != dep.get("md5"):
+            if path not in recorded:
+                stale.setdefault(name, []).append(f"{path} (not recorded)")
+            elif not file.is_file() or md5_of(file) != recorded[path]:
                 stale.setdefault(name, []).append(path)
     return stale
 
 
 def test_dvc_lock_records_the_code_at_head() -> None:
-    stale = stale_code_deps(ROOT)
+    declared = {s.addressing: [d.def_path for d in s.deps] for s in dvc_stages()}
+    stale = stale_code_deps(ROOT, declared)
     assert not stale, "dvc.lock is stale (run the stages, or `dvc commit` them): " + "; ".join(
         f"{stage}: {', '.join(files)}" for stage, files in sorted(stale.items())
     )
@@ -194,9 +201,12 @@ def test_stale_lock_check_names_the_stage_and_file(tmp_path: Path) -> None:
     lock = {"schema": "2.0", "stages": {"s": {"cmd": "c", "deps": []}}}
     lock["stages"]["s"]["deps"] = [{"path": "src/a.py", "md5": md5_of(code)}]
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert stale_code_deps(tmp_path) == {}
+    assert stale_code_deps(tmp_path, {"s": ["src/a.py"]}) == {}
+    assert stale_code_deps(tmp_path, {"s": ["src/a.py", "src/b.py"]}) == {
+        "s": ["src/b.py (not recorded)"]
+    }
     code.write_text("x = 2\n")
-    assert stale_code_deps(tmp_path) == {"s": ["src/a.py"]}
+    assert stale_code_deps(tmp_path, {"s": ["src/a.py"]}) == {"s": ["src/a.py"]}
 
 
 # ---------------------------------------------------------------- regenerating dvc.yaml
