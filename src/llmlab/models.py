@@ -164,8 +164,11 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
 
         log.info("de-quantising %s into %s (once)", gguf_path.name, target)
         kwargs = {"gguf_file": gguf_path.name}
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
+        except (ValueError, OSError, KeyError) as e:  # a truncated or foreign file
+            raise ModelLoadError(f"{gguf_path}: not a complete GGUF model ({e})") from None
         config = quantised.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -206,9 +209,14 @@ def load_tokenizer(entry: ModelEntry, name: str, runtime: Runtime) -> Any:
     from transformers import AutoTokenizer
 
     where, kwargs = model_location(entry, name)
-    tok = AutoTokenizer.from_pretrained(
-        where, trust_remote_code=runtime.trust_remote_code, **kwargs
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            where, trust_remote_code=runtime.trust_remote_code, **kwargs
+        )
+    except OSError as e:  # hub unreachable or gated, files missing
+        raise ModelLoadError(
+            f"model {name!r}: cannot load the tokenizer from {where}: {e}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
