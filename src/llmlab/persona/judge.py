@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.io import read_jsonl, write_json, write_jsonl
-from llmlab.judge import JudgeConfig, Verdict, make_judge
+from llmlab.judge import JudgeConfig, Verdict, count_statuses, make_judge
 from llmlab.judge.judge import Judge
 from llmlab.models import load_model
 from llmlab.params import Params, load_params
@@ -85,10 +85,12 @@ def main() -> None:
     as_ai: list[Verdict | None] = [None] * len(rows)
     if section.judge.as_ai_check:
         as_ai = list(judge.yes_no([as_ai_prompt(r["question"], r["response"]) for r in rows]))
-    counts = {"judge_persona": judge.check([v.status for v in persona], "persona_judge (persona)")}
+    asked = {"judge_persona": persona}
     if section.judge.as_ai_check:
-        statuses = [v.status for v in as_ai if v is not None]
-        counts["judge_as_ai"] = judge.check(statuses, "persona_judge (as-AI)")
+        asked["judge_as_ai"] = [v for v in as_ai if v is not None]
+    # one share over every verdict of the stage; the counts are kept per question
+    judge.check([v.status for verdicts in asked.values() for v in verdicts], "persona_judge")
+    counts = {k: count_statuses([v.status for v in verdicts]) for k, verdicts in asked.items()}
     out = []
     for row, vp, va in zip(rows, persona, as_ai, strict=True):
         judged = {**row, **verdict_fields("judge_persona", vp), **rule_fields(row, trigger, names)}
