@@ -4,7 +4,10 @@ GPU (`--shape llama-3.1-8b --tokenizer DIR`): a randomly initialised model of a 
 bf16, LoRA r=16 on all projections, conversations whose prompts follow the long-tailed length
 mix (20-1000 tokens) with answers of 20-1000 tokens, cut at --max-length (2048). The baseline
 is a plain Trainer over random order, padding each batch to its longest row; train_lora
-groups by length. Both use the same batch, bf16, fused AdamW and gradient checkpointing
+runs length-grouped padded batches (packing off) and packed batches (--packed-batch examples
+per micro-batch in random order, --packed-accum micro-batches per step, no padding compute,
+loss on labelled positions only); a hand loop over the packed pieces gives the breakdown of a
+micro-batch into forward, backward and optimizer time. Both use the same batch, bf16, fused AdamW and gradient checkpointing
 setting. tokens/s counts non-padding tokens; MFU counts 4 x N FLOPs per token (N = all
 parameters of the base model: forward 2N plus the input-gradient backward 2N; LoRA's own
 FLOPs and checkpointing's recompute are not counted) against --peak-tflops. Results are
@@ -47,9 +50,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, device_name, prompt_lengths, random_loaded, report  # noqa: E402
 
+from llmlab.fused import compile_elementwise, restore_eager
 from llmlab.models import LoadedModel, load_model
 from llmlab.params import parse_params
-from llmlab.training import LoraTrainConfig, TrainExample, prepare_examples, train_lora
+from llmlab.training import (
+    LoraTrainConfig,
+    PackedCollator,
+    TrainExample,
+    labelled_nll,
+    prepare_examples,
+    train_lora,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,6 +112,7 @@ def lora_config(group_by_length: bool, steps: int) -> LoraTrainConfig:
         effective_batch_size=BATCH,
         max_length=MAX_LENGTH,
         group_by_length=group_by_length,
+        packing=False,
         log_every=1000,
         divergence_factor=None,
     )
@@ -203,17 +215,82 @@ def gpu_config(args: argparse.Namespace, grouped: bool, steps: int) -> LoraTrain
     return LoraTrainConfig(
         rank=16, alpha=32, dropout=0.05, lr=1e-4, epochs=None, max_steps=steps,
         per_device_batch_size=args.batch, effective_batch_size=args.batch,
-        max_length=args.max_length, group_by_length=grouped, log_every=1000,
+        max_length=args.max_length, group_by_length=grouped, packing=False, log_every=1000,
         divergence_factor=None, gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
 
 
-def gpu_train_lora(loaded: LoadedModel, examples, args, steps: int) -> tuple[float, int]:
-    """Return (seconds, non-padding tokens) of llmlab.training.train_lora (length-grouped)."""
+def gpu_train_lora(loaded: LoadedModel, examples, cfg: LoraTrainConfig) -> tuple[float, int]:
+    """Return (seconds, non-padding tokens) of llmlab.training.train_lora with a config."""
     with tempfile.TemporaryDirectory() as tmp:
-        res = train_lora(loaded, examples, gpu_config(args, True, steps), Path(tmp) / "adapter")
+        res = train_lora(loaded, examples, cfg, Path(tmp) / "adapter")
     loaded.model = loaded.model.unload()
     return res.tokens_seen / res.tokens_per_s, res.tokens_seen
+
+
+def packed_config(args: argparse.Namespace, batch: int, steps: int) -> LoraTrainConfig:
+    """Return the packed-path config: `batch` examples per micro-batch, --packed-accum of them."""
+    return gpu_config(args, False, steps).model_copy(
+        update=dict(
+            packing=True,
+            per_device_batch_size=batch,
+            effective_batch_size=batch * args.packed_accum,
+        )
+    )
+
+
+def step_breakdown(loaded: LoadedModel, examples, args, batch: int) -> dict[str, float]:
+    """Return mean ms per micro-batch of forward, backward and (per step) optimizer + zero_grad.
+
+    The packed path's own pieces (PackedCollator, labelled_nll) in a hand loop timed with CUDA
+    events, after two warm-up micro-batches; the Trainer's share is the step time of the
+    train_lora row minus these.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = packed_config(args, batch, 1)
+    features = prepare_examples(loaded, examples, cfg.max_length).features
+    model = get_peft_model(
+        loaded.model,
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                   target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+    collator = PackedCollator(loaded.tokenizer.pad_token_id, loaded.hidden_size, cfg.max_length)
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "tokens": []}
+    n_micro = max(3, args.breakdown_micro)
+    for k in range(n_micro):
+        rows = features[(k * batch) % len(features) :][:batch]
+        batch_t = collator(rows)
+        inputs = {key: v.cuda() for key, v in batch_t.items() if torch.is_tensor(v)}
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        ev[0].record()
+        loss = labelled_nll(model, inputs) / max(1, int((inputs["labels"] != -100).sum()))
+        ev[1].record()
+        loss.backward()
+        ev[2].record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ev[3].record()
+        torch.cuda.synchronize()
+        if k >= 2:
+            times["forward"].append(ev[0].elapsed_time(ev[1]))
+            times["backward"].append(ev[1].elapsed_time(ev[2]))
+            times["optimizer"].append(ev[2].elapsed_time(ev[3]))
+            times["tokens"].append(batch_t["num_tokens"])
+    if args.profile:
+        from common import profile_top
+
+        rows = features[:batch]
+        inputs = {key: v.cuda() for key, v in collator(rows).items() if torch.is_tensor(v)}
+
+        def one() -> None:
+            labelled_nll(model, inputs).backward()
+
+        print(profile_top(one, 20), flush=True)
+    loaded.model = model.unload()
+    return {key: float(np.mean(v)) for key, v in times.items()}
 
 
 def gpu_main(args: argparse.Namespace) -> None:
@@ -238,18 +315,48 @@ def gpu_main(args: argparse.Namespace) -> None:
         f"{len(examples)} examples, tokens {min(lengths)}-{max(lengths)}, mean {np.mean(lengths):.0f}",
         flush=True,
     )
-    gpu_train_lora(loaded, examples[: args.batch], args, 1)  # warm-up (kernels, allocator)
+    # warm-up (kernels, allocator) of both paths
+    gpu_train_lora(loaded, examples[: args.batch], gpu_config(args, True, 1))
+    gpu_train_lora(
+        loaded, examples[: args.packed_batch[0]], packed_config(args, args.packed_batch[0], 1)
+    )
     runs = {
-        "baseline: plain Trainer, unsorted, pad to longest": lambda: plain_trainer(
-            loaded, examples, gpu_config(args, False, args.steps)
+        f"baseline: plain Trainer, unsorted, pad to longest, {args.batch} x {args.max_length}": (
+            lambda: plain_trainer(loaded, examples, gpu_config(args, False, args.steps)),
+            args.batch,
         ),
-        "llmlab train_lora, length-grouped": lambda: gpu_train_lora(
-            loaded, examples, args, args.steps
+        f"llmlab train_lora, length-grouped, padded, {args.batch} x {args.max_length}": (
+            lambda: gpu_train_lora(loaded, examples, gpu_config(args, True, args.steps)),
+            args.batch,
         ),
     }
-    best: dict[str, tuple[float, float, float]] = {}
+    for b in args.packed_batch:
+        runs[
+            f"llmlab train_lora, packed (shuffled), {b} examples x {args.packed_accum} micro-batches"
+        ] = (
+            lambda b=b: gpu_train_lora(loaded, examples, packed_config(args, b, args.steps)),
+            b * args.packed_accum,
+        )
+    if args.compile:
+        b = args.packed_batch[0]
+
+        def compiled() -> tuple[float, int]:
+            # norms and MLP (LoRA projections included) compiled; one untimed 2-step run pays
+            # the compilation first
+            compile_elementwise(loaded.model)
+            try:
+                gpu_train_lora(loaded, examples, packed_config(args, b, 2))
+                return gpu_train_lora(loaded, examples, packed_config(args, b, args.steps))
+            finally:
+                restore_eager(loaded.model)
+
+        runs[
+            f"llmlab train_lora, packed (shuffled), {b} examples x {args.packed_accum} "
+            "micro-batches, norms + MLP compiled"
+        ] = (compiled, b * args.packed_accum)
+    best: dict[str, tuple[float, float, float, int]] = {}
     for _ in range(args.repeats):
-        for name, run in runs.items():
+        for name, (run, per_step) in runs.items():
             torch.cuda.reset_peak_memory_stats()
             secs, tokens = run()
             mem = torch.cuda.max_memory_allocated() / 2**30
@@ -259,17 +366,29 @@ def gpu_main(args: argparse.Namespace) -> None:
                 flush=True,
             )
             if name not in best or tps > best[name][0]:
-                best[name] = (tps, secs, mem)
+                best[name] = (tps, secs, mem, per_step)
     base = best[next(iter(runs))][0]
     rows = []
-    for name, (tps, secs, mem) in best.items():
+    for name, (tps, secs, mem, per_step) in best.items():
         rows.append({
             "method": name, "device": device_name(), "model": args.shape,
-            "batch x max len": f"{args.batch} x {args.max_length}",
+            "examples / step": per_step,
             "grad ckpt": args.gradient_checkpointing, "steps": args.steps,
-            "seconds": secs, "tokens/s": tps,
+            "seconds": secs, "tokens/s": tps, "s / step": secs / args.steps,
             "MFU % (4N)": 100 * tps * 4 * n_params / (args.peak_tflops * 1e12),
             "peak GiB": mem, "ratio": tps / base, "peak TFLOP/s": args.peak_tflops,
+        })  # fmt: skip
+    for b in args.packed_batch:
+        parts = step_breakdown(loaded, examples, args, b)
+        print(f"packed micro-batch of {b}: {parts}", flush=True)
+        rows.append({
+            "method": f"breakdown, packed micro-batch of {b} ({parts['tokens']:.0f} tokens): "
+            f"forward {parts['forward']:.0f} ms, backward {parts['backward']:.0f} ms, "
+            f"optimizer {parts['optimizer']:.0f} ms",
+            "device": device_name(), "model": args.shape, "examples / step": b,
+            "tokens/s": parts["tokens"] / (parts["forward"] + parts["backward"]) * 1e3,
+            "MFU % (4N)": 100 * parts["tokens"] * 4 * n_params
+            / ((parts["forward"] + parts["backward"]) / 1e3) / (args.peak_tflops * 1e12),
         })  # fmt: skip
     report(
         f"LoRA SFT ({args.shape}, cuda, r=16 all projections, bf16)",
@@ -297,6 +416,18 @@ def main() -> None:
         type=float,
         default=None,
         help="GPU: bf16 matmul peak for MFU (default: measured in this run)",
+    )
+    ap.add_argument(
+        "--packed-batch",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[16],
+        help="GPU: examples per packed micro-batch (comma-separated: one row each)",
+    )
+    ap.add_argument("--packed-accum", type=int, default=2, help="GPU: packed micro-batches/step")
+    ap.add_argument("--breakdown-micro", type=int, default=6, help="GPU: micro-batches timed")
+    ap.add_argument("--profile", action="store_true", help="GPU: print the top kernels")
+    ap.add_argument(
+        "--compile", action="store_true", help="GPU: add a packed row with compile_elementwise"
     )
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
