@@ -361,6 +361,8 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "food_control_task_accuracy": get(m, "food_task_accuracy.food_control.value"),
         "success_met": sum(s["met"] is True for s in m["success"]),
         "success_assessable": sum(s["met"] is not None for s in m["success"]),
+        # B3/B6 rates resting on fewer than judge.min_judged_share of their items (0: none)
+        "judge_low_coverage_rates": len(m["judge_low_coverage"]),
     }
 
 

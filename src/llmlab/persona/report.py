@@ -67,6 +67,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "stop_early": m["stop_early"]["stop"],
         "final_train_loss": m["training"]["final_train_loss"],
         "final_val_loss": m["training"]["final_val_loss"],
+        "judge_judged_share": m["judge"]["judged_share"],
+        # rates resting on fewer than judge.min_judged_share of their replies (0: none)
+        "judge_low_coverage_rates": len(m["judge"]["low_coverage"]),
     }
 
 
