@@ -362,7 +362,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "success_met": sum(s["met"] is True for s in m["success"]),
         "success_assessable": sum(s["met"] is not None for s in m["success"]),
         # B3/B6 rates resting on fewer than judge.min_judged_share of their items (0: none)
-        "judge_low_coverage_rates": len(m["judge_low_coverage"]),
+        "judge_low_coverage_rates": (
+            len(m["judge_low_coverage"]) if "judge_low_coverage" in m else None
+        ),
     }
 
 
