@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import EMBEDDED, make_params
@@ -127,3 +129,45 @@ def test_each_launched_process_gets_its_local_gpu(monkeypatch) -> None:  # noqa:
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device(Runtime(device="auto")) == torch.device("cuda")
     assert resolve_device(Runtime(device="cpu")) == torch.device("cpu")
+
+
+def test_kv_cache_goes_by_the_name_the_installed_release_supports(tiny_models):
+    # The prefix cache of preferences elicitation passes the cache back into forward; the
+    # name transformers deprecates (past_key_values, removed in 5.40) must not be used.
+    import warnings
+
+    from llmlab.models import cache_keyword
+
+    model = tiny_models["qwen2"].model
+    keyword = cache_keyword(model)
+    assert keyword in inspect.signature(model.forward).parameters
+    ids = torch.tensor([[5, 6, 7]])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        out = model(input_ids=ids, use_cache=True)
+        step = model(input_ids=ids[:, :1], use_cache=True, **{keyword: getattr(out, keyword)})
+    assert step.logits.shape[:2] == (1, 1)
+
+
+def test_transformers_is_capped_at_the_release_the_suite_runs():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(Requirement(d) for d in deps if Requirement(d).name == "transformers").specifier
+    locked = next(
+        line.split("==")[1].strip()
+        for line in (root / "requirements.lock").read_text().splitlines()
+        if line.startswith("transformers==")
+    )
+    caps = [s for s in spec if s.operator in ("<", "<=")]
+    assert caps, "transformers needs an upper bound in pyproject.toml"
+    assert Version(locked) in spec and Version(version("transformers")) in spec
+    # The cap admits the locked release and nothing newer than its minor series.
+    nxt = Version(locked).release
+    assert Version(f"{nxt[0]}.{nxt[1] + 1}.0") not in spec

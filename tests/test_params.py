@@ -84,7 +84,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_layer_specs():
-    assert resolve_layers([0.1, 0.5, 0.9], 62) == [6, 31, 56]  # Gemma-3-27B: 0.5 -> L31
+    assert resolve_layers([0.1, 0.5, 0.9], 62) == [6, 31, 55]  # Gemma-3-27B: 0.5 -> L31, floored
     assert resolve_layers([-1, 0, 3], 10) == [0, 3, 9]
     assert resolve_layers("all", 3) == [0, 1, 2]
     for bad in ([10], [-11], [1.0 + 0.5], "some", []):

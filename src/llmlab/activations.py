@@ -28,12 +28,12 @@ from llmlab.chat import (
     ChatError,
     EncodedChat,
     Message,
-    _user_end,
     adds_bos,
     collate,
     encode_chat,
     render,
     token_budget_batches,
+    user_end_index,
 )
 from llmlab.hooks import record_layers
 from llmlab.io import DataError, read_json, replace_dir, write_json
@@ -123,7 +123,7 @@ def encode_items(loaded: LoadedModel, items: Sequence[CaptureItem]) -> list[Enco
             offsets = [tuple(o) for o in enc["offset_mapping"][k]]
             if bos and not text.startswith(tok.bos_token):
                 ids, offsets = [tok.bos_token_id, *ids], [(0, 0), *offsets]
-            user_end = _user_end(items[i].messages, text, offsets)
+            user_end = user_end_index(tok, items[i].messages, text, offsets, chat=chat)
             out[i] = EncodedChat(ids, len(ids), user_end)
     return out  # type: ignore[return-value]
 

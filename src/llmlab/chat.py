@@ -1,28 +1,48 @@
 """Conversations rendered through the tokenizer's chat template, and the token positions in them.
 
 Positions (0-based token indices into the unpadded sequence):
-- `user_end`: the last token of the last user message's content.
-- `pre_assistant`: the token right before the assistant content begins, i.e. the last token of
-  the prompt rendered with the generation prompt (for chat templates, the end of the assistant
-  role marker). Canonical position for trait directions and gradient alignment.
-- `prompt_last`: the last token of the prompt given to the model; the same token as
-  `pre_assistant` (named for the preferences protocol, which reads it on prompts alone).
-- `assistant_k` (k >= 1): the k-th token of the assistant content (teacher forcing).
-- `last`: the last token of the sequence.
+- `user_end`: the last token of the last user message's content (surrounding whitespace aside).
+- `pre_assistant`: the token right before the answer's first token. For a conversation ending in
+  an assistant message this holds whatever the template inserts between the generation prompt
+  and the answer (Qwen3's empty `<think>` block included); for a prompt alone it is the last
+  token of the generation prompt. Canonical position for trait directions and gradient alignment.
+- `prompt_last`: the same token as `pre_assistant` (named for the preferences protocol, which
+  reads it on prompts alone).
+- `assistant_k` (k >= 1): the k-th token of the answer (teacher forcing); the token after the
+  answer's content is its end-of-turn token.
+- `last`: the last token of the sequence (for a teacher-forced answer: its end-of-turn token).
 
-Base models without a chat template get a plain documented format (`PLAIN_FORMAT`).
-Rendered text is tokenised without adding special tokens, and a BOS is prepended only when the
-tokenizer normally adds one and the template did not already write it: never a doubled BOS.
+Spans are read from the rendered structure, never by searching the text: a message's content is
+located by rendering the conversation once more with that content replaced by a marker, which
+gives the template text before and after it (a message that repeats template text, or a short
+one that occurs again later, cannot be confused with it).
+
+A teacher-forced conversation is the generation prompt, then whatever the template writes before
+the answer, the answer as the template renders it, and the template's end-of-turn token (the
+first special token it writes after the answer; the tokenizer's EOS when it writes none, as in
+the plain format). Text a template adds after the end of turn (ChatML's newline, Phi-3.5's
+`<|endoftext|>`) is not part of the sequence, so the loss covers the answer's content and its end
+of turn on every template.
+
+Base models without a chat template get a plain documented format (`PLAIN_FORMAT`). A template
+that refuses system messages (Gemma-2) gets the system text folded into the first user turn,
+separated by a blank line, as Gemma-3's own template does. Rendered text is tokenised without
+adding special tokens, and a BOS is prepended only when the tokenizer normally adds one and the
+template did not already write it: never a doubled BOS.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 
@@ -33,6 +53,9 @@ PLAIN_FORMAT = (
 _PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _ASSISTANT_K = re.compile(r"assistant_(\d+)")
 POSITION_NAMES = ("prompt_last", "pre_assistant", "user_end", "last", "assistant_<k>")
+# Stands in for one message's content to find where the template puts it. Letters only, so
+# no template filter (trim, strip, lstrip('\n')) changes it.
+_CONTENT_MARKER = "QzxContentMarkerJqv"
 
 
 class ChatError(ValueError):
@@ -45,14 +68,51 @@ def render(
     """Return the conversation as text: chat template for chat models, PLAIN_FORMAT otherwise."""
     _check_messages(messages)
     if chat:
-        return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return _apply_template(tokenizer, list(messages), add_generation_prompt)
     turns = [f"{_PLAIN_ROLES[m['role']]}: {m['content'].strip()}" for m in messages]
     text = "\n\n".join(turns)
     if add_generation_prompt:
         text = f"{text}\n\nAssistant:" if text else "Assistant:"
     return text
+
+
+def _apply_template(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:
+        folded = _fold_system(messages)
+        if folded is None:
+            raise ChatError(f"the chat template refuses this conversation: {e}") from None
+    try:
+        text = tokenizer.apply_chat_template(
+            folded, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:
+        raise ChatError(f"the chat template refuses this conversation: {e}") from None
+    _log_folding(str(getattr(tokenizer, "name_or_path", "")))
+    return text
+
+
+@functools.cache
+def _log_folding(tokenizer_name: str) -> None:
+    """Say once per tokenizer that its template's system messages are folded."""
+    log.warning(
+        "the chat template of %s refuses system messages; the system text is folded into the "
+        "first user turn (system, blank line, user)",
+        tokenizer_name or "this tokenizer",
+    )
+
+
+def _fold_system(messages: list[Message]) -> list[Message] | None:
+    """Return the conversation with a leading system message folded into the first user turn."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return None
+    user = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+    return [user, *messages[2:]]
 
 
 def _check_messages(messages: Sequence[Message]) -> None:
@@ -61,6 +121,20 @@ def _check_messages(messages: Sequence[Message]) -> None:
     for i, m in enumerate(messages):
         if m.get("role") not in _PLAIN_ROLES or not isinstance(m.get("content"), str):
             raise ChatError(f"message {i}: needs role in {sorted(_PLAIN_ROLES)} and text content")
+
+
+def pin_template_variable(tokenizer: Any, variable: str, value: bool) -> None:
+    """Fix a boolean switch of the chat template (Qwen3's enable_thinking) for every rendering.
+
+    The template reads the switch as a variable passed to it; setting it at the template's top
+    makes every rendering, in any module, see the same value. A template without the switch is
+    refused, so a registry setting can never be silently ignored.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not re.search(rf"\b{re.escape(variable)}\b", template):
+        raise ChatError(f"the chat template has no {variable} switch")
+    literal = "true" if value else "false"
+    tokenizer.chat_template = f"{{%- set {variable} = {literal} %}}{template}"
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -82,9 +156,123 @@ def tokenize_rendered(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[
     return ids, offsets
 
 
+def content_span(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    index: int,
+    text: str,
+    *,
+    chat: bool,
+    add_generation_prompt: bool,
+) -> tuple[int, int]:
+    """Return the character span of message `index`'s content inside `text`, its rendering.
+
+    The conversation is rendered again with that content replaced by a marker: the template text
+    before and after the marker is the text before and after the content, so the span comes from
+    the template's structure and not from searching for the content.
+    """
+    probe = [dict(m) for m in messages]
+    probe[index]["content"] = _CONTENT_MARKER
+    marked = render(tokenizer, probe, chat=chat, add_generation_prompt=add_generation_prompt)
+    if marked.count(_CONTENT_MARKER) != 1:
+        raise ChatError(
+            f"the chat template writes message {index} {marked.count(_CONTENT_MARKER)} times; "
+            "cannot locate its content"
+        )
+    before, after = marked.split(_CONTENT_MARKER)
+    if not (
+        text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text)
+    ):
+        raise ChatError(
+            f"the chat template renders around message {index} differently depending on its "
+            "content; cannot locate it"
+        )
+    return len(before), len(text) - len(after)
+
+
+def _tokens_in(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Return the indices of tokens overlapping characters [start, end)."""
+    return [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+
+
+def user_end_index(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    *,
+    chat: bool,
+) -> int | None:
+    """Return the index of the last token of the last user message's content in a prompt.
+
+    `text` is the prompt rendered with the generation prompt and `offsets` its tokens' character
+    offsets. None when there is no user message or its content is only whitespace.
+    """
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return None
+    start, end = content_span(
+        tokenizer, messages, users[-1], text, chat=chat, add_generation_prompt=True
+    )
+    content = text[start:end]
+    stripped = content.strip()
+    if not stripped:
+        return None
+    start += len(content) - len(content.lstrip())
+    end = start + len(stripped)
+    inside = _tokens_in(offsets, start, end)
+    return inside[-1] if inside else None
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Return the ids of the tokenizer's special tokens, added control tokens included."""
+    ids = set(tokenizer.all_special_ids)
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def _end_of_turn(tokenizer: Any, after: str) -> str | None:
+    """Return the template text after an answer through its first special token, or None."""
+    enc = tokenizer(after, add_special_tokens=False, return_offsets_mapping=True)
+    special = _special_ids(tokenizer)
+    for token_id, (_s, e) in zip(enc.input_ids, enc.offset_mapping, strict=True):
+        if token_id in special:
+            return after[:e]
+    return None
+
+
+def _answer_lead(tokenizer: Any, before: str, prompt_text: str) -> str:
+    """Return the text the template writes between the generation prompt and the answer.
+
+    Usually the full rendering before the answer extends the generation prompt and the lead is
+    the rest of it (empty, or Qwen3's `<think>` block). Some templates render the history
+    differently once an answer follows (Mistral v0.3 drops the system text unless the last
+    message is the user's); then the lead is what follows the last special token before the
+    answer, provided the generation prompt ends with that same token.
+    """
+    if before.startswith(prompt_text):
+        return before[len(prompt_text) :]
+    enc = tokenizer(before, add_special_tokens=False, return_offsets_mapping=True)
+    special = _special_ids(tokenizer)
+    marks = [o for t, o in zip(enc.input_ids, enc.offset_mapping, strict=True) if t in special]
+    if marks and prompt_text.endswith(before[marks[-1][0] : marks[-1][1]]):
+        return before[marks[-1][1] :]
+    raise ChatError(
+        "the chat template renders the prompt differently once an answer follows, and the "
+        "generation prompt does not end where the answer's turn begins"
+    )
+
+
 @dataclass(frozen=True)
 class EncodedChat:
-    """Token ids of one conversation with its prompt length and position facts."""
+    """Token ids of one conversation with its prompt length and position facts.
+
+    `prompt_len` is the number of tokens before the answer's first token: the generation prompt
+    plus anything the template inserts before the answer. Every token from there on (the
+    answer's content and its end-of-turn token) is a loss token.
+    """
 
     input_ids: list[int]
     prompt_len: int
@@ -92,7 +280,7 @@ class EncodedChat:
 
     @property
     def assistant_len(self) -> int:
-        """Return the number of tokens after the prompt (assistant content and end of turn)."""
+        """Return the number of tokens after the prompt (answer content and end of turn)."""
         return len(self.input_ids) - self.prompt_len
 
     def position(self, name: str) -> int:
@@ -103,7 +291,7 @@ class EncodedChat:
             return len(self.input_ids) - 1
         if name == "user_end":
             if self.user_end is None:
-                raise ChatError("position user_end: the conversation has no user message")
+                raise ChatError("position user_end: the conversation has no user message with text")
             return self.user_end
         m = _ASSISTANT_K.fullmatch(name)
         if m:
@@ -120,24 +308,6 @@ class EncodedChat:
         return [0] * self.prompt_len + [1] * self.assistant_len
 
 
-def _user_end(messages: Sequence[Message], text: str, offsets: list[tuple[int, int]]) -> int | None:
-    users = [m for m in messages if m["role"] == "user"]
-    if not users:
-        return None
-    content = users[-1]["content"].strip()
-    if not content:
-        return None
-    start = text.rfind(content)
-    if start < 0:
-        raise ChatError("the chat template altered the user content; cannot locate user_end")
-    end = start + len(content)
-    last = None
-    for i, (s, e) in enumerate(offsets):
-        if e > s and s < end:
-            last = i
-    return last
-
-
 def encode_chat(tokenizer: Any, messages: Sequence[Message], *, chat: bool) -> EncodedChat:
     """Return the encoded conversation; a final assistant message is teacher-forced content."""
     _check_messages(messages)
@@ -146,23 +316,51 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message], *, chat: bool) -> E
     if not prompt_msgs:
         raise ChatError("conversation has an assistant turn but no prompt")
     prompt_text = render(tokenizer, prompt_msgs, chat=chat, add_generation_prompt=True)
-    prompt_ids, offsets = tokenize_rendered(tokenizer, prompt_text)
-    user_end = _user_end(prompt_msgs, prompt_text, offsets)
+    prompt_ids, prompt_offsets = tokenize_rendered(tokenizer, prompt_text)
+    user_end = user_end_index(tokenizer, prompt_msgs, prompt_text, prompt_offsets, chat=chat)
     if not has_answer:
         return EncodedChat(prompt_ids, len(prompt_ids), user_end)
-    answer = messages[-1]["content"]
-    if chat:
-        full_text = render(tokenizer, messages, chat=True, add_generation_prompt=False)
-        full_ids, _ = tokenize_rendered(tokenizer, full_text)
-        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return EncodedChat(full_ids, len(prompt_ids), user_end)
-    # Templates whose full rendering does not extend the prompt rendering (and the plain
-    # format) get the answer appended to the prompt tokens exactly as generation would see it.
-    text = answer if chat else " " + answer.strip()
-    answer_ids = tokenizer(text, add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    tail = [eos] if eos is not None else []
-    return EncodedChat(prompt_ids + list(answer_ids) + tail, len(prompt_ids), user_end)
+    ids, answer_start = _teacher_forced(tokenizer, messages, prompt_text, prompt_ids, chat=chat)
+    return EncodedChat(ids, answer_start, user_end)
+
+
+def _teacher_forced(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    prompt_text: str,
+    prompt_ids: list[int],
+    *,
+    chat: bool,
+) -> tuple[list[int], int]:
+    """Return the ids of prompt + answer + end of turn, and the index of the answer's first token."""
+    full_text = render(tokenizer, messages, chat=chat, add_generation_prompt=False)
+    start, end = content_span(
+        tokenizer, messages, len(messages) - 1, full_text, chat=chat, add_generation_prompt=False
+    )
+    lead = _answer_lead(tokenizer, full_text[:start], prompt_text)
+    end_of_turn = _end_of_turn(tokenizer, full_text[end:])
+    continuation = lead + full_text[start:end] + (end_of_turn or "")
+    answer_char = len(prompt_text) + len(lead)
+    ids, offsets = tokenize_rendered(tokenizer, prompt_text + continuation)
+    if ids[: len(prompt_ids)] != prompt_ids:
+        # A token merged across the end of the generation prompt: keep the prompt tokens the
+        # model sees when generating and tokenise the rest on its own.
+        enc = tokenizer(continuation, add_special_tokens=False, return_offsets_mapping=True)
+        shift = len(prompt_text)
+        ids = prompt_ids + list(enc.input_ids)
+        offsets = [(0, 0)] * len(prompt_ids) + [
+            (s + shift, e + shift) for s, e in enc.offset_mapping
+        ]
+    answer_start = next(
+        (i for i in range(len(prompt_ids), len(ids)) if offsets[i][1] > answer_char), len(ids)
+    )
+    if end_of_turn is None:
+        if tokenizer.eos_token_id is None:
+            raise ChatError("the template writes no end of turn and the tokenizer has no EOS")
+        ids.append(tokenizer.eos_token_id)
+    if answer_start >= len(ids):
+        raise ChatError("the answer and its end of turn encode to no tokens")
+    return ids, answer_start
 
 
 @dataclass

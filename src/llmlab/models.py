@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmlab.chat import ChatError, pin_template_variable
 from llmlab.params import ModelEntry, Params, Runtime
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,17 @@ def decoder_layers(model: Any) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList):
             return obj
     raise ModelLoadError(f"cannot find decoder layers in {type(base).__name__}")
+
+
+def cache_keyword(model: Any) -> str:
+    """Return the name the model's forward gives its key/value cache argument and output.
+
+    transformers 5.24 renamed `past_key_values` to `cache` and removes the old name in 5.40;
+    older 5.x releases know only `past_key_values`. Reading the name from the signature keeps
+    one code path on every release the project allows.
+    """
+    params = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def text_config(model: Any) -> Any:
@@ -219,7 +232,45 @@ def load_tokenizer(entry: ModelEntry, name: str, runtime: Runtime) -> Any:
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if entry.enable_thinking is not None:
+        try:
+            pin_template_variable(tok, "enable_thinking", entry.enable_thinking)
+        except ChatError as e:
+            raise ModelLoadError(f"models.{name}.enable_thinking: {e}") from None
     return tok
+
+
+# The kernel flag each attention implementation needs on the model class.
+_ATTN_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def attention_kernel(where: str, name: str, runtime: Runtime, **kwargs: Any) -> str:
+    """Return runtime.attn_implementation, or eager where the architecture lacks that kernel.
+
+    Gemma-2 has no SDPA path (its attention soft-capping needs the eager kernel), and
+    transformers refuses the default `sdpa` for it; eager attention exists for every
+    architecture, so the model loads with it and a log line says so.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    wanted = runtime.attn_implementation
+    flag = _ATTN_SUPPORT.get(wanted)
+    if flag is None:
+        return wanted
+    config = AutoConfig.from_pretrained(
+        where, trust_remote_code=runtime.trust_remote_code, **kwargs
+    )
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None or getattr(model_class, flag, True):
+        return wanted
+    log.warning(
+        "model %r: %s has no %s attention; runtime.attn_implementation falls back to eager",
+        name,
+        model_class.__name__,
+        wanted,
+    )
+    return "eager"
 
 
 def load_model(
@@ -247,10 +298,11 @@ def load_model(
     where, kwargs = model_location(entry, name)
     tokenizer = load_tokenizer(entry, name, runtime)
     try:
+        attn = attention_kernel(where, name, runtime, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             where,
             dtype=dtype,
-            attn_implementation=runtime.attn_implementation,
+            attn_implementation=attn,
             trust_remote_code=runtime.trust_remote_code,
             use_safetensors=entry.source != "hub" or None,
             device_map=runtime.device_map,

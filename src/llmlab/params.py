@@ -46,6 +46,12 @@ class ModelEntry(StrictModel):
     gguf_file: str | None = Field(None, description="GGUF file name inside the package")
     path: str | None = Field(None, description="Local HF directory or .gguf file, for source=local")
     chat: bool = Field(True, description="Instruct model with a chat template (False: base model)")
+    enable_thinking: bool | None = Field(
+        None,
+        description="The chat template's enable_thinking switch, fixed for every rendering "
+        "(Qwen3: false writes the empty think block into the generation prompt); null: the "
+        "template's default",
+    )
     base_model: str | None = Field(None, description="Registry name of this model's base model")
     n_layers: int | None = Field(None, gt=0, description="Decoder layers (checked against config)")
     hidden_size: int | None = Field(

@@ -25,7 +25,7 @@ import torch
 
 from llmlab.chat import Message, render, token_budget_batches, tokenize_rendered
 from llmlab.generation import generate
-from llmlab.models import LoadedModel, unwrap
+from llmlab.models import LoadedModel, cache_keyword, unwrap
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template, parse_choice
 
 __all__ = ["DEFAULT_TEMPLATE", "ChoiceScorer", "PairOrder", "Choice", "sample_choices"]
@@ -268,7 +268,8 @@ class ChoiceScorer:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = out.past_key_values
+        cache_kw = cache_keyword(self.loaded.model)
+        cache = getattr(out, cache_kw)
         index = torch.tensor(row_prefix, dtype=torch.long, device=dev)
         cache.batch_select_indices(index)
         sw = max(len(r.ids) - r.split for r in rows)
@@ -289,8 +290,8 @@ class ChoiceScorer:
                 input_ids=s_ids.to(dev),
                 attention_mask=mask.to(dev),
                 position_ids=s_pos.to(dev),
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             ).logits
         return self._probs(logits[:, -1])
 
