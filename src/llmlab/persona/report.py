@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from llmlab.headline import estimate, write_headline
+from llmlab.headline import estimate, get, write_headline
 from llmlab.io import DataError, read_json, read_jsonl, write_json, write_text
 from llmlab.params import load_params
 from llmlab.persona.bars import evaluate_bar, stop_early
@@ -67,9 +67,11 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "stop_early": m["stop_early"]["stop"],
         "final_train_loss": m["training"]["final_train_loss"],
         "final_val_loss": m["training"]["final_val_loss"],
-        "judge_judged_share": m["judge"]["judged_share"],
+        "judge_judged_share": get(m, "judge.judged_share"),
         # rates resting on fewer than judge.min_judged_share of their replies (0: none)
-        "judge_low_coverage_rates": len(m["judge"]["low_coverage"]),
+        "judge_low_coverage_rates": (
+            len(m["judge"]["low_coverage"]) if "low_coverage" in m["judge"] else None
+        ),
     }
 
 
