@@ -66,3 +66,35 @@ def test_replace_dir_swaps_whole_directories(tmp_path) -> None:  # noqa: ANN001
     (work / "b.txt").write_text("b")
     replace_dir(work, tmp_path / "fresh")  # no old output to move aside
     assert (tmp_path / "fresh" / "b.txt").read_text() == "b"
+
+
+def test_disk_full_names_the_output_and_leaves_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import errno
+    from pathlib import Path
+
+    from llmlab.io import OutputError
+
+    def full(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "metrics.json"
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError) as err:
+        write_json(target, {"auc": 0.5})
+    assert str(err.value) == f"{target}: cannot write output (No space left on device)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_errors_inside_an_atomic_write_keep_their_own_name(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(FileNotFoundError, match="no_input.txt"):
+        with atomic_path(tmp_path / "out.txt"):
+            (tmp_path / "no_input.txt").read_text()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rename_failure_names_the_output(tmp_path) -> None:  # noqa: ANN001
+    from llmlab.io import OutputError, replace_dir
+
+    out = tmp_path / "acts"
+    with pytest.raises(OutputError, match=rf"^{out}: cannot write output"):
+        replace_dir(tmp_path / "never_written.partial", out)
