@@ -80,3 +80,20 @@ def test_the_form_is_checked_without_knowing_the_depth():
     for bad in ([1.0], [True], [], "middle"):
         with pytest.raises(LayerSpecError):
             check_layer_spec(bad)
+
+
+@pytest.mark.parametrize(
+    ("layers", "bad"), [([0, 1.0], r"1\.0"), ([True], "True"), ([0.0], r"0\.0")]
+)
+def test_params_refuse_a_malformed_spec_even_when_the_depth_is_unknown(layers, bad):
+    from llmlab.params import ParamsError, parse_params
+
+    raw = {
+        # A hub entry without n_layers: the depth is unknown until the weights load.
+        "model": "hub",
+        "models": {"hub": {"source": "hub", "repo_id": "org/model"}},
+        "foundation": {"layers": layers},
+    }
+    with pytest.raises(ParamsError, match=rf"foundation\.layers.*{bad}") as err:
+        parse_params(raw)
+    assert "\n" not in str(err.value)

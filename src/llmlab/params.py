@@ -280,22 +280,25 @@ def model_depth(entry: ModelEntry) -> tuple[int | None, int | None]:
 
 
 def check_layers(params: Params) -> None:
-    """Fail when any family's layer spec is out of range for the selected model."""
-    n_layers, _ = model_depth(params.model_entry)
-    if n_layers is None:
-        return
-    from llmlab.layers import LayerSpecError, resolve_layers
+    """Fail when any family's layer spec is malformed, or out of range for the selected model.
 
+    The form (integers, fractions strictly between 0 and 1, 'all') is checked for every model;
+    the range only where the depth is known without loading weights.
+    """
+    from llmlab.layers import LayerSpecError, check_layer_spec, resolve_layers
+
+    n_layers, _ = model_depth(params.model_entry)
+    depth = f" (model {params.model} has {n_layers} layers)" if n_layers is not None else ""
     for name, section in params.sections.items():
         if section is None:
             continue
         for key, spec in _layer_fields(section):
             try:
-                resolve_layers(spec, n_layers)
+                check_layer_spec(spec)
+                if n_layers is not None:
+                    resolve_layers(spec, n_layers)
             except LayerSpecError as e:
-                raise ParamsError(
-                    f"{params.path}: {name}.{key}: {e} (model {params.model} has {n_layers} layers)"
-                ) from None
+                raise ParamsError(f"{params.path}: {name}.{key}: {e}{depth}") from None
 
 
 def _layer_fields(section: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
