@@ -17,13 +17,15 @@ from pydantic import ValidationError
 from llmlab.judge import (
     JudgeConfig,
     JudgeError,
+    JudgeFailed,
     JudgeReply,
     aggregate_0_100,
+    count_statuses,
     make_judge,
     parse_yes_no_logprobs,
     parse_yes_no_text,
 )
-from llmlab.judge.base import merge_logprob, to_messages
+from llmlab.judge.base import JudgeRequestFailed, merge_logprob, to_messages
 from llmlab.judge.budget import Budget
 from llmlab.judge.cache import ResponseCache, cache_key
 from llmlab.judge.judge import score_from_reply, verdict_from_reply
@@ -556,3 +558,101 @@ def test_local_judge_yes_no_and_score(smol_tokenizer: Any, tmp_path: Path) -> No
 def test_local_judge_needs_model_and_tokenizer() -> None:
     with pytest.raises(JudgeError, match="local"):
         make_judge(JudgeConfig(backend="local"))
+
+
+# ---------------------------------------------------------------- failed items and the cache dir
+
+
+class _FailingBackend:
+    """A backend that fails every request whose prompt contains "fail", answers Yes otherwise."""
+
+    kind = "openai"
+    model_name = "m"
+    retries = 0
+
+    def complete(self, messages, *, max_tokens, temperature, top_logprobs):  # noqa: ANN001
+        text = messages[-1]["content"]
+        if "fail" in text:
+            raise JudgeRequestFailed("judge request failed after 1 retries: APIConnectionError")
+        return JudgeReply("Maybe" if "odd" in text else "Yes", None, 3, 1)
+
+
+def test_counts_keep_judged_unscorable_and_failed_apart() -> None:
+    from llmlab.judge.budget import Budget
+    from llmlab.judge.judge import Judge
+
+    judge = Judge(_FailingBackend(), budget=Budget(max_requests=4), max_concurrency=1)
+    verdicts = judge.yes_no(["a", "b odd", "c fail", "d", "e"])
+    assert [v.status for v in verdicts] == ["ok", "unscorable", "failed", "ok", "budget_exhausted"]
+    counts = count_statuses([v.status for v in verdicts])
+    assert (counts.planned, counts.judged, counts.unscorable, counts.failed) == (5, 2, 1, 2)
+    assert judge.counts() == counts
+    s = judge.summary()
+    assert (s["judged"], s["unscorable"], s["failed"]) == (2, 1, 2)
+    assert count_statuses([]).judged_share == 1.0 and count_statuses([]).failed_share == 0.0
+
+
+def test_check_refuses_above_max_failed_share_in_one_line() -> None:
+    from llmlab.judge.judge import Judge
+
+    judge = Judge(_FailingBackend(), max_concurrency=1, endpoint="http://127.0.0.1:9/v1")
+    verdicts = judge.yes_no(["a", "b fail", "c", "d"])
+    statuses = [v.status for v in verdicts]
+    with pytest.raises(JudgeFailed) as info:
+        judge.check(statuses, "some_stage")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("some_stage: 1 of 4 judge items failed (25.0% > ")
+    assert "backend openai at http://127.0.0.1:9/v1, model 'm'" in msg
+    assert "judged 3, unscorable 0, failed 1" in msg and "APIConnectionError" in msg
+    tolerant = Judge(_FailingBackend(), max_concurrency=1, max_failed_share=0.25)
+    assert tolerant.check(statuses, "some_stage").failed == 1  # 25% is not above 25%
+    with pytest.raises(JudgeFailed, match="other_stage: 1 of 4"):
+        judge.check_all("other_stage")
+
+
+def test_budget_stop_is_named_as_the_cause() -> None:
+    from llmlab.judge.budget import Budget
+    from llmlab.judge.judge import Judge
+
+    judge = Judge(_FailingBackend(), budget=Budget(max_requests=1), max_concurrency=1)
+    with pytest.raises(JudgeFailed, match=r"failed 2; first error: budget exhausted"):
+        judge.check([v.status for v in judge.yes_no(["a", "b", "c"])], "stage")
+
+
+def test_endpoint_in_messages_carries_no_credentials() -> None:
+    from llmlab.judge.judge import redact_url
+
+    assert redact_url("https://user:pw@host.example:8443/v1?key=sk-1#x") == (
+        "https://host.example:8443/v1"
+    )
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+def test_cache_dir_is_per_user_unless_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmlab.judge.cache import resolve_cache_dir
+
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "user"))
+    assert JudgeConfig().cache_dir == "judge"
+    assert resolve_cache_dir("judge") == tmp_path / "user" / "judge"
+    assert resolve_cache_dir(str(tmp_path / "abs")) == tmp_path / "abs"
+    assert resolve_cache_dir(None) is None
+    monkeypatch.delenv("LLMLAB_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_cache_dir("judge") == tmp_path / "home" / ".cache" / "llmlab" / "judge"
+
+
+def test_make_judge_caches_under_llmlab_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "user"))
+    cfg = JudgeConfig(backend="openai", base_url="http://127.0.0.1:9/v1", model="m",
+                      api_key_env=KEY_ENV, max_failed_share=0.5)  # fmt: skip
+    judge = make_judge(cfg)
+    assert judge.cache is not None and judge.cache.root == tmp_path / "user" / "judge"
+    assert (judge.endpoint, judge.max_failed_share) == ("http://127.0.0.1:9/v1", 0.5)
+    assert JudgeConfig().max_failed_share == 0.0
+    with pytest.raises(ValidationError):
+        JudgeConfig(max_failed_share=1.5)
