@@ -130,3 +130,89 @@ def test_write_series_rejects_nested_rows_and_unknown_suffix(tmp_path: Path) -> 
         write_series(tmp_path / "a.json", [{"x": [1, 2]}])
     with pytest.raises(ValueError, match="supports"):
         write_series(tmp_path / "a.tsv", [{"x": 1}])
+
+
+# ---------------------------------------------------------------- DVC templates (.dvc/plots)
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORICAL_TEMPLATES = {"grouped_bars_ci", "grouped_bars_ci_panels", "bars_ci"}
+
+
+def _top_level_plots() -> dict[str, dict]:
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    return {name: props for entry in spec["plots"] for name, props in entry.items()}
+
+
+def _categorical() -> dict[str, dict]:
+    return {n: p for n, p in _top_level_plots().items() if p["template"] in CATEGORICAL_TEMPLATES}
+
+
+def test_categorical_series_carry_the_colour_and_interval_the_templates_draw() -> None:
+    plots = _categorical()
+    # persona conditions, held-one-topic-out, the introspection variants, inoculation conditions
+    assert len(plots) >= 7
+    assert not [n for n, p in _top_level_plots().items() if p["template"] == "bar_horizontal"]
+    for name, props in plots.items():
+        assert (ROOT / ".dvc/plots" / f"{props['template']}.json").is_file(), name
+        ((path, y_field),) = props["y"].items()
+        rows = read_json(ROOT / path)
+        need = {props["x"], y_field, "group", "lo", "hi"}
+        if props["template"].endswith("_panels"):
+            need.add("panel")
+        for row in rows:
+            assert need <= set(row), f"{name}: {path} row lacks {sorted(need - set(row))}"
+            if row["lo"] is not None and row[props["x"]] is not None:
+                assert row["lo"] <= row[props["x"]] + 1e-9 <= row["hi"] + 2e-9, (name, row)
+
+
+def test_grouped_template_fills_and_renders_through_dvc(tmp_path: Path) -> None:
+    """`dvc plots show --json` fills the template; the spec is valid Vega-Lite (vl-convert)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")
+    (repo / ".dvc/config").write_text("")
+    # Every row carries the same keys: DVC drops a plot whose rows differ in their fields.
+    rows = [
+        {"topic": t, "group": g, "held_r": v, "lo": v - 0.1, "hi": v + 0.1, "note": None}
+        for t in ("math", "coding")
+        for g, v in (("instruct", 0.3), ("base", 0.1), ("content", -0.2))
+    ]
+    rows.append({"topic": "trivia", "group": "instruct", "held_r": None, "lo": None, "hi": None,
+                 "note": "n/a: one fold"})  # fmt: skip
+    (repo / "hoo.json").write_text(json.dumps(rows))
+    (repo / "dvc.yaml").write_text(
+        "plots:\n  - hoo:\n      template: grouped_bars_ci\n      x: held_r\n"
+        "      y:\n        hoo.json: topic\n      title: t\n      x_label: r\n      y_label: topic\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    env |= {"DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "g"),
+            "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "s")}  # fmt: skip
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    out = subprocess.run(
+        [dvc, "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    (plot,) = json.loads(out.stdout)["data"]["hoo"]
+    spec = plot["content"]
+    bar, rule, point, note = spec["spec"]["layer"]
+    assert bar["encoding"]["color"]["field"] == "group"
+    assert bar["encoding"]["yOffset"]["field"] == "group"
+    assert (rule["encoding"]["x"]["field"], rule["encoding"]["x2"]["field"]) == ("lo", "hi")
+    assert note["encoding"]["text"]["field"] == "note"
+    assert spec["facet"]["row"]["field"] == "rev"
+    assert {r["group"] for r in spec["data"]["values"]} == {"instruct", "base", "content"}
+    vl_convert = pytest.importorskip("vl_convert")
+    png = vl_convert.vegalite_to_png(spec)
+    assert png[:8] == PNG_MAGIC and len(png) > 5_000
+    svg = vl_convert.vegalite_to_svg(spec)
+    for label in ("math", "coding", "trivia", "instruct", "content", "n/a: one fold"):
+        assert label in svg, label

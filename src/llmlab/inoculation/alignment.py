@@ -285,6 +285,8 @@ def write_plots(summary: dict[str, Any], layers: list[int], model: str) -> None:
         [
             {
                 "condition": c["name"],
+                # The colour of .dvc/plots/grouped_bars_ci.json: the candidates share one.
+                "group": c["name"] if c["name"] in ("neutral", "inoculation") else "control",
                 "loss": c["loss"]["value"],
                 "lo": c["loss"]["lo"],
                 "hi": c["loss"]["hi"],

@@ -270,6 +270,7 @@ def write_plots(out: dict[str, Any], layers: list[int], model: str) -> None:
         [
             {
                 "condition": c,
+                "group": c,  # the colour of .dvc/plots/grouped_bars_ci.json
                 "caps_shift": conds[c]["caps_shift"]["value"],
                 "lo": conds[c]["caps_shift"]["lo"],
                 "hi": conds[c]["caps_shift"]["hi"],

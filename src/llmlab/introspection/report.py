@@ -215,6 +215,65 @@ def selfpred_rows(eval_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _bounds(d: dict[str, Any] | None) -> dict[str, Any]:
+    d = d or {}
+    return {"lo": d.get("lo"), "hi": d.get("hi")}
+
+
+def category_series(metrics: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Return the rows of the categorical series drawn by `.dvc/plots/grouped_bars_ci.json`.
+
+    Every row has the category (the plot's y), `group` (the colour within a category), the
+    interval `lo`/`hi` of its value (null where the stage has none) and, where the value is
+    missing, a `note` that the plot writes in its place.
+    """
+    b1, b2, b5 = metrics["b1_detection"], metrics["b2_p_yes"], metrics["b5_calibration"]
+    detection = [
+        {
+            "model": m,
+            "group": s,
+            "set": s,
+            "accuracy": b1[m][s]["accuracy"]["value"],
+            **_bounds(b1[m][s]["accuracy"]),
+            "tpr": b1[m][s]["tpr"]["value"],
+            "fpr": b1[m][s]["fpr"]["value"],
+            "d_prime": b1[m][s]["d_prime"]["d_prime"],
+        }
+        for m in b1
+        for s in B1_SETS
+    ]
+    shift = [
+        {
+            "variant": v,
+            "group": group,
+            "shift": (b2[v][key] or {}).get("value"),
+            **_bounds(b2[v][key]),
+        }
+        for v in VARIANT_NAMES
+        for group, key in (
+            ("self-referential", "self_shift_vs_base"),
+            ("world control", "world_shift_vs_base"),
+        )
+    ]
+    kl = [
+        {
+            "model": m,
+            "group": m,
+            "kl": (b5[m]["kl"] or {}).get("value"),
+            **_bounds(b5[m]["kl"]),
+            "n_parsed": b5[m]["n_parsed"],
+            "n_unparseable": b5[m]["n_unparseable"],
+            # Drawn where the bar would be, so a model without a KL is labelled, not missing.
+            "note": None
+            if (b5[m]["kl"] or {}).get("value") is not None
+            else f"n/a: {b5[m]['n_parsed']} of "
+            f"{b5[m]['n_parsed'] + b5[m]['n_unparseable']} reports parsed",
+        }
+        for m in MODELS
+    ]
+    return {"detection": detection, "p_yes_shift": shift, "kl": kl}
+
+
 def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Path) -> None:
     """Write the PNGs and the JSON series of the report."""
     b1 = metrics["b1_detection"]
@@ -228,22 +287,8 @@ def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Pa
         ylim=(0, 1),
         xlabel="model",
     )
-    write_series(
-        out / "detection.json",
-        [
-            {
-                "label": f"{m}/{s}",
-                "model": m,
-                "set": s,
-                "accuracy": b1[m][s]["accuracy"]["value"],
-                "tpr": b1[m][s]["tpr"]["value"],
-                "fpr": b1[m][s]["fpr"]["value"],
-                "d_prime": b1[m][s]["d_prime"]["d_prime"],
-            }
-            for m in models
-            for s in B1_SETS
-        ],
-    )
+    series = category_series(metrics)
+    write_series(out / "detection.json", series["detection"])
     b2 = metrics["b2_p_yes"]
     variants = list(VARIANT_NAMES)
     bar_with_ci(
@@ -257,17 +302,7 @@ def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Pa
         "P(yes) minus base",
         xlabel="variant",
     )
-    write_series(
-        out / "p_yes_shift.json",
-        [
-            {
-                "variant": v,
-                "self_shift": b2[v]["self_shift_vs_base"]["value"],
-                "world_shift": b2[v]["world_shift_vs_base"]["value"],
-            }
-            for v in variants
-        ],
-    )
+    write_series(out / "p_yes_shift.json", series["p_yes_shift"])
     sp = selfpred_rows(eval_dir)
     write_series(out / "selfpred.json", sp)
     means = {m: [r for r in sp if r["model"] == m] for m in MODELS}
@@ -292,28 +327,17 @@ def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Pa
         "KL (nats)",
         xlabel="model",
     )
-    write_series(
-        out / "kl.json",
-        [
-            {
-                "model": m,
-                "kl": (b5[m]["kl"] or {}).get("value"),
-                "n_parsed": b5[m]["n_parsed"],
-                "n_unparseable": b5[m]["n_unparseable"],
-            }
-            for m in MODELS
-        ],
-    )
+    write_series(out / "kl.json", series["kl"])
     curves = {v: read_json(adapters / v / "curve.json") for v in VARIANT_NAMES}
     steps = [r["step"] for r in curves["original"] if "val_accuracy" in r]
-    series = {}
+    accuracy = {}
     for v, c in curves.items():
         by_step = {r["step"]: r.get("val_accuracy") for r in c if "val_accuracy" in r}
-        series[v] = [by_step.get(s, math.nan) for s in steps]
+        accuracy[v] = [by_step.get(s, math.nan) for s in steps]
     line_plot(
         out / "val_accuracy.png",
         steps,
-        series,
+        accuracy,
         "Validation accuracy during training (own labels)",
         "optimizer step",
         "validation accuracy",

@@ -37,9 +37,11 @@ def condition_bars(
             for trig, key in (("triggered", on_key), ("untriggered", off_key)):
                 cells = [table[model][c][key] for c in conditions]
                 series[f"{model} {trig}"] = [_interval(c) for c in cells]
+                # `panel` and `group` are the facet and colour of .dvc/plots/grouped_bars_ci_panels.
                 rows += [
-                    {"measure": name, "cell": f"{name}: {model} / {c} / {trig}", "model": model,
-                     "condition": c, "trigger": trig, **dict(zip(("value", "lo", "hi"), _interval(cell), strict=True))}
+                    {"measure": name, "panel": label, "group": f"{model} / {trig}",
+                     "model": model, "condition": c, "trigger": trig,
+                     **dict(zip(("value", "lo", "hi"), _interval(cell), strict=True))}
                     for c, cell in zip(conditions, cells, strict=True)
                 ]  # fmt: skip
         bar_with_ci(

@@ -194,17 +194,32 @@ def _plot(results: dict[str, Any], topics: list[str]) -> None:
             lo = f["held_lo"] if f["held_lo"] is not None else math.nan
             hi = f["held_hi"] if f["held_hi"] is not None else math.nan
             vals.append((f["held_r"] if f["held_r"] is not None else math.nan, lo, hi))
+            # `group` is the colour of .dvc/plots/grouped_bars_ci.json; lo/hi its error bar.
             rows.append(
                 {
                     "feature_set": key,
+                    "group": f"{key} ({s['label']})",
                     "topic": f["topic"],
                     "held_r": f["held_r"],
+                    "lo": f["held_lo"],
+                    "hi": f["held_hi"],
                     "in_dist_r": f["in_dist_r"],
                 }
             )
-        m = s["mean_held_r"]
+        m = s["mean_held_r"] or {}
         vals.append((m["value"], m["lo"], m["hi"]) if m else (math.nan, math.nan, math.nan))
-        rows.append({"feature_set": key, "topic": "mean", "held_r": m["value"] if m else None})
+        rows.append(
+            {
+                "feature_set": key,
+                "group": f"{key} ({s['label']})",
+                "topic": "mean",
+                "held_r": m.get("value"),
+                "lo": m.get("lo"),
+                "hi": m.get("hi"),
+                # The same keys as the fold rows: DVC drops a plot whose rows add fields.
+                "in_dist_r": (s["mean_in_dist_r"] or {}).get("value"),
+            }
+        )
         series[f"{key}: {s['label']} (L{s['layer']})"] = vals
     bar_with_ci(
         c.PLOTS / "hoo.png",
