@@ -216,3 +216,24 @@ def test_grouped_template_fills_and_renders_through_dvc(tmp_path: Path) -> None:
     svg = vl_convert.vegalite_to_svg(spec)
     for label in ("math", "coding", "trivia", "instruct", "content", "n/a: one fold"):
         assert label in svg, label
+
+
+def test_interval_panels_one_panel_per_family(tmp_path: Path) -> None:
+    from llmlab.plots import interval_panels
+
+    out = tmp_path / "cmp.png"
+    interval_panels(
+        out,
+        {
+            "persona (3 runs)": [("gap", 0.5, 0.2, 0.8, [0.3, 0.5, 0.7])],
+            "preferences (1 run)": [("heldout_r", 0.4, math.nan, math.nan, [0.4])],
+            "empty": [],
+        },
+        title="Headline metrics",
+        xlabel="value",
+    )
+    _assert_png(out)
+    with pytest.raises(ValueError, match="no panel has rows"):
+        interval_panels(tmp_path / "x.png", {"a": []}, title="t", xlabel="x")
+    with pytest.raises(ValueError, match="xlabel must be"):
+        interval_panels(tmp_path / "x.png", {"a": [("k", 1, 1, 1, [1])]}, title="t", xlabel=" ")

@@ -256,3 +256,41 @@ def write_series(path: PathLike, rows: list[dict[str, Any]]) -> int:
     else:
         raise ValueError(f"{target}: write_series supports .json and .csv, got {suffix!r}")
     return len(clean)
+
+
+def interval_panels(
+    path_png: PathLike,
+    panels: dict[str, list[tuple[str, float, float, float, Sequence[float]]]],
+    title: str,
+    xlabel: str,
+) -> None:
+    """Write stacked panels of means with intervals and the runs behind them.
+
+    `panels` maps a panel title (e.g. a family) to rows (label, mean, lo, hi, run values); a
+    NaN interval (a single run) draws the mean and runs only. Each panel gets its own x range
+    and a height that grows with its rows, so labels never overlap.
+    """
+    for name, text in (("title", title), ("xlabel", xlabel)):
+        if not str(text).strip():
+            raise ValueError(f"{name} must be a non-empty string")
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        raise ValueError("no panel has rows to draw")
+    heights = [max(1.2, 0.32 * len(rows) + 0.6) for rows in panels.values()]
+    fig = Figure(figsize=(8.0, sum(heights) + 0.8), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax, (name, rows) in zip(axes[:, 0], panels.items(), strict=True):
+        y = np.arange(len(rows))[::-1]
+        for yi, (_, mean, lo, hi, runs) in zip(y, rows, strict=True):
+            ax.scatter(runs, [yi] * len(runs), s=14, color="0.6", zorder=2)
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.hlines(yi, lo, hi, color="C0", linewidth=2.5, zorder=3)
+            ax.scatter([mean], [yi], s=36, color="C0", zorder=4)
+        ax.set_yticks(y, [r[0] for r in rows])
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(name, loc="left", fontsize=11)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title)
+    _save(fig, path_png)
