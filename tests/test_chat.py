@@ -126,3 +126,21 @@ def test_missing_positions_and_bad_messages_are_clear(tiny_models):
         encode_chat(tok, [{"role": "robot", "content": "hi"}], chat=True)
     with pytest.raises(ChatError, match="empty"):
         encode_chat(tok, [], chat=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_loss_ends_at_the_end_of_turn_and_short_user_text_is_found_in_its_turn(tiny_models, arch):
+    tok = _tok(tiny_models[arch])
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "a b"}]
+    enc = encode_chat(tok, conv, chat=True)
+    pieces = [tok.decode([i]) for i in enc.input_ids]
+    # "a" also occurs in the generation prompt ("assistant") and in the answer: user_end is
+    # the user's own token, right before the template's end of the user turn.
+    u = enc.position("user_end")
+    assert pieces[u] == "a" and u < enc.position("pre_assistant")
+    assert pieces[u + 1] == tok.eos_token  # each tiny template ends a turn with its EOS
+    # The loss covers the answer and one end-of-turn token; the newline a template writes
+    # after it is not part of the sequence.
+    loss = [p for p, m in zip(pieces, enc.loss_mask(), strict=True) if m]
+    assert "".join(loss).strip().startswith("a b")
+    assert loss[-1] == tok.eos_token and enc.input_ids[-1] == tok.eos_token_id

@@ -444,9 +444,18 @@ def test_enable_thinking_on_a_template_without_the_switch_is_refused(smol_dir, t
 
 
 def test_gemma2_loads_with_eager_attention_under_the_default_runtime(template_models, caplog):
-    model = template_models["gemma2"].model
-    assert model.config._attn_implementation == "eager"
+    import logging
+
+    from llmlab.models import attention_kernel
+    from llmlab.params import Runtime
+
+    assert template_models["gemma2"].model.config._attn_implementation == "eager"
     assert template_models["qwen2.5"].model.config._attn_implementation == "sdpa"
+    where = template_models["gemma2"].model.config._name_or_path
+    with caplog.at_level(logging.WARNING, logger="llmlab.models"):
+        assert attention_kernel(where, "g", Runtime(attn_implementation="sdpa")) == "eager"
+    assert "Gemma2ForCausalLM has no sdpa attention" in caplog.text
+    assert "runtime.attn_implementation falls back to eager" in caplog.text
 
 
 def test_a_template_that_repeats_the_content_is_refused(smol_dir):
