@@ -98,3 +98,22 @@ def test_rename_failure_names_the_output(tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "acts"
     with pytest.raises(OutputError, match=rf"^{out}: cannot write output"):
         replace_dir(tmp_path / "never_written.partial", out)
+
+
+def test_missing_keys_name_the_file_and_line(tmp_path) -> None:  # noqa: ANN001
+    from llmlab.io import MissingKeyError
+
+    meta = tmp_path / "meta.json"
+    write_json(meta, {"runs": {"seed_0": {"adapter": "a"}}})
+    doc = read_json(meta)
+    assert doc == {"runs": {"seed_0": {"adapter": "a"}}}
+    with pytest.raises(DataError, match=rf"^{meta}: missing key 'layers'$"):
+        doc["layers"]
+    with pytest.raises(KeyError):  # code that catches KeyError keeps working
+        doc["runs"]["seed_0"]["loss"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "a"}\n\n{"id": "b", "steer": {"layer": 1}}\n')
+    got = read_jsonl(rows)
+    with pytest.raises(MissingKeyError, match=rf"^{rows}:3: missing key 'strength'$"):
+        got[1]["steer"]["strength"]
+    assert str(MissingKeyError("x: missing key 'k'")) == "x: missing key 'k'"

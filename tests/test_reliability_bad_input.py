@@ -1078,6 +1078,14 @@ def _truncated_gguf(d: Path, ctx: Any) -> None:
         del os.environ["LLMLAB_CACHE"]
 
 
+def _direction_meta_without_layers(d: Path, ctx: Any) -> None:
+    from llmlab.inoculation.common import DIRECTION_FILE, DIRECTION_META, load_direction
+
+    shutil.copy(BAD_DATA / "direction_meta_without_layers.json", d / DIRECTION_META)
+    np.save(d / DIRECTION_FILE, np.zeros((0, 64), dtype=np.float32))
+    load_direction(d, hidden_size=64)
+
+
 def _non_finite_output(d: Path, ctx: Any) -> None:
     from llmlab.io import write_json
 
@@ -1183,6 +1191,11 @@ CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
         "hub-model-unreachable",
         _hub_unreachable,
         ("'m'", "nobody-org/no-such-model", "cannot load the tokenizer"),
+    ),
+    (
+        "metadata-json-missing-key",
+        _direction_meta_without_layers,
+        ("direction.json", "missing key 'layers'"),
     ),
     ("gguf-truncated", _truncated_gguf, ("smol-truncated.gguf", "not a complete GGUF model")),
     (

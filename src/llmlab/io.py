@@ -34,13 +34,36 @@ class OutputError(OSError):
     """An output could not be written; the message names the output and the reason."""
 
 
-class JsonlRow(dict[str, Any]):
+class MissingKeyError(DataError, KeyError):
+    """A key a stage needs is absent from a data file; still a KeyError for `except KeyError`."""
+
+    __str__ = BaseException.__str__  # KeyError would quote the whole message
+
+
+class JsonObject(dict[str, Any]):
+    """A JSON object read from a file: `obj[key]` on a missing key names the file and the key.
+
+    Stages index metadata directly (`read_json(p)["runs"]`); without this a file missing a
+    key surfaced as a bare KeyError naming neither the file nor what it lacked.
+    """
+
+    __slots__ = ("where",)
+
+    def __init__(self, obj: dict[str, Any], where: str) -> None:
+        super().__init__(obj)
+        self.where = where
+
+    def __missing__(self, key: str) -> Any:
+        raise MissingKeyError(f"{self.where}: missing key {key!r}")
+
+
+class JsonlRow(JsonObject):
     """One row of a JSONL file: a plain dict that also knows its 1-based line in the file."""
 
     __slots__ = ("lineno",)
 
-    def __init__(self, row: dict[str, Any], lineno: int) -> None:
-        super().__init__(row)
+    def __init__(self, row: dict[str, Any], path: Path, lineno: int) -> None:
+        super().__init__(row, f"{path}:{lineno}")
         self.lineno = lineno
 
 
@@ -152,7 +175,7 @@ def read_json(path: str | os.PathLike[str], required: Mapping[str, type] | None 
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
+        doc = json.loads(p.read_text(encoding="utf-8"), object_hook=lambda o: JsonObject(o, str(p)))
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -183,7 +206,11 @@ _JSON_KINDS: dict[Any, str] = {
 
 
 def _json_kind(value: Any) -> str:
-    return _JSON_KINDS.get(type(value), type(value).__name__)
+    # bool before int: True is an int to Python, not to JSON
+    for kind in (bool, dict, list, str, int, float, type(None)):
+        if isinstance(value, kind):
+            return _JSON_KINDS[kind]
+    return type(value).__name__
 
 
 class _DuplicateKey(yaml.constructor.ConstructorError):
@@ -264,7 +291,8 @@ def read_jsonl(
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    where = f"{p}:{lineno}"
+                    row = json.loads(line, object_hook=lambda o, w=where: JsonObject(o, w))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
@@ -285,7 +313,7 @@ def read_jsonl(
                             f"{p}:{lineno}: duplicate {id_field} {key!r} (first on line {seen[key]})"
                         )
                     seen[key] = lineno
-                rows.append(JsonlRow(row, lineno))
+                rows.append(JsonlRow(row, p, lineno))
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not rows and not allow_empty:
