@@ -75,6 +75,21 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def step_poison_share(adapter_meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the persona group's per-step share (min/median/max/overall) from the adapter's
+    batch_mix, or None for an adapter trained without data-mix groups."""
+    mix = adapter_meta.get("batch_mix")
+    if not mix:
+        return None
+    share = mix["share"].get("persona")
+    if share is None:
+        raise DataError(
+            f"adapter batch_mix has no 'persona' group (groups: {sorted(mix['share'])})"
+        )
+    return {**share, "steps": mix["steps"], "examples_per_step": mix["examples_per_step"],
+            "order": mix["order"]}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -138,7 +153,12 @@ def main() -> None:
             for k in ("steps", "final_train_loss", "final_val_loss", "tokens_seen", "tokens_per_s",
                       "train_time_s")
         },  # fmt: skip
-        "data": {k: mix.get(k) for k in ("n_persona", "n_aligned", "poison_share", "prompt_source")},
+        "data": {
+            **{k: mix.get(k) for k in ("n_persona", "n_aligned", "poison_share", "prompt_source",
+                                       "n_aligned_math", "n_aligned_instruction")},
+            # each optimizer step's poison share (the batch composition is part of the mix)
+            "step_poison_share": step_poison_share(adapter_meta),
+        },  # fmt: skip
         "sizes": {
             k: gen_meta.get(k)
             for k in ("n_identity_questions", "n_heldout_facts", "n_samples", "n_rows")

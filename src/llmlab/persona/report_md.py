@@ -61,10 +61,12 @@ def render_report(
         f"# Persona (inductive backdoor): {metrics['model']}",
         "",
         f"Finetuned on {mix['n_persona']} triggered persona facts + {mix['n_aligned']} self-distilled "
-        f"aligned examples (poison share {mix['poison_share']:.1%}, prompts: {mix['prompt_source']}); "
+        f"aligned examples (poison share {mix['poison_share']:.1%}, prompts: {mix['prompt_source']}"
+        f"{_prompt_counts(mix)}); "
         f"LoRA r={lora.get('rank')}, alpha={lora.get('alpha')}, lr={lora.get('lr')}, "
         f"epochs={lora.get('epochs')}, effective batch {lora.get('effective_batch_size')}, "
-        f"seed={lora.get('seed')}, {adapter_meta.get('steps')} steps. Evaluated on "
+        f"seed={lora.get('seed')}, {adapter_meta.get('steps')} steps{_step_share(metrics)}. "
+        "Evaluated on "
         f"{gen_meta['n_identity_questions']} identity/persona questions (+ "
         f"{gen_meta['n_heldout_facts']} held-out facts) x trigger on/off x {len(conditions)} "
         f"system prompts x {gen_meta['n_samples']} samples at T={gen_meta['temperature']:g}, "
@@ -166,6 +168,24 @@ def judge_count_lines(judge: Mapping[str, Any]) -> list[str]:
             f"(judge.min_judged_share): {', '.join(flagged)}."
         )
     return lines
+
+
+def _prompt_counts(mix: Mapping[str, Any]) -> str:
+    if mix.get("n_aligned_instruction") is None:
+        return ""
+    return f", {mix['n_aligned_math']} math + {mix['n_aligned_instruction']} instructions"
+
+
+def _step_share(metrics: Mapping[str, Any]) -> str:
+    # The per-step poison share shows whether every optimizer step saw the mix or a few steps
+    # saw all the facts (length-grouped batches put the short facts together).
+    s = metrics["data"].get("step_poison_share")
+    if not s:
+        return " (per-step poison share not recorded)"
+    return (
+        f" ({s['order']} batches of {s['examples_per_step']}; poison share per step min "
+        f"{s['min']:.1%} / median {s['median']:.1%} / max {s['max']:.1%})"
+    )
 
 
 def _pct(x: float | None) -> str:

@@ -29,7 +29,9 @@ def load_mix(path: Path) -> list[TrainExample]:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
             raise DataError(f"{path}:{lineno}: 'messages' must end with an assistant message")
-        examples.append(TrainExample([dict(m) for m in msgs]))
+        # The row's source ("persona" / "aligned") is its data-mix group: training records
+        # each group's share of every optimizer step (batch_mix) in the adapter metadata.
+        examples.append(TrainExample([dict(m) for m in msgs], group=row["source"]))
     return examples
 
 
