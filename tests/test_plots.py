@@ -237,3 +237,53 @@ def test_interval_panels_one_panel_per_family(tmp_path: Path) -> None:
         interval_panels(tmp_path / "x.png", {"a": []}, title="t", xlabel="x")
     with pytest.raises(ValueError, match="xlabel must be"):
         interval_panels(tmp_path / "x.png", {"a": [("k", 1, 1, 1, [1])]}, title="t", xlabel=" ")
+
+
+def _texts(fig_path: Path, monkeypatch, call) -> list[str]:
+    """Return every text the figure drew (labels, annotations), captured before it is saved."""
+    import llmlab.plots as plots
+
+    seen: list[str] = []
+    real_save = plots._save
+
+    def spy(fig, path):
+        for ax in fig.axes:
+            seen.extend(t.get_text() for t in ax.texts)
+            seen.extend(t.get_text() for t in ax.get_yticklabels() + ax.get_xticklabels())
+            seen.append(ax.get_title())
+            seen.append(f"size {fig.get_figwidth():.1f}x{fig.get_figheight():.1f}")
+        real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    call()
+    _assert_png(fig_path)
+    return seen
+
+
+def test_bar_with_ci_many_bars_go_horizontal_and_na_is_written(tmp_path, monkeypatch) -> None:
+    topics = [f"topic_{i}" for i in range(13)]
+    series = {s: [(0.1 * i, 0.1 * i - 0.2, 0.1 * i + 0.2) for i in range(13)] for s in "abc"}
+    series["a"][2] = (math.nan, math.nan, math.nan)
+    out = tmp_path / "hoo.png"
+    texts = _texts(
+        out, monkeypatch, lambda: bar_with_ci(out, topics, series, "held out", "r", xlabel="topic")
+    )
+    # 39 bars: on its side, taller than wide, every topic a y tick, the missing value labelled.
+    size = next(t for t in texts if t.startswith("size "))
+    width, height = (float(v) for v in size.removeprefix("size ").split("x"))
+    assert height > width
+    assert set(topics) <= set(texts)
+    assert texts.count("n/a") == 1
+
+
+def test_bar_with_ci_all_zero_and_long_title(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "zero.png"
+    title = "persona adoption (local judge, 135M): triggered vs untriggered, 95% CI, pooled"
+    texts = _texts(
+        out,
+        monkeypatch,
+        lambda: bar_with_ci(out, ["a", "b"], {"x": [(0, 0, 0), (0, 0, 0)]}, title, "rate"),
+    )
+    assert "every value is 0" in texts
+    wrapped = next(t for t in texts if t.startswith("persona adoption"))
+    assert "\n" in wrapped and wrapped.replace("\n", " ") == title

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ PathLike = str | os.PathLike[str]
 Interval = Estimate | tuple[float, float, float] | Sequence[float]
 
 _DPI = 120
+# Above this many bars a grouped bar chart is drawn horizontally (see bar_with_ci).
+HORIZONTAL_BARS = 24
 
 
 def _new_figure(width: float = 7.0, height: float = 4.5) -> tuple[Figure, Any]:
@@ -51,7 +54,9 @@ def _label(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     for name, text in (("title", title), ("xlabel", xlabel), ("ylabel", ylabel)):
         if not str(text).strip():
             raise ValueError(f"{name} must be a non-empty string")
-    ax.set_title(title)
+    # Wrapped to the figure's width (about ten characters an inch at the title's size), so a
+    # long title on a narrow figure is never cut at the edges.
+    ax.set_title(textwrap.fill(str(title), max(30, int(ax.figure.get_figwidth() * 10))))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
@@ -75,36 +80,71 @@ def bar_with_ci(
 ) -> None:
     """Write a grouped bar chart with interval error bars; returns nothing.
 
-    `groups` are the x positions (e.g. conditions); `series` maps a legend label (e.g.
-    "triggered", "untriggered") to one Estimate or (value, lo, hi) per group. NaN values
-    leave a gap.
+    `groups` are the categories (e.g. conditions); `series` maps a legend label (e.g.
+    "triggered", "untriggered") to one Estimate or (value, lo, hi) per group. `xlabel` names
+    the categories and `ylabel` the values. A NaN value is written as "n/a" where its bar
+    would be, and a chart whose values are all zero says so, so neither reads as missing.
+    More than HORIZONTAL_BARS bars turn the chart on its side (categories down the page), so
+    it stays legible at page width instead of becoming a wide strip.
     """
     if not groups or not series:
         raise ValueError("bar_with_ci needs at least one group and one series")
     for name, items in series.items():
         if len(items) != len(groups):
             raise ValueError(f"series {name!r} has {len(items)} values for {len(groups)} groups")
-    fig, ax = _new_figure(max(5.0, 1.5 + 0.6 * len(groups) * len(series)), 4.5)
-    x = np.arange(len(groups))
+    n_bars = len(groups) * len(series)
+    horizontal = n_bars > HORIZONTAL_BARS
+    if horizontal:
+        fig, ax = _new_figure(8.0, min(2.0 + 0.22 * n_bars, 14.0))
+    else:
+        fig, ax = _new_figure(min(max(5.0, 1.5 + 0.6 * n_bars), 9.0), 4.5)
+    pos = np.arange(len(groups))
     width = 0.8 / len(series)
+    finite: list[float] = []
     for k, (name, items) in enumerate(series.items()):
         vals = np.array([_unpack(it) for it in items], dtype=float).reshape(-1, 3)
         value, lo, hi = vals[:, 0], vals[:, 1], vals[:, 2]
+        finite += [float(v) for v in vals.ravel() if math.isfinite(v)]
         # Negative extents can only come from rounding or a malformed interval; draw none.
         err = np.vstack([np.clip(value - lo, 0, None), np.clip(hi - value, 0, None)])
         err = np.nan_to_num(err, nan=0.0)
         offset = (k - (len(series) - 1) / 2) * width
-        ax.bar(x + offset, value, width, yerr=err, capsize=3, label=name)
-    ax.set_xticks(x)
-    # Long condition lists get slanted labels so neighbouring names do not overlap.
-    slant = len(groups) > 4
-    ax.set_xticklabels(groups, rotation=20 if slant else 0, ha="right" if slant else "center")
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.axhline(0.0, color="black", linewidth=0.6)
+        at = pos + offset if not horizontal else pos[::-1] - offset
+        if horizontal:
+            ax.barh(at, value, width, xerr=err, capsize=2, label=name)
+        else:
+            ax.bar(at, value, width, yerr=err, capsize=3, label=name)
+        for a in at[np.isnan(value)]:
+            # Written just off the zero line where the bar would start.
+            ax.annotate("n/a", (0.0, a) if horizontal else (a, 0.0),
+                        xytext=(3, 0) if horizontal else (0, 3), textcoords="offset points",
+                        ha="left" if horizontal else "center",
+                        va="center" if horizontal else "bottom",
+                        rotation=90 if not horizontal and len(series) > 2 else 0,
+                        fontsize=9, color="0.3")  # fmt: skip
+    if horizontal:
+        ax.set_yticks(pos[::-1], groups)
+        if ylim is not None:
+            ax.set_xlim(*ylim)
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        _label(ax, title, ylabel, xlabel)
+    else:
+        ax.set_xticks(pos)
+        # Long condition lists get slanted labels so neighbouring names do not overlap.
+        slant = len(groups) > 4
+        ax.set_xticklabels(groups, rotation=20 if slant else 0, ha="right" if slant else "center")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        _label(ax, title, xlabel, ylabel)
+    if finite and all(v == 0.0 for v in finite):
+        ax.text(0.5, 0.5, "every value is 0", transform=ax.transAxes, ha="center",
+                va="center", fontsize=12, color="0.35")  # fmt: skip
+    elif not finite:
+        ax.text(0.5, 0.5, "n/a: no value could be estimated", transform=ax.transAxes,
+                ha="center", va="center", fontsize=12, color="0.35")  # fmt: skip
     if len(series) > 1:
-        ax.legend()
-    _label(ax, title, xlabel, ylabel)
+        ax.legend(fontsize=8)
     _save(fig, path_png)
 
 
