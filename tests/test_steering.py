@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmlab.chat import collate, encode_chat
+from llmlab.models import cache_keyword
 from llmlab.steering import SteeringError, steer, unit
 
 
@@ -42,7 +43,8 @@ def test_mask_equals_steered_cache_then_unsteered_question(tiny_models):
         one_pass = loaded.model(input_ids=ids).logits[:, split:]
     with steer(loaded.layers, [1], v):
         ctx = loaded.model(input_ids=ids[:, :split], use_cache=True)
-    two_pass = loaded.model(input_ids=ids[:, split:], past_key_values=ctx.past_key_values).logits
+    kw = cache_keyword(loaded.model)
+    two_pass = loaded.model(input_ids=ids[:, split:], **{kw: getattr(ctx, kw)}).logits
     torch.testing.assert_close(one_pass, two_pass, atol=1e-4, rtol=1e-4)
     # The question tokens are affected only through the cache: unsteered cache differs.
     plain = loaded.model(input_ids=ids).logits[:, split:]
