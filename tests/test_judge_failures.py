@@ -271,7 +271,11 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
 # ---------------------------------------------------------------- persona stages, as processes
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+# persona_candidates shares the check with persona_judge (Judge.check_all); its cases run in
+# the long suite, each stage process costing a model-library import of about 10 s
+@pytest.mark.parametrize(
+    "stage", ["persona_judge", pytest.param("persona_candidates", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("case", FAULTS, ids=[c["name"] for c in FAULTS])
 def test_persona_stage_against_failing_judge(
     stage: str, case: dict[str, Any], stub: StubServer, tmp_path: Path
@@ -443,6 +447,7 @@ def test_introspection_report_counts_and_flags_low_coverage() -> None:
 # ---------------------------------------------------------------- queued experiments pay once
 
 
+@pytest.mark.slow
 def test_queued_experiments_share_the_judge_cache(stub: StubServer, tmp_path: Path) -> None:
     """Two `dvc exp run --queue` experiments of persona_judge, differing only in a judge param
     that changes no request, and a workspace re-run: the judge is asked each question once."""
