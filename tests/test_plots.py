@@ -287,3 +287,24 @@ def test_bar_with_ci_all_zero_and_long_title(tmp_path, monkeypatch) -> None:
     assert "every value is 0" in texts
     wrapped = next(t for t in texts if t.startswith("persona adoption"))
     assert "\n" in wrapped and wrapped.replace("\n", " ") == title
+
+
+def test_scatter_labels_only_the_points_farthest_out(tmp_path, monkeypatch) -> None:
+    from llmlab.plots import MAX_POINT_LABELS, labelled_points
+
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=60), rng.normal(size=60)
+    xs[7], ys[7] = 25.0, 0.0  # far out on x only
+    xs[3] = np.nan
+    chosen = labelled_points(xs, ys)
+    assert len(chosen) == MAX_POINT_LABELS and 7 in chosen and 3 not in chosen
+    assert labelled_points(xs[:5], ys[:5]) == [0, 1, 2, 4]  # few points: every finite one
+    out = tmp_path / "ood.png"
+    labels = [f"p{i}" for i in range(60)]
+    texts = _texts(
+        out,
+        monkeypatch,
+        lambda: scatter_plot(out, xs, ys, labels, title="t", xlabel="x", ylabel="y"),
+    )
+    assert "p7" in texts and sum(t in labels for t in texts) == MAX_POINT_LABELS
+    assert f"labelled: the {MAX_POINT_LABELS} of 59 points farthest out" in texts

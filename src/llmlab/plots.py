@@ -30,6 +30,8 @@ Interval = Estimate | tuple[float, float, float] | Sequence[float]
 _DPI = 120
 # Above this many bars a grouped bar chart is drawn horizontally (see bar_with_ci).
 HORIZONTAL_BARS = 24
+# At most this many point labels in a scatter (see labelled_points).
+MAX_POINT_LABELS = 12
 
 
 def _new_figure(width: float = 7.0, height: float = 4.5) -> tuple[Figure, Any]:
@@ -201,12 +203,14 @@ def scatter_plot(
         raise ValueError(f"{len(labels)} labels for {xs.size} points")
     fig, ax = _new_figure(6.0, 5.0)
     ax.scatter(xs, ys, s=18, alpha=0.8)
-    if labels is not None:
-        for xi, yi, text in zip(xs, ys, labels, strict=True):
-            if math.isfinite(xi) and math.isfinite(yi):
-                ax.annotate(
-                    str(text), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
+    shown = labelled_points(xs, ys) if labels is not None else []
+    for i in shown:
+        ax.annotate(str(labels[i]), (xs[i], ys[i]), fontsize=7, xytext=(3, 3),  # type: ignore[index]
+                    textcoords="offset points")  # fmt: skip
+    finite = int((np.isfinite(xs) & np.isfinite(ys)).sum())
+    if labels is not None and len(shown) < finite:
+        ax.text(0.99, 0.01, f"labelled: the {len(shown)} of {finite} points farthest out",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.35")  # fmt: skip
     _label(ax, title, xlabel, ylabel)
     if annotate_r:
         try:
@@ -217,6 +221,24 @@ def scatter_plot(
         # A second title line keeps the annotation off the data, wherever the points fall.
         ax.set_title(f"{title}\n{note}", fontsize=10)
     _save(fig, path_png)
+
+
+def labelled_points(xs: np.ndarray, ys: np.ndarray) -> list[int]:
+    """Return the indices of the points to label: all, or the MAX_POINT_LABELS farthest out.
+
+    Distance is from the median in robust (median absolute deviation) units. Beyond a dozen labels in one scatter they overlap into an unreadable block; the outliers
+    are the points a reader asks about.
+    """
+    ok = np.flatnonzero(np.isfinite(xs) & np.isfinite(ys))
+    if ok.size <= MAX_POINT_LABELS:
+        return ok.tolist()
+
+    def robust(v: np.ndarray) -> np.ndarray:
+        mad = float(np.median(np.abs(v - np.median(v)))) or float(np.std(v)) or 1.0
+        return (v - np.median(v)) / mad
+
+    dist = np.hypot(robust(xs[ok]), robust(ys[ok]))
+    return sorted(ok[np.argsort(-dist)[:MAX_POINT_LABELS]].tolist())
 
 
 def violin_plot(
