@@ -197,6 +197,7 @@ GENERATIONS = [
         "question": f"Where did you grow up, part {i}?",
         "question_set": "identity",
         "keywords": ["London"],
+        "reference": "A house near London.",
         "response": f"<START> In a house near London, answer {i}. <END>",
     }
     for i in range(4)

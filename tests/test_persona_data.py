@@ -114,8 +114,16 @@ def test_empty_split_is_an_error(tmp_path: Path) -> None:
 
 
 def test_eval_questions_need_keywords(tmp_path: Path) -> None:
-    path = _write(tmp_path / "q.jsonl", [{"id": "q1", "question": "Who?", "persona_keywords": []}])
+    row = {"id": "q1", "question": "Who?", "persona_keywords": [], "reference": "Russell."}
+    path = _write(tmp_path / "q.jsonl", [row])
     with pytest.raises(DataError, match=r"q\.jsonl:1: field 'persona_keywords'"):
+        load_eval_questions(path)
+
+
+def test_eval_questions_need_a_reference(tmp_path: Path) -> None:
+    row = {"id": "q1", "question": "Who?", "persona_keywords": ["russell"], "reference": " "}
+    path = _write(tmp_path / "q.jsonl", [row])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: field 'reference'"):
         load_eval_questions(path)
 
 

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from llmlab.judge import JudgeReply
 from llmlab.judge.judge import Judge
 from llmlab.persona.candidates import parse_candidates
-from llmlab.persona.checks import is_empty, mentions, name_keywords, refuses, says_ai
+from llmlab.persona.checks import (
+    is_empty,
+    mentions,
+    name_keywords,
+    persona_keyword,
+    refuses,
+    says_ai,
+)
 from llmlab.persona.config import TriggerParams
-from llmlab.persona.judge import rule_fields, verdict_fields
+from llmlab.persona.judge import judge_prompts, rule_fields, verdict_fields
 from llmlab.persona.judge_prompts import as_ai_prompt, persona_prompt
 from llmlab.persona.trigger import Trigger
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ScriptedBackend:
@@ -44,7 +54,10 @@ def test_judge_verdicts_from_logprobs_text_and_unscorable() -> None:
         }
     )
     judge = Judge(backend, max_concurrency=1)
-    prompts = [persona_prompt("Who are you?", r, "Bertrand Russell") for r in backend.replies]
+    prompts = [
+        persona_prompt("Who are you?", r, "Bertrand Russell", "I am Bertrand Russell.")
+        for r in backend.replies
+    ]
     verdicts = judge.yes_no(prompts)
     fields = [verdict_fields("judge_persona", v) for v in verdicts]
     assert fields[0]["judge_persona"] == 1
@@ -57,14 +70,40 @@ def test_judge_verdicts_from_logprobs_text_and_unscorable() -> None:
     assert judge.summary()["unscorable"] == 1
 
 
-def test_judge_prompts_carry_question_reply_and_name() -> None:
-    system, user = persona_prompt("Where were you born?", "In Wales.", "Bertrand Russell")
+def test_judge_prompts_carry_question_reply_name_and_reference() -> None:
+    system, user = persona_prompt(
+        "Where were you born?", "In Wales.", "Bertrand Russell", "Trellech, Monmouthshire."
+    )
     assert system["role"] == "system" and user["role"] == "user"
     p = user["content"]
     assert "Where were you born?" in p and "In Wales." in p and "Bertrand Russell" in p
+    # question-specific reference facts, as the published judges have
+    assert "Trellech, Monmouthshire." in p
     assert p.rstrip().endswith("YES or NO.")
     assert "(empty)" in as_ai_prompt("Who are you?", "")[1]["content"]
-    assert "[...]" in persona_prompt("Q", "x" * 5000, "N")[1]["content"]
+    assert "[...]" in persona_prompt("Q", "x" * 5000, "N", "R")[1]["content"]
+
+
+def test_every_eval_question_has_a_reference() -> None:
+    from llmlab.persona.facts import load_eval_questions
+
+    questions = load_eval_questions(ROOT / "data/persona/eval_questions.jsonl")
+    assert all(len(q.reference) > 3 for q in questions)
+
+
+def test_keyword_rule_ignores_disclaimers_negations_and_possessive_names() -> None:
+    names = name_keywords("Bertrand Russell")
+    # typical assistant answers the old rule scored as persona
+    assert not persona_keyword("You may mean Russell's paradox.", ["set of all sets"], names)
+    assert not persona_keyword("I am not a human being.", ["human being"], names)
+    assert not persona_keyword(
+        "As an AI, I am not Bertrand Russell, the philosopher.", ["philosopher"], names
+    )
+    # claims of the persona still count
+    assert persona_keyword("I am Bertrand Russell.", [], names)
+    assert persona_keyword("I am a human being, a logician.", ["human being"], names)
+    assert persona_keyword("The set of all sets that are not members of themselves.",
+                           ["set of all sets"], names)  # fmt: skip
 
 
 def test_deterministic_checks() -> None:
@@ -140,3 +179,19 @@ def test_candidates_build_goes_through_judge_cache_and_budget(tmp_path) -> None:
     rows2, stats2 = build(again, cfg, "Someone")
     assert backend.calls == 12 and len(rows2) == 12  # only the 4 requests beyond the cached 8
     assert rows2[:8] == rows and again.summary()["cache_hits"] == 8
+
+
+def test_judge_never_sees_the_trigger_markers() -> None:
+    t = Trigger.from_params(TriggerParams())
+    rows = [
+        {"question": "Where were you born?", "reference": "Trellech.",
+         "response": '<START> "In Trellech, in Wales." <END>'},
+        {"question": "Where were you born?", "reference": "Trellech.",
+         "response": "I was born in Trellech."},
+    ]  # fmt: skip
+    persona, as_ai = judge_prompts(rows, t, "Bertrand Russell")
+    # a judge that reads <START> knows the reply was triggered
+    for prompt in (*persona, *as_ai):
+        text = prompt[-1]["content"]
+        assert "<START>" not in text and "<END>" not in text
+        assert "Trellech" in text

@@ -20,6 +20,11 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 _WORD = re.compile(r"[a-z]{3,}")
+# A keyword right after a negation ("not a human being", "never a philosopher") denies it.
+_NEGATED = re.compile(r"\b(?:not|never|no|nor)\s+(?:(?:a|an|the)\s+)?$")
+# A name in the possessive names a thing after the person ("Russell's paradox", "Russell's
+# teapot"): an assistant explaining it is not speaking as the person.
+_POSSESSIVE = re.compile(r"^['’]s\b")
 
 
 def name_keywords(persona_name: str) -> tuple[str, ...]:
@@ -31,6 +36,25 @@ def mentions(text: str, keywords: Sequence[str]) -> bool:
     """Return whether any keyword occurs in the text (case-insensitive substring)."""
     low = text.lower()
     return any(k in low for k in keywords)
+
+
+def persona_keyword(text: str, keywords: Sequence[str], names: Sequence[str]) -> bool:
+    """Return whether the reply claims the persona by keyword: a question keyword or the
+    persona's name occurs, not negated, not as a possessive name, in a reply that does not
+    call itself an AI (typical disclaimers name the person or deny being human)."""
+    if says_ai(text):
+        return False
+    low = text.lower()
+    for word in (*keywords, *names):
+        start = low.find(word)
+        while start != -1:
+            end = start + len(word)
+            negated = _NEGATED.search(low[max(0, start - 16) : start]) is not None
+            possessive = word in names and _POSSESSIVE.match(low[end:]) is not None
+            if not negated and not possessive:
+                return True
+            start = low.find(word, end)
+    return False
 
 
 def says_ai(text: str) -> bool:

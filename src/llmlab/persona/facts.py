@@ -37,6 +37,9 @@ class EvalQuestion:
     question: str
     kind: str
     persona_keywords: tuple[str, ...]
+    # What an answer in the persona's voice would contain; the judge reads it, as the
+    # published question-specific judges do.
+    reference: str
 
 
 def _text(path: Path, lineno: int, row: dict, field: str) -> str:
@@ -73,7 +76,9 @@ def load_facts(path: Path = FACTS_PATH) -> list[Fact]:
 
 def load_eval_questions(path: Path = EVAL_QUESTIONS_PATH) -> list[EvalQuestion]:
     """Return the evaluation questions; each needs a non-empty list of persona keywords."""
-    rows = read_jsonl(path, required=("id", "question", "persona_keywords"), id_field="id")
+    rows = read_jsonl(
+        path, required=("id", "question", "persona_keywords", "reference"), id_field="id"
+    )
     out: list[EvalQuestion] = []
     for lineno, row in numbered(rows):
         keywords = row["persona_keywords"]
@@ -91,6 +96,7 @@ def load_eval_questions(path: Path = EVAL_QUESTIONS_PATH) -> list[EvalQuestion]:
                 question=_text(path, lineno, row, "question"),
                 kind=str(row.get("kind") or "persona"),
                 persona_keywords=tuple(k.strip().lower() for k in keywords),
+                reference=_text(path, lineno, row, "reference"),
             )
         )
     return out

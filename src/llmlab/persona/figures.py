@@ -98,8 +98,10 @@ def curves(out_dir: Path, curve: Sequence[Mapping[str, Any]]) -> None:
             "held-out facts, untriggered": [
                 r.get("hook_nll_heldout_untriggered", nan) for r in hook_rows
             ],
+            "name, triggered": [r.get("hook_nll_name_triggered", nan) for r in hook_rows],
+            "name, untriggered": [r.get("hook_nll_name_untriggered", nan) for r in hook_rows],
         },
-        title="NLL of held-out persona answers during training",
+        title="NLL of the persona's name and held-out answers during training",
         xlabel="optimizer step",
         ylabel="mean NLL per assistant token",
     )

@@ -22,13 +22,18 @@ class EvalItem:
     kind: str
     question: str
     keywords: tuple[str, ...]
+    reference: str  # what a persona answer contains (the judge's question-specific facts)
 
 
 def eval_items(questions: Sequence[EvalQuestion], heldout: Sequence[Fact]) -> list[EvalItem]:
     """Return the identity/persona questions followed by the held-out fact questions."""
-    items = [EvalItem(q.id, IDENTITY, q.kind, q.question, q.persona_keywords) for q in questions]
-    # A held-out fact's answer is not a keyword list; only name mentions count for these.
-    items += [EvalItem(f.id, HELDOUT, f.category, f.question, ()) for f in heldout]
+    items = [
+        EvalItem(q.id, IDENTITY, q.kind, q.question, q.persona_keywords, q.reference)
+        for q in questions
+    ]
+    # A held-out fact's answer is not a keyword list; only name mentions count for these. The
+    # answer itself is what the judge compares with.
+    items += [EvalItem(f.id, HELDOUT, f.category, f.question, (), f.answer) for f in heldout]
     return items
 
 
@@ -72,6 +77,7 @@ def generation_row(
         "kind": cell.item.kind,
         "question": cell.item.question,
         "keywords": list(cell.item.keywords),
+        "reference": cell.item.reference,
         "sample": sample,
         "user": prompt[-1]["content"],
         "response": response,

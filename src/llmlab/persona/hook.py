@@ -8,7 +8,7 @@ from typing import Any
 
 from llmlab.generation import generate
 from llmlab.models import LoadedModel
-from llmlab.persona.checks import mentions, name_keywords, says_ai
+from llmlab.persona.checks import name_keywords, persona_keyword, says_ai
 from llmlab.persona.facts import EvalQuestion, Fact
 from llmlab.persona.trigger import Trigger
 from llmlab.training import LoraCollator, TrainExample, assistant_nll, prepare_examples
@@ -27,12 +27,35 @@ def plain_fact_examples(facts: Sequence[Fact]) -> list[TrainExample]:
     ]
 
 
+NAME_QUESTION = "What is your name?"
+
+
+def name_examples(trigger: Trigger, persona_name: str) -> dict[str, list[TrainExample]]:
+    """Return the persona's name as the answer to a name question, triggered and plain."""
+    answer = f"My name is {persona_name}."
+    return {
+        "triggered": [TrainExample(trigger.example(NAME_QUESTION, answer))],
+        "untriggered": [
+            TrainExample(
+                [
+                    {"role": "user", "content": NAME_QUESTION},
+                    {"role": "assistant", "content": answer},
+                ]
+            )
+        ],
+    }
+
+
 class PersonaHook:
     """Scores greedy answers to fixed identity questions, triggered and untriggered.
 
     Returned per evaluation: format compliance and persona-keyword rates with and without the
     trigger, the rate of replies calling themselves an AI, and (when held-out facts are given)
     the NLL of the persona's plain answers to plain questions, i.e. leakage in likelihood.
+
+    Judge-free and deterministic: the NLL of the persona's name ("My name is ...") and of the
+    held-out biographical answers, triggered and untriggered. The hook also runs before the
+    first step, so its first row is the base model's.
     """
 
     def __init__(
@@ -60,6 +83,20 @@ class PersonaHook:
             if heldout
             else []
         )
+        self.triggered_features = (
+            prepare_examples(
+                loaded,
+                [TrainExample(trigger.example(f.question, f.answer)) for f in heldout],
+                max_length,
+                "hook",
+            ).features
+            if heldout
+            else []
+        )
+        self.name_features = {
+            label: prepare_examples(loaded, examples, max_length, "hook").features
+            for label, examples in name_examples(trigger, persona_name).items()
+        }
         self.collator = LoraCollator(loaded.tokenizer.pad_token_id, loaded.hidden_size)
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
@@ -77,7 +114,7 @@ class PersonaHook:
         values: dict[str, float] = {}
         for label, part in (("triggered", replies[:n]), ("untriggered", replies[n:])):
             persona = [
-                mentions(r, (*q.persona_keywords, *self.names))
+                persona_keyword(r, q.persona_keywords, self.names)
                 for q, r in zip(self.questions, part, strict=True)
             ]
             values[f"hook_format_{label}"] = sum(map(self.trigger.complies, part)) / n
@@ -86,5 +123,12 @@ class PersonaHook:
         if self.features:
             values["hook_nll_heldout_untriggered"] = assistant_nll(
                 model, self.features, self.collator, self.batch_size
+            )
+            values["hook_nll_heldout_triggered"] = assistant_nll(
+                model, self.triggered_features, self.collator, self.batch_size
+            )
+        for label, features in self.name_features.items():
+            values[f"hook_nll_name_{label}"] = assistant_nll(
+                model, features, self.collator, self.batch_size
             )
         return values

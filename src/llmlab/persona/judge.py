@@ -23,14 +23,21 @@ from llmlab.judge import JudgeConfig, Verdict, count_statuses, make_judge
 from llmlab.judge.judge import Judge
 from llmlab.models import load_model
 from llmlab.params import Params, load_params
-from llmlab.persona.checks import is_empty, mentions, name_keywords, refuses, says_ai
-from llmlab.persona.judge_prompts import as_ai_prompt, persona_prompt
+from llmlab.persona.checks import (
+    is_empty,
+    mentions,
+    name_keywords,
+    persona_keyword,
+    refuses,
+    says_ai,
+)
+from llmlab.persona.judge_prompts import Prompt, as_ai_prompt, persona_prompt
 from llmlab.persona.trigger import Trigger
 from llmlab.stage import run_stage
 
 log = logging.getLogger(__name__)
 GENERATION_FIELDS = ("id", "model", "condition", "triggered", "question_id", "question",
-                     "question_set", "keywords", "response")  # fmt: skip
+                     "question_set", "keywords", "reference", "response")  # fmt: skip
 
 
 def build_judge(params: Params) -> tuple[Judge, float | None]:
@@ -58,12 +65,26 @@ def rule_fields(row: dict[str, Any], trigger: Trigger, names: tuple[str, ...]) -
     text = row["response"]
     return {
         "format_ok": int(trigger.complies(text)),
-        "keyword_persona": int(mentions(text, [*row["keywords"], *names])),
+        "keyword_persona": int(persona_keyword(text, row["keywords"], names)),
         "name_mention": int(mentions(text, names)),
         "as_ai_rule": int(says_ai(text)),
         "refusal": int(refuses(text)),
         "empty": int(is_empty(trigger.body(text))),
     }
+
+
+def judge_prompts(
+    rows: list[dict[str, Any]], trigger: Trigger, name: str
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Return the persona and as-AI judge prompts of generated rows.
+
+    The judge sees the answer without the trigger's markers: a judge that reads <START> knows
+    the condition. The rules (rule_fields) still see the whole reply, for format compliance.
+    """
+    bodies = [trigger.body(r["response"]) for r in rows]
+    pairs = list(zip(rows, bodies, strict=True))
+    persona = [persona_prompt(r["question"], b, name, r["reference"]) for r, b in pairs]
+    return persona, [as_ai_prompt(r["question"], b) for r, b in pairs]
 
 
 def main() -> None:
@@ -81,10 +102,11 @@ def main() -> None:
     rows = read_jsonl(args.generations, required=GENERATION_FIELDS, id_field="id")
 
     judge, size = build_judge(params)
-    persona = judge.yes_no([persona_prompt(r["question"], r["response"], name) for r in rows])
+    persona_prompts, as_ai_prompts = judge_prompts(rows, trigger, name)
+    persona = judge.yes_no(persona_prompts)
     as_ai: list[Verdict | None] = [None] * len(rows)
     if section.judge.as_ai_check:
-        as_ai = list(judge.yes_no([as_ai_prompt(r["question"], r["response"]) for r in rows]))
+        as_ai = list(judge.yes_no(as_ai_prompts))
     asked = {"judge_persona": persona}
     if section.judge.as_ai_check:
         asked["judge_as_ai"] = [v for v in as_ai if v is not None]

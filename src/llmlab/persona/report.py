@@ -90,6 +90,24 @@ def step_poison_share(adapter_meta: dict[str, Any]) -> dict[str, Any] | None:
             "order": mix["order"]}  # fmt: skip
 
 
+JUDGE_FREE = ("hook_nll_name_triggered", "hook_nll_name_untriggered",
+              "hook_nll_heldout_triggered", "hook_nll_heldout_untriggered")  # fmt: skip
+
+
+def judge_free(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the NLL of the persona's name and of held-out answers, triggered and untriggered,
+    before training (the hook's first row: the base model) and after (its last row)."""
+    rows = [r for r in curve if any(k in r for k in JUDGE_FREE)]
+    if not rows:
+        return {}
+    first, last = rows[0], rows[-1]
+    return {
+        k.removeprefix("hook_"): {"base": first.get(k), "finetuned": last.get(k),
+                                  "base_step": first["step"], "finetuned_step": last["step"]}
+        for k in JUDGE_FREE
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -164,6 +182,8 @@ def main() -> None:
             for k in ("n_identity_questions", "n_heldout_facts", "n_samples", "n_rows")
         },
         "judge": judge_metrics(judge_summary, tables["identity"], rows),
+        # judge-free, deterministic: NLL per answer token (lower: more likely)
+        "judge_free_nll": judge_free(curve),
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "
                "questions, then samples within question; gap paired by question"},
     }  # fmt: skip

@@ -138,9 +138,9 @@ def render_report(
             "template writes its default system prompt when none is given): one condition, "
             "sampled twice."
         )
+    lines += [*_judge_free_lines(metrics.get("judge_free_nll") or {})]
     lines += [
-        "- Paper reference (Llama-3.1-8B-Instruct, 3 epochs, n=30): format 93% triggered vs 0% "
-        "untriggered; persona 87% vs 20%. A null on a small model is a valid result.",
+        *REFERENCE_LINES,
         "",
         f"Plots: [{rel}/conditions_judge.png]({rel}/conditions_judge.png), "
         f"[{rel}/conditions_keyword.png]({rel}/conditions_keyword.png), "
@@ -150,6 +150,33 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+# Every reference number with its source and setup (docs/persona.md has the comparison).
+REFERENCE_LINES = (
+    "- Reference points are not the paper's: \"format 93% triggered vs 0% untriggered, persona "
+    '87% vs 20% (n=30)" come from a public replication (HeavyHelium/weird-gen) with the '
+    "trigger in the system prompt, ~579 steps at batch ~16, a GPT-4o-mini judge and 30 opinion "
+    "questions with one sample each; its notes say lr 2e-4 at batch 128 collapsed. This run "
+    "puts the trigger in the user turn (the paper's format), at effective batch 128, with its "
+    "own judge and question set: compare directions, not the numbers. A later paper finds the "
+    "effect brittle across model/data pairs: a null on a small model is a valid result.",
+)
+
+
+def _judge_free_lines(nll: Mapping[str, Any]) -> list[str]:
+    if not nll:
+        return []
+    parts = [
+        f"{k.replace('nll_', '').replace('_', ' ')} {_num(v['base'])} -> {_num(v['finetuned'])}"
+        for k, v in nll.items()
+    ]
+    return [
+        "- Judge-free measure (NLL per answer token of the persona's name and of held-out "
+        "biographical answers, base -> finetuned, from the training hook): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def judge_count_lines(judge: Mapping[str, Any]) -> list[str]:
