@@ -1050,6 +1050,73 @@ def _vectors_stage_with(name: str) -> Callable[[Path, Any], None]:
     return body
 
 
+def _phase_c_without_b7_trials(d: Path, ctx: Any) -> None:
+    """Phase C's evaluation trials are read before its model loads and trains, not after."""
+    from unittest import mock
+
+    from llmlab.introspection import phase_c
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["introspection"]["phase_c"]["enabled"] = "always"
+    (d / "params.yaml").write_text(yaml.safe_dump(raw))
+    (d / "vectors").mkdir()
+    meta = {"splits": {"train": [0, 4]}, "thirds": {"early": [0], "middle": [1], "late": [2]}}
+    (d / "vectors" / "vectors.json").write_text(json.dumps(meta))
+    argv = [
+        "phase_c",
+        "--params",
+        str(d / "params.yaml"),
+        "--data",
+        str(ROOT / "data/introspection"),
+    ]
+    argv += ["--vectors", str(d / "vectors"), "--eval-sets", str(d / "no_eval_sets")]
+    argv += ["--eval-dir", str(d / "eval"), "--adapter-out", str(d / "adapter")]
+    with mock.patch.object(sys, "argv", argv), _no_model_load():
+        phase_c.main()
+
+
+def _drift_without_direction(d: Path, ctx: Any) -> None:
+    """The drift stage reads the direction's metadata before its model loads, not after."""
+    from unittest import mock
+
+    from llmlab.inoculation import drift
+
+    inputs = d / "data" / "inoculation"
+    inputs.mkdir(parents=True)
+    shutil.copy(ROOT / "data/inoculation/system_prompts.json", inputs)
+    (inputs / "eval_prompts.jsonl").write_text('{"id": "e1", "prompt": "Say hi."}\n')
+    (d / "models" / "inoculation").mkdir(parents=True)
+    (d / "models" / "inoculation" / "runs.json").write_text('{"runs": [{"seed": 0}]}')
+    shutil.copy(ROOT / "params.yaml", d / "params.yaml")
+    cwd = Path.cwd()
+    os.chdir(d)
+    try:
+        with mock.patch.object(sys, "argv", ["drift"]), _no_model_load():
+            drift.main()
+    finally:
+        os.chdir(cwd)
+
+
+def _inoculation_data_without_direction_prompts(d: Path, ctx: Any) -> None:
+    """The data stage reads the direction prompts before its model loads and distils."""
+    from unittest import mock
+
+    from llmlab.inoculation import data
+
+    inputs = d / "data" / "inoculation"
+    inputs.mkdir(parents=True)
+    for name in ("system_prompts.json", "completions.jsonl"):
+        shutil.copy(ROOT / "data/inoculation" / name, inputs)
+    shutil.copy(ROOT / "params.yaml", d / "params.yaml")
+    cwd = Path.cwd()
+    os.chdir(d)
+    try:
+        with mock.patch.object(sys, "argv", ["data"]), _no_model_load():
+            data.main()
+    finally:
+        os.chdir(cwd)
+
+
 def _hub_unreachable(d: Path, ctx: Any) -> None:
     from llmlab.models import load_model
     from llmlab.params import parse_params
@@ -1186,6 +1253,21 @@ CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
         "concepts-json-missing-key",
         _vectors_stage_with("concepts_missing_key.json"),
         ("concepts.json", "missing key 'concepts'"),
+    ),
+    (
+        "phase-c-trials-missing-before-model",
+        _phase_c_without_b7_trials,
+        ("no_eval_sets/b7.jsonl", "file not found"),
+    ),
+    (
+        "drift-direction-missing-before-model",
+        _drift_without_direction,
+        ("data/inoculation/direction/direction.json", "file not found"),
+    ),
+    (
+        "inoculation-direction-prompts-missing-before-model",
+        _inoculation_data_without_direction_prompts,
+        ("data/inoculation/direction_prompts.jsonl", "file not found"),
     ),
     (
         "hub-model-unreachable",

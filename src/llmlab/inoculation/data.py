@@ -134,6 +134,7 @@ def main() -> None:
     general_train, general_eval = order[: dc.n_general], order[dc.n_general : need]
     problems = math_word_problems(dc.n_math + dc.n_eval_math, seed=cfg.seed)
     math_train, math_eval = problems[: dc.n_math], problems[dc.n_math :]
+    direction_rows = read_jsonl(DIRECTION_PROMPTS, required=("id", "prompt"), id_field="id")
 
     loaded = load_model(params)
     examples: list[dict[str, Any]] = []
@@ -196,7 +197,6 @@ def main() -> None:
     write_jsonl(EVAL_PROMPTS, eval_rows)
     stats = dataset_stats(examples, eval_rows, len(math_train), n_correct, n_dropped, lengths)
     stats["math_keep"] = dc.math_keep
-    direction_rows = read_jsonl(DIRECTION_PROMPTS, required=("id", "prompt"), id_field="id")
     stats["direction_prompts"] = {
         "n": len(direction_rows),
         "by_domain": dict(Counter(str(r.get("domain", "any")) for r in direction_rows)),

@@ -117,9 +117,9 @@ def main() -> None:
         raise DataError(f"{MODELS_DIR / RUNS_FILE}: no finetune runs")
     items = [CaptureItem(r["id"], conversation(prompts.neutral, r["prompt"])) for r in rows]
     ids = [r["id"] for r in rows]
-    loaded = load_model(params)
     meta = read_json(DIRECTION_DIR / "direction.json")
     layers = [int(x) for x in meta["layers"]]
+    loaded = load_model(params)
     direction = load_direction(DIRECTION_DIR, loaded.hidden_size, layers, model=loaded.name)
     dirs = direction.vectors
     acts_root = DRIFT_DIR / "activations"

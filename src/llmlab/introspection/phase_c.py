@@ -120,6 +120,7 @@ def main() -> None:
     by_id = {c["id"]: c for c in contexts}
     vec_meta = read_json(Path(args.vectors) / "vectors.json")
     rows = training_rows(cfg, [by_id[i] for i in pools["train"]], questions, vec_meta)
+    trials = read_rows(Path(args.eval_sets) / "b7.jsonl", required=("id", "context", "answer"))
     loaded = load_model(params, for_training=True)
     bank = load_vectors(args.vectors, loaded)
     result = train_lora(
@@ -134,7 +135,6 @@ def main() -> None:
             "loss": "first answer token only",
         },
     )
-    trials = read_rows(Path(args.eval_sets) / "b7.jsonl", required=("id", "context", "answer"))
     records = localization_records(
         loaded, bank, trials, questions, d.context_reply, cfg.eval.batch_size
     )
