@@ -12,7 +12,7 @@ and the activations read at the positions in a padded batch against that reading
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -137,7 +137,6 @@ class Template:
     bos: str | None = None
     eos: str = "<|im_end|>"
     enable_thinking: bool | None = None
-    extra: dict = field(default_factory=dict)
 
 
 TEMPLATE_CASES = [
@@ -204,6 +203,11 @@ TEMPLATE_CASES = [
     ),
     Template("plain", None, "llama", expected_plain, "Assistant:"),
 ]
+
+
+def case(name: str) -> Template:
+    """Return the template case of that name."""
+    return next(t for t in TEMPLATE_CASES if t.name == name)
 
 
 def conversations(t: Template) -> dict[str, list[Message]]:
@@ -406,7 +410,7 @@ def test_prompt_alone_ends_where_the_answer_starts(template_models):
     """A prompt's pre_assistant is the teacher-forced one when the thinking switch is off."""
     for name in ("smollm2", "qwen2.5", "qwen3", "mistral", "gemma2", "phi3.5", "plain"):
         loaded = template_models[name]
-        conv = conversations(next(t for t in TEMPLATE_CASES if t.name == name))["system"]
+        conv = conversations(case(name))["system"]
         full = encode_chat(loaded.tokenizer, conv, chat=loaded.chat)
         prompt = encode_chat(loaded.tokenizer, conv[:-1], chat=loaded.chat)
         assert prompt.input_ids == full.input_ids[: full.prompt_len], name
@@ -416,7 +420,7 @@ def test_prompt_alone_ends_where_the_answer_starts(template_models):
 def test_qwen3_thinking_block_is_neither_answer_nor_loss(template_models):
     loaded = template_models["qwen3-thinking"]
     tok = loaded.tokenizer
-    conv = conversations(TEMPLATE_CASES[3])["no-system"]
+    conv = conversations(case("qwen3-thinking"))["no-system"]
     enc = encode_chat(tok, conv, chat=True)
     pieces = tok.convert_ids_to_tokens(enc.input_ids)
     think = pieces.index("<think>")
@@ -430,8 +434,7 @@ def test_qwen3_thinking_block_is_neither_answer_nor_loss(template_models):
 def test_enable_thinking_on_a_template_without_the_switch_is_refused(smol_dir, tmp_path):
     from llmlab.models import ModelLoadError, load_tokenizer
 
-    t = TEMPLATE_CASES[0]
-    dressed_tokenizer(smol_dir, t).save_pretrained(tmp_path)
+    dressed_tokenizer(smol_dir, case("smollm2")).save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     params = parse_params(
         {
@@ -459,7 +462,7 @@ def test_gemma2_loads_with_eager_attention_under_the_default_runtime(template_mo
 
 
 def test_a_template_that_repeats_the_content_is_refused(smol_dir):
-    tok = dressed_tokenizer(smol_dir, TEMPLATE_CASES[0])
+    tok = dressed_tokenizer(smol_dir, case("smollm2"))
     tok.chat_template = (
         "{% for m in messages %}{{ m['content'] }}|{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}>{% endif %}"
@@ -471,7 +474,7 @@ def test_a_template_that_repeats_the_content_is_refused(smol_dir):
 def test_continuation_is_tokenised_alone_when_it_would_merge_into_the_prompt(smol_dir):
     # A generation prompt ending in a space: " Four" is one token, so the joint tokenisation
     # would swallow the prompt's last token; the prompt keeps the tokens generation sees.
-    tok = dressed_tokenizer(smol_dir, TEMPLATE_CASES[0])
+    tok = dressed_tokenizer(smol_dir, case("smollm2"))
     tok.chat_template = (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
