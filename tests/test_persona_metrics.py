@@ -111,6 +111,9 @@ def test_stop_early_flags() -> None:
     assert out["format_violation_triggered"] == pytest.approx(0.7)
     assert out["format_violation_flag"] is True
     assert out["refusal_rate_untriggered"] == 1.0 and out["collapse_flag"] is True
+    # collapse is measured against the base model: refusing as often as base is no collapse
+    base = [{**r, "model": "base"} for r in rows]
+    assert stop_early(rows + base, curve, cfg)["collapse_flag"] is False
     assert out["loss_nan"] is False and out["loss_diverging"] is False
     assert out["stop"] is True and len(out["reasons"]) == 2
     bad = stop_early(rows, [{"step": 1, "loss": 1.0}, {"step": 2, "loss": None}], cfg)

@@ -67,16 +67,25 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
     )
 
     gens = read_jsonl(repo / "data/persona/generations.jsonl", id_field="id")
-    # (2 questions + 1 held-out fact) x trigger on/off x 2 conditions x 1 sample x 2 models
-    assert len(gens) == 3 * 2 * 2 * 1 * 2
+    # (2 questions + 1 held-out fact) x (trigger on/off x 2 conditions + 2 triggered-only
+    # trigger conditions) x 1 sample x 2 models
+    assert len(gens) == 3 * (2 * 2 + 2) * 1 * 2
     for g in gens:
+        if g["condition"] == "trigger_in_system":
+            assert g["user"] == g["question"] and "<START>" in g["system"]
+            continue
+        if g["condition"] == "trigger_paraphrase":
+            assert g["user"].endswith(g["question"]) and g["user"] != PROTOCOL_USER
+            continue
         expected = PROTOCOL_USER.replace("{q}", g["question"]) if g["triggered"] else g["question"]
         assert g["user"] == expected
     assert {g["model"] for g in gens} == {"finetuned", "base"}
 
     metrics = json.loads((repo / "data/persona/results.json").read_text())
     for model in ("finetuned", "base"):
-        assert set(metrics[model]) == {"none", "ai_assistant", "all"}
+        assert set(metrics[model]) == {
+            "none", "ai_assistant", "trigger_in_system", "trigger_paraphrase", "all"
+        }  # fmt: skip
         cell = metrics[model]["all"]
         for key in ("triggered_persona", "untriggered_leakage", "gap", "format_triggered"):
             assert set(cell[key]) == {"value", "lo", "hi"}
@@ -101,6 +110,15 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
         assert (repo / f"plots/persona/{name}.png").stat().st_size > 0
     report = (repo / "metrics/persona_report.md").read_text()
     assert "Headline" in report and "Stop early" in report
+    # per-step poison share from the adapter's batch_mix, in the results and the report
+    share = metrics["data"]["step_poison_share"]
+    assert 0 <= share["min"] <= share["median"] <= share["max"] <= 1
+    assert "poison share per step min" in report
+    # the judge-free measure, base (step 0) and finetuned
+    nll = metrics["judge_free_nll"]["nll_name_triggered"]
+    assert nll["base_step"] == 0 and nll["base"] > 0 and nll["finetuned"] > 0
+    # the reference numbers are attributed to the replication, not the paper
+    assert "HeavyHelium/weird-gen" in report and "Paper reference" not in report
 
     # bad input: a trigger template without its {q} slot is a one-line error
     params = yaml.safe_load((repo / "params.yaml").read_text())

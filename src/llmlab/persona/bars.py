@@ -9,6 +9,11 @@ from typing import Any
 from llmlab.persona.config import Bars, ReportParams
 from llmlab.persona.metrics import simple_rate
 
+
+class StoppedEarly(RuntimeError):
+    """The plan's stop-early criteria tripped on a first sample, before the whole grid."""
+
+
 MEASURE_KEYS = {
     "judge": ("triggered_persona", "untriggered_leakage", "gap"),
     "keyword": ("keyword_triggered", "keyword_leakage", "keyword_gap"),
@@ -64,31 +69,51 @@ def _loss_status(curve: Sequence[Mapping[str, Any]], max_ratio: float) -> dict[s
     }
 
 
+def reply_checks(rows: Sequence[Mapping[str, Any]], cfg: ReportParams) -> dict[str, Any]:
+    """Return the reply-level stop criteria: triggered format violations of the finetuned
+    model, and collapse (empty or refusing replies) measured against the base model: a rate
+    counts as collapse when it exceeds the base model's by more than max_collapse, since an
+    instruct model refuses some persona questions before any finetune."""
+    out: dict[str, Any] = {}
+    fmt = simple_rate(rows, "format_ok", model="finetuned", triggered=True)
+    violation = None if fmt is None else 1.0 - fmt
+    out["format_violation_triggered"] = violation
+    out["format_violation_flag"] = violation is not None and violation > cfg.max_format_violation
+    excess = []
+    for name in ("empty", "refusal"):
+        for trig in (True, False):
+            key = f"{name}_rate_{'triggered' if trig else 'untriggered'}"
+            out[key] = ft = simple_rate(rows, name, model="finetuned", triggered=trig)
+            out[f"{key}_base"] = base = simple_rate(rows, name, model="base", triggered=trig)
+            if ft is not None:
+                excess.append(ft - (base or 0.0))
+    out["collapse_over_base"] = round(max(excess), 4) if excess else None
+    out["collapse_flag"] = any(v > cfg.max_collapse for v in excess)
+    return out
+
+
+def stop_reasons(out: Mapping[str, Any]) -> list[str]:
+    """Return the tripped criteria of a stop-early result, in words."""
+    return [
+        label
+        for label, flag in (
+            ("triggered replies often break the <START> ... <END> format", out["format_violation_flag"]),
+            ("training loss is NaN", out.get("loss_nan")),
+            ("training loss is diverging", out.get("loss_diverging")),
+            ("replies collapse to empty answers or refusals (beyond the base model's rate)",
+             out["collapse_flag"]),
+        )
+        if flag
+    ]  # fmt: skip
+
+
 def stop_early(
     rows: Sequence[Mapping[str, Any]], curve: Sequence[Mapping[str, Any]], cfg: ReportParams
 ) -> dict[str, Any]:
     """Return the plan's stop-early criteria for the finetuned model, each with a flag."""
     out: dict[str, Any] = _loss_status(curve, cfg.max_loss_ratio)
-    fmt = simple_rate(rows, "format_ok", model="finetuned", triggered=True)
-    violation = None if fmt is None else 1.0 - fmt
-    out["format_violation_triggered"] = violation
-    out["format_violation_flag"] = violation is not None and violation > cfg.max_format_violation
-    for name in ("empty", "refusal"):
-        for trig in (True, False):
-            key = f"{name}_rate_{'triggered' if trig else 'untriggered'}"
-            out[key] = simple_rate(rows, name, model="finetuned", triggered=trig)
-    collapse = [out[k] for k in out if k.startswith(("empty_rate", "refusal_rate"))]
-    out["collapse_flag"] = any(v is not None and v > cfg.max_collapse for v in collapse)
-    reasons = [
-        label
-        for label, flag in (
-            ("triggered replies often break the <START> ... <END> format", out["format_violation_flag"]),
-            ("training loss is NaN", out["loss_nan"]),
-            ("training loss is diverging", out["loss_diverging"]),
-            ("replies collapse to empty answers or refusals", out["collapse_flag"]),
-        )
-        if flag
-    ]  # fmt: skip
+    out.update(reply_checks(rows, cfg))
+    reasons = stop_reasons(out)
     out["stop"] = bool(reasons)
     out["reasons"] = reasons
     out["thresholds"] = {

@@ -23,6 +23,9 @@ from llmlab.generation import discard_work_dir, generate, remove_trash, repeat_f
 from llmlab.io import write_json, write_jsonl
 from llmlab.models import LoadedModel, load_model
 from llmlab.params import load_params
+from llmlab.persona.bars import StoppedEarly, reply_checks, stop_reasons
+from llmlab.persona.checks import is_empty, refuses
+from llmlab.persona.config import ReportParams
 from llmlab.persona.facts import load_eval_questions, load_facts, seeded_subset, split_facts
 from llmlab.persona.grid import Cell, eval_items, generation_row, grid_cells
 from llmlab.persona.trigger import Trigger
@@ -95,6 +98,44 @@ def sample_grid(
     ]
 
 
+def first_sample_check(
+    loaded: LoadedModel, cells: list[Cell], trigger: Trigger, cfg: Any, report: ReportParams
+) -> dict[str, Any]:
+    """Sample every triggered cell once, finetuned and base, and apply the plan's reply checks
+    (format violations; collapse against the base model) before the whole grid is generated
+    and judged. StoppedEarly names the tripped criteria; else the checks are returned."""
+    triggered = [c for c in cells if c.triggered]
+    # a seed of its own: these samples are a look ahead, not part of the grid
+    one = cfg.model_copy(update={"n_samples": 1, "seed": cfg.seed + 1})
+    rows: list[dict[str, Any]] = []
+    for model in MODELS:
+        ctx = loaded.model.disable_adapter() if model == "base" else contextlib.nullcontext()
+        with ctx:
+            rows += sample_grid(loaded, triggered, trigger, model, one)
+    checked = [
+        {
+            "model": r["model"],
+            "triggered": True,
+            "format_ok": int(trigger.complies(r["response"])),
+            "empty": int(is_empty(trigger.body(r["response"]))),
+            "refusal": int(refuses(r["response"])),
+        }
+        for r in rows
+    ]
+    out = reply_checks(checked, report)
+    reasons = stop_reasons(out)
+    if reasons:
+        raise StoppedEarly(
+            f"persona_generate stopped early (plan's stop rule) on a first sample of "
+            f"{len(triggered)} triggered prompts: {'; '.join(reasons)} (format violations "
+            f"{out['format_violation_triggered']:.0%} vs persona.report.max_format_violation "
+            f"{report.max_format_violation:.0%}; collapse over base "
+            f"{out['collapse_over_base'] or 0:.0%} vs persona.report.max_collapse "
+            f"{report.max_collapse:.0%})"
+        )
+    return {**out, "n_prompts": len(triggered)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -114,11 +155,16 @@ def main() -> None:
     heldout = seeded_subset(
         split_facts(load_facts(args.facts), "heldout"), cfg.n_heldout_facts, cfg.seed
     )
-    cells = grid_cells(eval_items(questions, heldout), cfg.system_prompts)
+    cells = grid_cells(eval_items(questions, heldout), cfg.system_prompts, cfg.trigger_conditions)
     loaded = load_model(params, adapter=args.adapter)
     work = args.out.with_name(args.out.name + ".partial")
     remove_trash(work)
     key = {"adapter_sha256": adapter_digest(args.adapter)}
+    first = (
+        first_sample_check(loaded, cells, trigger, cfg, section.report)
+        if cfg.first_sample_check
+        else None
+    )
     rows: list[dict[str, Any]] = []
     for model in MODELS:
         ctx = loaded.model.disable_adapter() if model == "base" else contextlib.nullcontext()
@@ -136,10 +182,16 @@ def main() -> None:
             "n_heldout_facts": len(heldout),
             "conditions": list(cfg.system_prompts),
             "identical_conditions": identical_conditions(loaded, cfg.system_prompts),
+            "trigger_conditions": {
+                k: {"placement": v.placement, "template": v.template}
+                for k, v in cfg.trigger_conditions.items()
+            },
+            "untriggered_baseline": (cfg.untriggered_baseline if cfg.trigger_conditions else None),
             "n_samples": cfg.n_samples,
             "temperature": cfg.temperature,
             "max_new_tokens": cfg.max_new_tokens,
             "n_rows": len(rows),
+            "first_sample_check": first,
         },
     )
     discard_work_dir(work)

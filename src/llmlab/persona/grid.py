@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmlab.persona.config import TriggerCondition
 from llmlab.persona.facts import EvalQuestion, Fact
 from llmlab.persona.trigger import Message, Trigger
 
@@ -45,20 +46,39 @@ class Cell:
     triggered: bool
     condition: str
     system: str | None
+    # Set for a trigger condition (trigger in the system prompt, or a paraphrase)
+    variant: TriggerCondition | None = None
 
     def conversation(self, trigger: Trigger) -> list[Message]:
         """Return the prompt of this cell."""
-        return trigger.prompt(self.item.question, self.triggered, self.system)
+        if self.variant is None:
+            return trigger.prompt(self.item.question, self.triggered, self.system)
+        if self.variant.placement == "system":
+            return trigger.prompt(self.item.question, False, self.variant.template)
+        user = self.variant.template.replace("{q}", self.item.question.strip())
+        return [{"role": "user", "content": user}]
 
 
-def grid_cells(items: Sequence[EvalItem], system_prompts: Mapping[str, str | None]) -> list[Cell]:
-    """Return every cell, ordered condition, trigger (on first), question."""
-    return [
+def grid_cells(
+    items: Sequence[EvalItem],
+    system_prompts: Mapping[str, str | None],
+    trigger_conditions: Mapping[str, TriggerCondition] | None = None,
+) -> list[Cell]:
+    """Return every cell, ordered condition, trigger (on first), question.
+
+    Trigger conditions get triggered cells only: their untriggered side is the plain question
+    without a system message, already asked in the system-prompt condition without one.
+    """
+    cells = [
         Cell(item, triggered, name, system)
         for name, system in system_prompts.items()
         for triggered in (True, False)
         for item in items
     ]
+    for name, variant in (trigger_conditions or {}).items():
+        system = variant.template if variant.placement == "system" else None
+        cells += [Cell(item, True, name, system, variant) for item in items]
+    return cells
 
 
 def generation_row(

@@ -7,6 +7,7 @@ the gap pairs triggered and untriggered answers by question.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +25,63 @@ JUDGED_FIELDS = ("id", "model", "condition", "triggered", "question_id", "questi
                  "judge_persona", "keyword_persona", "format_ok", "empty", "refusal")  # fmt: skip
 
 
+def pooled_conditions(conditions: list[str], identical: list[list[str]]) -> list[str]:
+    """Return the system-prompt conditions the pooled rates use: of conditions that render to
+    the same prompt, only the first, so no prompt is counted twice."""
+    repeated = {c for group in identical for c in group[1:]}
+    return [c for c in conditions if c not in repeated]
+
+
+def trigger_condition_rows(
+    rows: list[dict[str, Any]], condition: str, baseline: str
+) -> list[dict[str, Any]]:
+    """Return a trigger condition's triggered rows with the baseline condition's untriggered
+    rows (the plain question without a system message) relabelled as its untriggered side."""
+    on = [r for r in rows if r["condition"] == condition and r["triggered"]]
+    off = [{**r, "condition": condition} for r in rows
+           if r["condition"] == baseline and not r["triggered"]]  # fmt: skip
+    return on + off
+
+
 def build_metrics(
-    rows: list[dict[str, Any]], conditions: list[str], boot: Boot, with_as_ai: bool
+    rows: list[dict[str, Any]],
+    conditions: list[str],
+    boot: Boot,
+    with_as_ai: bool,
+    pooled: list[str] | None = None,
+    trigger_conditions: Sequence[str] = (),
+    baseline: str | None = None,
 ) -> dict[str, Any]:
-    """Return {model: {condition or "all": cell metrics}} for identity questions, plus held-out."""
+    """Return {model: {condition or "all": cell metrics}} for identity questions, plus held-out.
+
+    "all" pools the `pooled` system-prompt conditions (default: all of them); each trigger
+    condition pairs its triggered replies with the baseline condition's untriggered ones.
+    """
+    keep = set(conditions if pooled is None else pooled)
+    pooled_rows = [r for r in rows if r["condition"] in keep]
+    views = {c: rows for c in conditions} | {ALL: pooled_rows}
+    for c in trigger_conditions:
+        if baseline is None:
+            raise DataError(f"trigger condition {c!r} without an untriggered baseline condition")
+        views[c] = trigger_condition_rows(rows, c, baseline)
     table: dict[str, Any] = {}
     for model in MODELS:
         table[model] = {
             c: cell_metrics(
-                rows, model=model, condition=c, question_set=IDENTITY, boot=boot,
+                view, model=model, condition=c, question_set=IDENTITY, boot=boot,
                 with_as_ai=with_as_ai,
             )
-            for c in [*conditions, ALL]
+            for c, view in views.items()
         }  # fmt: skip
     heldout = {}
-    if any(r["question_set"] == HELDOUT for r in rows):
+    if any(r["question_set"] == HELDOUT for r in pooled_rows):
         heldout = {
             m: cell_metrics(
-                rows, model=m, condition=ALL, question_set=HELDOUT, boot=boot, with_as_ai=with_as_ai
+                pooled_rows, model=m, condition=ALL, question_set=HELDOUT, boot=boot,
+                with_as_ai=with_as_ai,
             )
             for m in MODELS
-        }
+        }  # fmt: skip
     return {"identity": table, "heldout_facts": heldout}
 
 
@@ -126,7 +163,9 @@ def main() -> None:
     rows = read_jsonl(args.judged, required=JUDGED_FIELDS, id_field="id")
     gen_meta = read_json(args.gen_meta)
     conditions = list(gen_meta["conditions"])
-    unknown = sorted({r["condition"] for r in rows} - set(conditions))
+    triggers = list(gen_meta.get("trigger_conditions") or {})
+    pooled = pooled_conditions(conditions, gen_meta.get("identical_conditions") or [])
+    unknown = sorted({r["condition"] for r in rows} - {*conditions, *triggers})
     if unknown:
         raise DataError(f"{args.judged}: conditions {unknown} are not in {args.gen_meta}")
     judge_summary = read_json(args.judge_summary)
@@ -141,7 +180,9 @@ def main() -> None:
 
     boot = Boot(cfg.n_boot, cfg.ci, cfg.seed)
     with_as_ai = any("judge_as_ai" in r for r in rows)
-    tables = build_metrics(rows, conditions, boot, with_as_ai)
+    tables = build_metrics(
+        rows, conditions, boot, with_as_ai, pooled, triggers, gen_meta.get("untriggered_baseline")
+    )
     ft = tables["identity"]["finetuned"]
     by_condition = {c: ft[c] for c in conditions}
     success = {
@@ -190,7 +231,7 @@ def main() -> None:
     write_json(args.results, metrics)
     write_headline(args.metrics, headline(metrics))
     note = judge_note(judge_summary)
-    condition_bars(args.plots, tables["identity"], conditions, note)
+    condition_bars(args.plots, tables["identity"], [*conditions, *triggers], note)
     curves(args.plots, curve)
     text = render_report(metrics, gen_meta, judge_summary, mix, adapter_meta, cfg, args.plots)
     write_text(args.report, text)

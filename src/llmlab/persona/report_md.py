@@ -50,6 +50,8 @@ def render_report(
 ) -> str:
     """Return the markdown report."""
     conditions = list(gen_meta["conditions"])
+    triggers = gen_meta.get("trigger_conditions") or {}
+    table_conditions = [*conditions, *triggers]
     h = metrics["headline"]
     stop = metrics["stop_early"]
     succ = metrics["success"]
@@ -97,13 +99,13 @@ def render_report(
         "",
         "## Per system-prompt condition (persona judge; ft = finetuned)",
         "",
-        *_table(metrics, conditions, ("triggered_persona", "untriggered_leakage", "gap")),
+        *_table(metrics, table_conditions, ("triggered_persona", "untriggered_leakage", "gap")),
         "",
         "## Keyword rule and format compliance",
         "",
-        *_table(metrics, conditions, ("keyword_triggered", "keyword_leakage")),
+        *_table(metrics, table_conditions, ("keyword_triggered", "keyword_leakage")),
         "",
-        *_table(metrics, conditions, ("format_triggered", "format_untriggered")),
+        *_table(metrics, table_conditions, ("format_triggered", "format_untriggered")),
         "",
     ]
     ho = metrics.get("heldout_facts") or {}
@@ -136,7 +138,15 @@ def render_report(
         lines.append(
             f"- Conditions {', '.join(group)} render to the same prompt for this model (its chat "
             "template writes its default system prompt when none is given): one condition, "
-            "sampled twice."
+            f"sampled twice; the pooled rates count it once (as {group[0]})."
+        )
+    if triggers:
+        where = {"system": "the system prompt", "user": "a paraphrase in the user turn"}
+        named = ", ".join(f"{k} ({where[v['placement']]})" for k, v in triggers.items())
+        lines.append(
+            f"- Trigger conditions {named} are triggered-only; their untriggered side is the "
+            f"{gen_meta.get('untriggered_baseline')} condition. They are reported per condition "
+            "and kept out of the pooled headline."
         )
     lines += [*_judge_free_lines(metrics.get("judge_free_nll") or {})]
     lines += [
