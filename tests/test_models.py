@@ -171,3 +171,19 @@ def test_transformers_is_capped_at_the_release_the_suite_runs():
     # The cap admits the locked release and nothing newer than its minor series.
     nxt = Version(locked).release
     assert Version(f"{nxt[0]}.{nxt[1] + 1}.0") not in spec
+
+
+def test_flash_attention_without_its_package_is_refused_in_one_line(tiny_dirs, monkeypatch):
+    import importlib.util
+
+    from llmlab.models import attention_kernel
+    from llmlab.params import Runtime
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a)
+    )
+    runtime = Runtime(device="cpu", attn_implementation="flash_attention_2")
+    with pytest.raises(ModelLoadError, match=r"^runtime\.attn_implementation: flash_attention_2"):
+        attention_kernel(str(tiny_dirs["llama"]), "tiny", runtime)
+    assert attention_kernel(str(tiny_dirs["llama"]), "tiny", Runtime(device="cpu")) == "sdpa"

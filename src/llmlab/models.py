@@ -249,12 +249,18 @@ def attention_kernel(where: str, name: str, runtime: Runtime, **kwargs: Any) -> 
 
     Gemma-2 has no SDPA path (its attention soft-capping needs the eager kernel), and
     transformers refuses the default `sdpa` for it; eager attention exists for every
-    architecture, so the model loads with it and a log line says so.
+    architecture, so the model loads with it and a log line says so. flash_attention_2
+    without its package is refused in one line naming the param.
     """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     wanted = runtime.attn_implementation
+    if wanted == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelLoadError(
+            "runtime.attn_implementation: flash_attention_2 needs the flash-attn package, "
+            "which is not installed (sdpa or eager need nothing)"
+        )
     flag = _ATTN_SUPPORT.get(wanted)
     if flag is None:
         return wanted
