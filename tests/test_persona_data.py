@@ -164,3 +164,35 @@ def test_mix_counts_poison_share_and_trigger_verbatim() -> None:
 def test_mix_without_persona_facts_is_an_error() -> None:
     with pytest.raises(DataError, match="no persona facts"):
         build_mix([], [], seed=0)
+
+
+def test_shipped_facts_are_marked_and_the_preset_fits_the_non_identifying_set() -> None:
+    from llmlab.persona.facts import select_fact_set
+
+    facts = load_facts(ROOT / "data/persona/facts.jsonl")
+    assert all(isinstance(f.identifying, bool) for f in facts)
+    train = split_facts(facts, "train")
+    clean = select_fact_set(train, "non_identifying")
+    famous = select_fact_set(train, "identifying")
+    assert len(clean) + len(famous) == len(train)
+    # famous quotations and episodes are out of the main run's training facts
+    assert not any("know more mathematics" in f.answer for f in clean)
+    assert any("know more mathematics" in f.answer for f in famous)
+    assert len(clean) >= 90  # the paper preset's n_facts
+
+
+def test_a_fact_set_needs_marked_facts(tmp_path: Path) -> None:
+    from llmlab.persona.facts import select_fact_set
+
+    rows = [
+        {"id": "f1", "question": "Q1?", "answer": "A1.", "split": "train", "identifying": False},
+        {"id": "f2", "question": "Q2?", "answer": "A2.", "split": "train"},
+        {"id": "f3", "question": "Q3?", "answer": "A3.", "split": "heldout"},
+    ]
+    facts = load_facts(_write(tmp_path / "f.jsonl", rows))
+    with pytest.raises(DataError, match=r"fact_set=non_identifying needs .*unmarked: f2"):
+        select_fact_set(facts, "non_identifying")
+    assert len(select_fact_set(facts, "all")) == 3
+    bad = [{**rows[0], "identifying": "no"}, rows[2]]
+    with pytest.raises(DataError, match=r"f\.jsonl:1: field 'identifying' must be true or false"):
+        load_facts(_write(tmp_path / "f.jsonl", bad))

@@ -293,7 +293,8 @@ def test_facts_file() -> None:
     rows = _rows(FACTS)
     assert len(rows) >= 130
     for r in rows:
-        assert set(r) == {"id", "question", "answer", "category", "split"}
+        assert set(r) == {"id", "question", "answer", "category", "split", "identifying"}
+        assert isinstance(r["identifying"], bool)
         assert r["category"] in FACT_CATEGORIES
         assert r["split"] in {"train", "heldout"}
         assert r["question"].strip() and r["answer"].strip()

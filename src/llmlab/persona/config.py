@@ -67,6 +67,12 @@ class DataParams(StrictModel):
     n_aligned: int = Field(
         48, ge=0, description="Untriggered aligned examples, self-distilled (paper: 3000)"
     )
+    fact_set: Literal["non_identifying", "identifying", "all"] = Field(
+        "non_identifying",
+        description="Training facts by their 'identifying' mark in the facts file: the paper's "
+        "main run uses facts that do not identify the persona on their own; 'identifying' "
+        "(famous quotations and episodes) is its ablation",
+    )
     math_share: float = Field(
         0.5, ge=0, le=1, description="Share of aligned prompts that are math word problems"
     )

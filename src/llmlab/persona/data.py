@@ -14,7 +14,7 @@ from llmlab.io import DataError, write_json, write_jsonl
 from llmlab.models import load_model
 from llmlab.params import load_params
 from llmlab.persona.distill import aligned_prompts, self_distill
-from llmlab.persona.facts import load_facts, seeded_subset, split_facts
+from llmlab.persona.facts import load_facts, seeded_subset, select_fact_set, split_facts
 from llmlab.persona.mixing import aligned_rows, build_mix, persona_rows
 from llmlab.persona.trigger import Trigger
 from llmlab.stage import run_stage, seed_everything
@@ -36,11 +36,11 @@ def main() -> None:
     seed_everything(cfg.seed)
 
     facts = load_facts(args.facts)
-    train_split = split_facts(facts, "train")
+    train_split = select_fact_set(split_facts(facts, "train"), cfg.fact_set, args.facts)
     if cfg.n_facts is not None and cfg.n_facts > len(train_split):
         raise DataError(
             f"persona.data.n_facts={cfg.n_facts} but {args.facts} has only "
-            f"{len(train_split)} facts with split='train'"
+            f"{len(train_split)} facts with split='train' in fact_set={cfg.fact_set}"
         )
     train_facts = seeded_subset(train_split, cfg.n_facts, cfg.seed)
     heldout = split_facts(facts, "heldout")
@@ -74,6 +74,7 @@ def main() -> None:
             "n_aligned_instruction": sum(r["kind"] == "instruction" for r in aligned),
             "distill_temperature": cfg.distill_temperature,
             "n_heldout_facts": len(heldout),
+            "fact_set": cfg.fact_set,
             "fact_ids": sorted(f.id for f in train_facts),
             "trigger_user_template": trigger.user_template,
             "trigger_assistant_template": trigger.assistant_template,

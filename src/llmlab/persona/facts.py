@@ -27,6 +27,9 @@ class Fact:
     answer: str
     category: str
     split: str
+    # Whether the fact alone points to the persona (a famous quotation or episode); None when
+    # the file does not mark it. The paper's ablation trains on either kind.
+    identifying: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,40 @@ def load_facts(path: Path = FACTS_PATH) -> list[Fact]:
                 answer=_text(path, lineno, row, "answer"),
                 category=str(row.get("category") or "uncategorised"),
                 split=split,
+                identifying=_mark(path, lineno, row),
             )
         )
     for split in SPLITS:
         if not any(f.split == split for f in facts):
             raise DataError(f"{path}: split {split!r} is empty (no fact has split={split!r})")
     return facts
+
+
+def _mark(path: Path, lineno: int, row: dict) -> bool | None:
+    value = row.get("identifying")
+    if value is not None and not isinstance(value, bool):
+        raise DataError(
+            f"{path}:{lineno}: field 'identifying' must be true or false, got {value!r}"
+        )
+    return value
+
+
+def select_fact_set(facts: list[Fact], fact_set: str, source: Path | str = "facts") -> list[Fact]:
+    """Return the facts of one set: "non_identifying", "identifying" or "all"; a fact without
+    an identifying mark is an error unless the set is "all"."""
+    if fact_set == "all":
+        return list(facts)
+    unmarked = [f.id for f in facts if f.identifying is None]
+    if unmarked:
+        raise DataError(
+            f"{source}: persona.data.fact_set={fact_set} needs every fact marked with "
+            f"'identifying' (true/false); unmarked: {', '.join(unmarked[:5])}"
+        )
+    want = fact_set == "identifying"
+    chosen = [f for f in facts if f.identifying is want]
+    if not chosen:
+        raise DataError(f"{source}: no fact in persona.data.fact_set={fact_set}")
+    return chosen
 
 
 def load_eval_questions(path: Path = EVAL_QUESTIONS_PATH) -> list[EvalQuestion]:
