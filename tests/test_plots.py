@@ -308,3 +308,47 @@ def test_scatter_labels_only_the_points_farthest_out(tmp_path, monkeypatch) -> N
     )
     assert "p7" in texts and sum(t in labels for t in texts) == MAX_POINT_LABELS
     assert f"labelled: the {MAX_POINT_LABELS} of 59 points farthest out" in texts
+
+
+def test_lines_template_gives_each_series_its_own_colour(tmp_path: Path) -> None:
+    """Five variants' curves (one file each, gaps between evaluations) are five coloured lines."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")
+    (repo / ".dvc/config").write_text("")
+    variants = ["original", "vague", "r1_minimal", "food_control", "flipped_labels"]
+    ys = "".join(f"        train_{v}.json: val_accuracy\n" for v in variants)
+    for k, v in enumerate(variants):
+        rows = [
+            {"step": s, "val_accuracy": 0.5 + 0.01 * k * s if s % 4 == 0 else None, "loss": 1.0}
+            for s in range(9)
+        ]
+        (repo / f"train_{v}.json").write_text(json.dumps(rows))
+    (repo / "dvc.yaml").write_text(
+        "plots:\n  - acc:\n      template: lines_by_series\n      x: step\n      y:\n"
+        + ys
+        + "      title: t\n      x_label: step\n      y_label: accuracy\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    env |= {"DVC_NO_ANALYTICS": "1", "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "g"),
+            "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "s")}  # fmt: skip
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "plots", "show", "--json"],
+        cwd=repo, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    spec = json.loads(out.stdout)["data"]["acc"][0]["content"]
+    assert spec["encoding"]["color"]["field"] == "series"
+    assert spec["encoding"]["strokeDash"]["field"] == "rev"
+    assert spec["mark"]["invalid"] == "filter"
+    vl_convert = pytest.importorskip("vl_convert")
+    svg = vl_convert.vegalite_to_svg(spec)
+    for v in variants:
+        assert f"train_{v}: val_accuracy" in svg, v
