@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.io import write_json, write_jsonl
-from llmlab.judge import JudgeError, make_judge
+from llmlab.judge import JudgeError, count_statuses, make_judge
 from llmlab.judge.judge import Judge
 from llmlab.params import load_params
 from llmlab.persona.config import CandidatesParams
@@ -138,12 +138,15 @@ def main() -> None:
     # generation requests and verdicts alike: no file is written when too many went unanswered
     judge.check_all("persona_candidates")
     write_jsonl(args.out, rows)
+    judged = count_statuses([r["status"] for r in rows])
     counts = {
         "generated": sum(r["source"] == "generated" for r in rows),
         "shipped_checked": sum(r["source"] == "shipped" for r in rows),
         "kept_generated": sum(r["keep"] and r["source"] == "generated" for r in rows),
         "flagged_shipped": sum(bool(r["identifying"]) and r["source"] == "shipped" for r in rows),
-        "unscorable": sum(r["status"] != "ok" for r in rows),
+        "judged": judged.judged,
+        "unscorable": judged.unscorable,
+        "failed": judged.failed,
     }
     write_json(args.summary_out, {"build": stats, "filter": counts, "judge": judge.summary()})
     log.info("candidates: %s", counts)
