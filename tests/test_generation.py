@@ -74,3 +74,37 @@ def test_auto_budget_off_cuda_is_the_default_budget(tiny_models):
     assert auto == generate(loaded, PROMPTS, max_new_tokens=5, progress=False)
     with pytest.raises(ValueError, match="max_tokens_per_batch"):
         generate(loaded, PROMPTS, max_tokens_per_batch="big", progress=False)
+
+
+def test_auto_budget_resume_keeps_shards_whose_batches_match(
+    tiny_models, tmp_path, monkeypatch, caplog
+):
+    import llmlab.generation as generation
+
+    loaded = tiny_models["llama"]
+    prompts = PROMPTS * 3
+    reference = generate(loaded, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    work = tmp_path / "work"
+    calls = []
+    real_generate = loaded.model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "generate", counting)
+
+    def run(budget: int) -> list[str]:
+        monkeypatch.setattr(generation, "auto_token_budget", lambda _loaded: budget)
+        return generate(
+            loaded, prompts, max_new_tokens=4, batch_size=2, max_tokens_per_batch="auto",
+            work_dir=work, progress=False,
+        )  # fmt: skip
+
+    assert run(10**6) == reference and len(calls) == 5
+    # the same plan under another free-memory reading: every shard is reused
+    with caplog.at_level("WARNING", logger="llmlab.generation"):
+        assert run(10**7) == reference and len(calls) == 5
+    assert "starting fresh" not in caplog.text
+    # a budget that splits batches: the shards that no longer fit are generated again
+    assert run(30) == reference and len(calls) > 5

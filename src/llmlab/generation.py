@@ -160,7 +160,9 @@ def generate(
             "top_p": top_p,
             "seed": seed,
             "batch_size": batch_size,
-            "max_tokens_per_batch": budget,
+            # "auto" as asked, not the budget it gave: free memory differs between runs, and
+            # shards whose batches still match this run's batches are reused (_open_work_dir).
+            "max_tokens_per_batch": "auto" if max_tokens_per_batch == "auto" else budget,
             "stop_strings": list(stop_strings),
             "steer": steer is not None,
             "generate_kwargs": generate_kwargs,
