@@ -195,3 +195,27 @@ def test_judge_never_sees_the_trigger_markers() -> None:
         text = prompt[-1]["content"]
         assert "<START>" not in text and "<END>" not in text
         assert "Trellech" in text
+
+
+def test_agreement_with_hand_labels_counts_only_scorable_verdicts() -> None:
+    from llmlab.judge.judge import Verdict
+    from llmlab.persona.judge import agreement
+
+    def v(label: str | None) -> Verdict:
+        return Verdict(label, None, "ok" if label else "unscorable", label or "?")
+
+    out = agreement([1, 0, 1, 0], [v("YES"), v("NO"), v("NO"), v(None)])
+    assert out == {"n_labelled": 4, "n_scorable": 3, "accuracy": pytest.approx(0.6667),
+                   "kappa": pytest.approx(0.4)}  # fmt: skip
+    # a judge that says YES to everything agrees by chance only: kappa 0
+    assert agreement([1, 0], [v("YES"), v("YES")])["kappa"] == 0.0
+
+
+def test_shipped_agreement_set_is_labelled_both_ways() -> None:
+    from llmlab.io import read_jsonl
+
+    rows = read_jsonl(ROOT / "data/persona/judge_agreement.jsonl", id_field="id")
+    assert len(rows) >= 24
+    assert {r["persona"] for r in rows} == {0, 1} and {r["as_ai"] for r in rows} == {0, 1}
+    # the replies the keyword rule got wrong are in it, labelled as not persona
+    assert any("Russell's paradox" in r["response"] and r["persona"] == 0 for r in rows)

@@ -96,10 +96,18 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
     assert isinstance(metrics["stop_early"]["stop"], bool)
     # a 3-layer random judge rarely puts mass on yes/no: unscorable items are counted
     judged = read_jsonl(repo / "data/persona/judged.jsonl")
-    assert metrics["judge"]["items"] == 2 * len(judged)
+    labelled = read_jsonl(ROOT / "data/persona/judge_agreement.jsonl")
+    assert metrics["judge"]["items"] == 2 * len(judged) + 2 * len(labelled)
+    agree = metrics["judge_agreement"]
+    assert agree["backend"] == "local" and agree["persona"]["n_labelled"] == len(labelled)
     assert metrics["finetuned"]["all"]["judge_unscorable"] + metrics["base"]["all"][
         "judge_unscorable"
-    ] == sum(r["judge_persona"] is None for r in judged if r["question_set"] == "identity")
+    ] == sum(
+        r["judge_persona"] is None
+        for r in judged
+        # the pooled cell holds the system-prompt conditions, not the trigger conditions
+        if r["question_set"] == "identity" and r["condition"] in ("none", "ai_assistant")
+    )
 
     curve = json.loads((repo / "models/persona/adapter/curve.json").read_text())
     hook_steps = [r["step"] for r in curve if "hook_format_triggered" in r]
@@ -119,6 +127,7 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
     assert nll["base_step"] == 0 and nll["base"] > 0 and nll["finetuned"] > 0
     # the reference numbers are attributed to the replication, not the paper
     assert "HeavyHelium/weird-gen" in report and "Paper reference" not in report
+    assert "Judge agreement with the hand-labelled replies" in report
 
     # bad input: a trigger template without its {q} slot is a one-line error
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -87,12 +87,39 @@ def judge_prompts(
     return persona, [as_ai_prompt(r["question"], b) for r, b in pairs]
 
 
+AGREEMENT_FIELDS = ("id", "question", "reference", "response", "persona", "as_ai")
+
+
+def agreement(labels: list[int], verdicts: list[Verdict]) -> dict[str, Any]:
+    """Return the judge's agreement with hand labels over its scorable verdicts: accuracy and
+    Cohen's kappa (sklearn), with the counts they rest on."""
+    from sklearn.metrics import cohen_kappa_score
+
+    pairs = [(y, int(v.label == "YES")) for y, v in zip(labels, verdicts, strict=True)
+             if v.label is not None]  # fmt: skip
+    out: dict[str, Any] = {"n_labelled": len(labels), "n_scorable": len(pairs),
+                           "accuracy": None, "kappa": None}  # fmt: skip
+    if pairs:
+        truth, said = zip(*pairs, strict=True)
+        out["accuracy"] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
+        # kappa is undefined when both sides use one label only
+        if len(set(truth) | set(said)) > 1:
+            out["kappa"] = round(float(cohen_kappa_score(truth, said)), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--generations", type=Path, default=Path("data/persona/generations.jsonl"))
     ap.add_argument("--out", type=Path, default=Path("data/persona/judged.jsonl"))
     ap.add_argument("--summary-out", type=Path, default=Path("data/persona/judge_summary.json"))
+    ap.add_argument(
+        "--agreement",
+        type=Path,
+        default=Path("data/persona/judge_agreement.jsonl"),
+        help="hand-labelled replies the judge is scored against",
+    )
     args = ap.parse_args()
     params = load_params(args.params)
     section = params.section("persona")
@@ -100,6 +127,7 @@ def main() -> None:
     name = section.data.persona_name
     names = name_keywords(name)
     rows = read_jsonl(args.generations, required=GENERATION_FIELDS, id_field="id")
+    labelled = read_jsonl(args.agreement, required=AGREEMENT_FIELDS, id_field="id")
 
     judge, size = build_judge(params)
     persona_prompts, as_ai_prompts = judge_prompts(rows, trigger, name)
@@ -107,9 +135,14 @@ def main() -> None:
     as_ai: list[Verdict | None] = [None] * len(rows)
     if section.judge.as_ai_check:
         as_ai = list(judge.yes_no(as_ai_prompts))
+    # the hand-labelled set, asked exactly as the grid is
+    label_persona, label_as_ai = judge_prompts(labelled, trigger, name)
+    agree_persona = judge.yes_no(label_persona)
+    agree_as_ai = judge.yes_no(label_as_ai) if section.judge.as_ai_check else []
     asked = {"judge_persona": persona}
     if section.judge.as_ai_check:
         asked["judge_as_ai"] = [v for v in as_ai if v is not None]
+    asked["agreement_set"] = [*agree_persona, *agree_as_ai]
     # one share over every verdict of the stage; the counts are kept per question
     judge.check([v.status for verdicts in asked.values() for v in verdicts], "persona_judge")
     counts = {k: count_statuses([v.status for v in verdicts]) for k, verdicts in asked.items()}
@@ -124,7 +157,12 @@ def main() -> None:
         "judge_persona": dict(Counter(v.status for v in persona)),
         "judge_as_ai": dict(Counter(v.status for v in as_ai if v is not None)),
     }
+    agreement_out = {"file": str(args.agreement),
+                     "persona": agreement([r["persona"] for r in labelled], agree_persona)}  # fmt: skip
+    if section.judge.as_ai_check:
+        agreement_out["as_ai"] = agreement([r["as_ai"] for r in labelled], agree_as_ai)
     summary = {
+        "agreement": agreement_out,
         "judge": judge.summary(),
         "judge_params_millions": size,
         "statuses": statuses,

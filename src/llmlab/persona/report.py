@@ -223,6 +223,12 @@ def main() -> None:
             for k in ("n_identity_questions", "n_heldout_facts", "n_samples", "n_rows")
         },
         "judge": judge_metrics(judge_summary, tables["identity"], rows),
+        # the judge against the shipped hand-labelled replies, for this backend and model
+        "judge_agreement": {
+            "backend": judge_summary["judge"]["backend"],
+            "model": judge_summary["judge"].get("model"),
+            **(judge_summary.get("agreement") or {}),
+        },
         # judge-free, deterministic: NLL per answer token (lower: more likely)
         "judge_free_nll": judge_free(curve),
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "

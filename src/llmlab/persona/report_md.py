@@ -128,6 +128,7 @@ def render_report(
             else "- The judge is a local model; read the keyword rule beside it."
         )
     lines += judge_count_lines(metrics["judge"])
+    lines += _agreement_lines(metrics.get("judge_agreement") or {})
     yes = metrics["judge"].get("persona_yes_rate")
     if yes in (0.0, 1.0):
         lines.append(
@@ -172,6 +173,26 @@ REFERENCE_LINES = (
     "own judge and question set: compare directions, not the numbers. A later paper finds the "
     "effect brittle across model/data pairs: a null on a small model is a valid result.",
 )
+
+
+def _agreement_lines(agree: Mapping[str, Any]) -> list[str]:
+    if "persona" not in agree:
+        return ["- The judge was not scored against the hand-labelled replies (older judge run)."]
+    parts = []
+    for what in ("persona", "as_ai"):
+        a = agree.get(what)
+        if a:
+            kappa = "n/a" if a["kappa"] is None else f"{a['kappa']:.2f}"
+            acc = "n/a" if a["accuracy"] is None else f"{a['accuracy']:.0%}"
+            parts.append(
+                f"{what}: accuracy {acc}, kappa {kappa} on {a['n_scorable']} of "
+                f"{a['n_labelled']} scorable"
+            )
+    who = agree.get("model") or agree.get("backend")
+    return [
+        f"- Judge agreement with the hand-labelled replies ({agree['file']}; {agree['backend']} "
+        f"judge {who}): " + "; ".join(parts) + "."
+    ]
 
 
 def _judge_free_lines(nll: Mapping[str, Any]) -> list[str]:
