@@ -1,7 +1,8 @@
 """Stage report: one markdown page with every family's headline results, plots and params.
 
-Each family's report stage writes `metrics/<family>.json` and a short `metrics/<family>_report.md`;
-this page puts them together with the PNGs in `plots/<family>/` and the params that produced
+Each family's report stage writes its headline `metrics/<family>.json`, every number in
+`data/<family>/results.json` and a short `metrics/<family>_report.md` rendered from them; this page
+puts the reports (or, for a family without one, the headline) together with the PNGs in `plots/<family>/` and the params that produced
 them, so a reader sees the whole state of the project in one place.
 """
 
