@@ -1,9 +1,10 @@
 """Stage report: one markdown page with every family's headline results, plots and params.
 
 Each family's report stage writes its headline `metrics/<family>.json`, every number in
-`data/<family>/results.json` and a short `metrics/<family>_report.md` rendered from them; this page
-puts the reports (or, for a family without one, the headline) together with the PNGs in `plots/<family>/` and the params that produced
-them, so a reader sees the whole state of the project in one place.
+`data/<family>/results.json` and a short `metrics/<family>_report.md` rendered from them. This
+page puts the reports (or, for a family without one, the headline) together with the PNGs in
+`plots/<family>/` and the params that produced them, so a reader sees the whole state of the
+project in one place.
 """
 
 from __future__ import annotations
