@@ -77,6 +77,7 @@ def render(
 
 
 def _apply_template(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    """Return the template's rendering, folding a system message the template refuses."""
     from jinja2.exceptions import TemplateError
 
     try:
