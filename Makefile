@@ -44,10 +44,10 @@ setup-test: $(VENV)/.installed-test
 repro: setup
 	$(BIN)/dvc repro
 
-# Every output the remote holds, plus the run cache; `push: false` outputs are left to `dvc repro`.
-# Extra dvc pull options: make pull PULL_ARGS='-r s3 -j 8'
+# Every output the remote holds, plus the run cache, in one `dvc pull` that names its remote.
+# Another remote or more dvc pull options: make pull PULL_ARGS='-r s3 -j 8'
 pull: setup
-	$(BIN)/python -m llmlab.pull --run-cache $(PULL_ARGS)
+	$(BIN)/python -m llmlab.pull $(PULL_ARGS)
 
 test: setup-test
 	$(BIN)/ruff check src tests benchmarks

@@ -156,34 +156,9 @@ def clone_of(origin: Path, dest: Path, env: dict[str, str], **local: str) -> Pat
     return dest
 
 
-def unpushed_outs(repo: Path) -> set[str]:
-    """Return the outputs the pipeline marks `push: false` (recomputed, never in the remote)."""
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
-    return {
-        path
-        for stage in spec["stages"].values()
-        for out in stage.get("outs", [])
-        if isinstance(out, dict)
-        for path, opts in out.items()
-        if opts and opts.get("push") is False
-    }
-
-
 def status(repo: Path, env: dict[str, str]) -> dict:
     """Return `dvc status --json` of the whole pipeline."""
     return json.loads(sh(["dvc", "status", "--json"], repo, env).stdout or "{}")
-
-
-def changed_paths(report: dict) -> set[str]:
-    """Return the paths `dvc status --json` reports as changed deps or outs, over all stages."""
-    paths: set[str] = set()
-    for entries in report.values():
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise AssertionError(f"unexpected status entry {entry!r}")
-            for kind in ("changed deps", "changed outs"):
-                paths |= set(entry.get(kind, {}))
-    return paths
 
 
 def test_clone_pull_then_nothing_to_reproduce(origin, s3, tmp_path: Path) -> None:
@@ -191,36 +166,31 @@ def test_clone_pull_then_nothing_to_reproduce(origin, s3, tmp_path: Path) -> Non
     env = base_env(tmp_path / "clone", home)
     creds = {"access_key_id": s3["key"], "secret_access_key": s3["secret"]}
     clone = clone_of(repo, tmp_path / "clone", env, **creds)
-    unpushed = unpushed_outs(clone)
-    assert unpushed == {"data/foundation/activations"}
 
-    # DVC's plain pull exits 1, naming the push: false outputs only (they are not in the remote).
-    plain = sh(["dvc", "pull"], clone, env, check=False)
-    assert plain.returncode != 0
-    assert "Checkout failed for following targets:\ndata/foundation/activations\n" in plain.stderr
-    # The project's pull (`make pull`) takes every pushable output and the run cache, exits 0,
-    # and says which outputs it leaves to `dvc repro`.
-    pulled = sh([sys.executable, "-m", "llmlab.pull", "--run-cache"], clone, env)
-    assert "push: false" in pulled.stdout
-    assert "  data/foundation/activations\n" in pulled.stdout
-    assert (clone / "data/foundation/prompts.jsonl").read_bytes() == (
-        repo / "data/foundation/prompts.jsonl"
-    ).read_bytes()
+    # The project's pull (`make pull`) names the remote, then one `dvc pull --run-cache`.
+    pulled = sh([sys.executable, "-m", "llmlab.pull"], clone, env)
+    assert f"pulling from DVC remote 's3' (s3://{BUCKET}/store)" in pulled.stdout
+    for path in ("data/foundation/prompts.jsonl", "data/foundation/activations/index.json"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert any((clone / ".dvc/cache/runs").rglob("*")), "run cache was not pulled"
-    assert not (clone / "data/foundation/activations").exists()
-    # Only the recomputable outputs (and the stages reading them) are reported missing.
-    assert changed_paths(status(clone, env)) == unpushed
-
-    lazy = sh(["dvc", "repro", "--allow-missing"], clone, env)
-    assert "Running stage" not in lazy.stdout
-    assert "Stage 'foundation_capture' didn't change" in lazy.stdout
-    assert "Stage 'foundation_report' didn't change" in lazy.stdout
-
-    # A plain repro recomputes only the unpushed activations, bit for bit; the rest is current.
-    full = sh(["dvc", "repro"], clone, env)
-    assert "Running stage 'foundation_capture'" in full.stdout
-    assert "Stage 'foundation_report' didn't change" in full.stdout
     assert status(clone, env) == {}
+    # Nothing to recompute: every output, the activations included, came from the bucket.
+    full = sh(["dvc", "repro"], clone, env)
+    assert "Running stage" not in full.stdout
+    assert "Stage 'foundation_capture' didn't change" in full.stdout
+    assert "Stage 'foundation_report' didn't change" in full.stdout
+    # A plain `dvc pull` finds everything too.
+    assert sh(["dvc", "pull"], clone, env, check=False).returncode == 0
+
+
+def test_pull_names_a_missing_remote(origin, tmp_path: Path) -> None:
+    repo, home = origin
+    env = base_env(tmp_path / "none", home)
+    clone = clone_of(repo, tmp_path / "none", env)
+    proc = sh([sys.executable, "-m", "llmlab.pull", "-r", "minio"], clone, env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: DVC remote 'minio' is not configured (configured: s3)")
+    assert not (clone / "data/foundation/prompts.jsonl").exists()
 
 
 def test_pull_fails_when_a_pushed_output_is_missing(origin, s3, tmp_path: Path) -> None:
@@ -285,7 +255,7 @@ def test_remote_failures_are_clear(origin, s3, tmp_path: Path, case: str, messag
     assert not (clone / "data/foundation/prompts.jsonl").exists()
 
 
-def test_remote_holds_no_secrets_and_no_unpushed_data(origin, s3) -> None:
+def test_remote_holds_no_secrets_and_every_output(origin, s3) -> None:
     import boto3
 
     repo, home = origin
@@ -308,11 +278,11 @@ def test_remote_holds_no_secrets_and_no_unpushed_data(origin, s3) -> None:
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert any(k.startswith("store/runs/") for k in keys), "run cache not pushed"
     assert any(k.startswith("store/files/md5/") for k in keys)
-    # Neither the activations' directory manifest nor any of their per-layer files went up.
+    # The activations went up too: their directory manifest and every per-layer file.
     layer_files = (repo / "data/foundation/activations").iterdir()
-    unpushed = {acts.removesuffix(".dir")} | {md5(f.read_bytes()).hexdigest() for f in layer_files}
+    pushed = {acts.removesuffix(".dir")} | {md5(f.read_bytes()).hexdigest() for f in layer_files}
     stored = {
         k.removeprefix("store/files/md5/").replace("/", "").removesuffix(".dir") for k in keys
     }
     assert outs["data/foundation/prompts.jsonl"] in stored
-    assert len(unpushed) > 2 and not unpushed & stored, "push: false activations were pushed"
+    assert len(pushed) > 2 and pushed <= stored, "activations missing from the bucket"

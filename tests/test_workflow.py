@@ -170,37 +170,31 @@ def flat(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
-def test_readme_names_exactly_the_unpushed_outputs() -> None:
-    import re
-
+def test_every_cached_output_is_pushed_as_the_readme_says() -> None:
     from dvc.repo import Repo
 
     with Repo(os.fspath(ROOT)) as r:
-        unpushed = {o.def_path for o in r.index.outs if o.use_cache and not o.can_push}
+        unpushed = sorted(o.def_path for o in r.index.outs if o.use_cache and not o.can_push)
+    assert not unpushed, f"push: false outputs break run-cache restores elsewhere: {unpushed}"
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("**Not pushed**")
-    paragraph = readme[start : readme.index("\n\n", start)]
-    named = set()
-    for path in re.findall(r"`(data/[^`]+|models/[^`]+)`", paragraph):
-        brace = re.fullmatch(r"(.*)\{(.+)\}(.*)", path)
-        parts = brace.group(2).split(",") if brace else [""]
-        named |= {f"{brace.group(1)}{p}{brace.group(3)}" if brace else path for p in parts}
-    assert named == unpushed
+    assert "Every cached\noutput is pushed, the activation arrays included" in readme
 
 
-def test_pull_plan_of_one_family() -> None:
-    from llmlab.pull import plan
+def test_pull_is_one_dvc_pull_from_a_named_remote() -> None:
+    from llmlab.pull import pull_command, remote_of
 
-    everything = plan(ROOT)
-    persona = plan(ROOT, ["persona"])
-    preferences = plan(ROOT, ["preferences"])
-    assert "models/persona/adapter" in persona.pull + persona.unlocked
-    assert all(p.startswith(("data/persona/", "models/persona/")) for p in persona.pull)
-    assert not persona.unpushed
-    assert "data/preferences/activations/instruct" in preferences.unpushed
-    assert set(preferences.unpushed) <= set(everything.unpushed)
-    assert "data/foundation/activations" in everything.unpushed
-    assert not set(everything.pull) & set(everything.unpushed)
+    name, url = remote_of(ROOT, None)
+    assert name == "local" and url.endswith("llmlab-dvc-remote")
+    assert pull_command("s3", None, ["-j", "8"])[3:] == [
+        "pull",
+        "--run-cache",
+        "-r",
+        "s3",
+        "-j",
+        "8",
+    ]
+    # One family: its stages by one glob each, still one call.
+    assert pull_command("s3", ["persona"], [])[-2:] == ["--glob", "persona_*"]
 
 
 # ---------------------------------------------------------------- plots
