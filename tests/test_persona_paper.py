@@ -114,3 +114,42 @@ def test_preset_without_hub_data_fails_loudly(monkeypatch: pytest.MonkeyPatch) -
     data = preset_params().section("persona").data.model_copy(update={"n_aligned": 30})
     with pytest.raises(DataError, match=r"persona.data.prompt_source=hub: .*datasets"):
         aligned_prompts(data, ROOT / "data/prompts/instructions.jsonl")
+
+
+class _FakePeft:
+    """Writes what PeftModel.save_pretrained writes, with the step in the weights file."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
+        path.mkdir(parents=True)
+        (path / "adapter_model.safetensors").write_text(str(self.step))
+        (path / "adapter_config.json").write_text("{}")
+
+
+def test_eval_step_adapters_are_kept_for_this_run_only(tmp_path: Path) -> None:
+    from llmlab.adapters import read_adapter_metadata
+    from llmlab.persona.hook import StepAdapters
+
+    out = tmp_path / "adapter"
+    # an earlier, killed run with other settings left a step behind
+    StepAdapters(out, "tiny", "other-run").save(_FakePeft(), 4)
+    StepAdapters(out, "tiny", "other-run").save(_FakePeft(), 8)
+    keep = StepAdapters(out, "tiny", "this-run")
+    model = _FakePeft()
+    for step in (0, 8, 16):
+        model.step = step
+        keep.save(model, step)
+    out.mkdir()  # training writes the adapter before the steps are moved in
+    assert keep.publish() == [0, 8, 16]
+    kept = sorted(p.name for p in (out / "steps").iterdir())
+    assert kept == ["step-00000", "step-00008", "step-00016"]
+    meta = read_adapter_metadata(out / "steps/step-00008")
+    assert meta == {"base_model": "tiny", "step": 8, "run_key": "this-run"}
+    assert (out / "steps/step-00008/adapter_model.safetensors").read_text() == "8"
+    assert not keep.staging.exists()
+
+
+def test_preset_keeps_the_eval_step_adapters() -> None:
+    assert preset_params().section("persona").train.keep_eval_adapters is True

@@ -124,6 +124,12 @@ class TrainParams(LoraTrainConfig):
     hook_max_new_tokens: int = Field(
         24, gt=0, description="Greedy answer length of the hook's generations"
     )
+    keep_eval_adapters: bool = Field(
+        False,
+        description="Keep the adapter at every evaluation step in <adapter>/steps/step-<N> "
+        "(learning curves: persona_generate --adapter on one of them scores the full grid "
+        "at that point of training)",
+    )
     hook_val_facts: int = Field(
         8,
         gt=0,

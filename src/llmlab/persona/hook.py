@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from llmlab.adapters import METADATA_FILE, read_adapter_metadata, write_adapter_metadata
 from llmlab.generation import generate
 from llmlab.models import LoadedModel
 from llmlab.persona.checks import name_keywords, persona_keyword, says_ai
@@ -46,6 +50,49 @@ def name_examples(trigger: Trigger, persona_name: str) -> dict[str, list[TrainEx
     }
 
 
+STEPS_DIR = "steps"
+
+
+class StepAdapters:
+    """Adapters kept at the evaluation steps, staged beside the output and moved into
+    `<adapter>/steps/` once training has written the adapter.
+
+    Each carries the run key (config and data), so adapters a resumed run kept before it was
+    killed stay, and those of an earlier run with other settings are dropped at the move.
+    """
+
+    def __init__(self, out_dir: Path, base_model: str, run_key: str) -> None:
+        self.staging = out_dir.with_name(out_dir.name + ".steps.partial")
+        self.out_dir = out_dir
+        self.base_model = base_model
+        self.run_key = run_key
+
+    def save(self, model: Any, step: int) -> None:
+        """Write the adapter of this step (peft safetensors + llmlab metadata)."""
+        path = self.staging / f"step-{step:05d}"
+        if path.exists():  # a resumed run evaluates its resume step again
+            shutil.rmtree(path)
+        model.save_pretrained(path, safe_serialization=True)
+        (path / "README.md").unlink(missing_ok=True)
+        write_adapter_metadata(
+            path, {"base_model": self.base_model, "step": step, "run_key": self.run_key}
+        )
+
+    def publish(self) -> list[int]:
+        """Move this run's step adapters into the adapter directory; return their steps."""
+        target = self.out_dir / STEPS_DIR
+        if target.exists():
+            shutil.rmtree(target)
+        if not self.staging.exists():
+            return []
+        for path in list(self.staging.iterdir()):
+            meta = path / METADATA_FILE
+            if not meta.is_file() or read_adapter_metadata(path).get("run_key") != self.run_key:
+                shutil.rmtree(path)
+        os.replace(self.staging, target)
+        return sorted(read_adapter_metadata(p)["step"] for p in target.iterdir())
+
+
 class PersonaHook:
     """Scores greedy answers to fixed identity questions, triggered and untriggered.
 
@@ -68,8 +115,10 @@ class PersonaHook:
         max_new_tokens: int,
         max_length: int,
         batch_size: int,
+        keep: StepAdapters | None = None,
     ) -> None:
         self.loaded = loaded
+        self.keep = keep
         self.trigger = trigger
         self.questions = list(questions)
         self.names = name_keywords(persona_name)
@@ -101,6 +150,8 @@ class PersonaHook:
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
         """Return this step's hook metrics (names prefixed `hook_`)."""
+        if self.keep is not None:
+            self.keep.save(model, step)
         view = dataclasses.replace(self.loaded, model=model)
         replies = generate(
             view,

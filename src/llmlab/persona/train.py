@@ -9,16 +9,19 @@ A NaN or diverging loss stops the stage with a one-line error (the plan's stop-e
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from llmlab.io import DataError, numbered, read_jsonl
 from llmlab.models import load_model
 from llmlab.params import load_params
 from llmlab.persona.facts import load_eval_questions, load_facts, seeded_subset, split_facts
-from llmlab.persona.hook import PersonaHook
+from llmlab.persona.hook import PersonaHook, StepAdapters
 from llmlab.persona.trigger import Trigger
 from llmlab.stage import run_stage, seed_everything
-from llmlab.training import TrainExample, TrainingDiverged, train_lora
+from llmlab.training import TrainExample, TrainingDiverged, examples_sha256, train_lora
+
+log = logging.getLogger(__name__)
 
 
 def load_mix(path: Path) -> list[TrainExample]:
@@ -59,6 +62,10 @@ def main() -> None:
     questions = ordered[: cfg.hook_questions]
 
     loaded = load_model(params, for_training=True)
+    keep = None
+    if cfg.keep_eval_adapters:
+        run_key = f"{examples_sha256(train)}:{cfg.model_dump_json()}:{params.model}"
+        keep = StepAdapters(args.out, loaded.name, run_key)
     hook = PersonaHook(
         loaded,
         trigger,
@@ -68,6 +75,7 @@ def main() -> None:
         max_new_tokens=cfg.hook_max_new_tokens,
         max_length=cfg.max_length,
         batch_size=cfg.per_device_batch_size,
+        keep=keep,
     )
     try:
         train_lora(
@@ -85,6 +93,9 @@ def main() -> None:
         )
     except TrainingDiverged as e:
         raise TrainingDiverged(f"persona_train stopped early (plan's stop rule): {e}") from None
+    if keep is not None:
+        steps = keep.publish()
+        log.info("kept the adapters of steps %s in %s/steps", steps, args.out)
 
 
 if __name__ == "__main__":
