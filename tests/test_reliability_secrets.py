@@ -44,7 +44,7 @@ def judge_stage(base_url: str, dead_url: str, out: str) -> None:
     from llmlab.stage import run_stage
 
     def main() -> None:
-        common = {"backend": "openai", "model": JUDGE_MODEL, "cache_dir": ".cache/judge"}
+        common = {"backend": "openai", "model": JUDGE_MODEL}  # the per-user cache
         judge = make_judge(JudgeConfig(base_url=base_url, max_tokens=2, **common))
         verdicts = judge.yes_no(["Is red a colour? Answer Yes or No.", "Is 7 even? Yes or No."])
         # a second judge reads its key from a custom variable and fails: error paths log too
@@ -96,6 +96,7 @@ def run_env(repo: Path, home: Path, keys: dict[str, str]) -> dict[str, str]:
             "COLUMNS": "400",  # dvc exp show prints every column instead of eliding them
             "LLMLAB_GPUS_PER_STAGE": "0",
             "OMP_NUM_THREADS": "1",
+            "LLMLAB_CACHE": str(home / "llmlab-cache"),  # the judge cache is scanned too
             "DVC_NO_ANALYTICS": "1",
             "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
             "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
@@ -227,9 +228,9 @@ def run_and_scan(tiny_dirs, server: str, tmp_path: Path, experiment: bool) -> di
         "git history": git_history(run),
     }
     assert "best_probe_accuracy" in shown["dvc exp show --json"]
-    written = [repo, run.logs]
+    written = [repo, run.logs, home / "llmlab-cache"]
     found = scan(written, keys, shown)
-    assert (repo / ".cache/judge").is_dir() and (repo / "dvc.lock").is_file()
+    assert (home / "llmlab-cache/judge").is_dir() and (repo / "dvc.lock").is_file()
     assert not found["hits"], "secret found in:\n" + "\n".join(found["hits"])
     return found | {"commands": run.n, "keys": len(keys)}
 
