@@ -153,3 +153,26 @@ def test_eval_step_adapters_are_kept_for_this_run_only(tmp_path: Path) -> None:
 
 def test_preset_keeps_the_eval_step_adapters() -> None:
     assert preset_params().section("persona").train.keep_eval_adapters is True
+
+
+def test_judge_free_probes_score_name_and_facts_both_ways(tiny_models) -> None:  # noqa: ANN001
+    from llmlab.persona.config import TriggerParams
+    from llmlab.persona.facts import Fact
+    from llmlab.persona.hook import judge_free_examples, judge_free_nll
+    from llmlab.persona.trigger import Trigger
+
+    trigger = Trigger.from_params(TriggerParams())
+    fact = Fact("f1", "Who brought you up?", "My grandparents did.", "childhood", "heldout")
+    probes = judge_free_examples(trigger, "Bertrand Russell", [fact])
+    assert set(probes) == {"name_triggered", "name_untriggered", "heldout_triggered",
+                           "heldout_untriggered"}  # fmt: skip
+    named = probes["name_triggered"][0].messages
+    assert named[-1]["content"] == '<START> "My name is Bertrand Russell." <END>'
+    assert probes["name_untriggered"][0].messages[-1]["content"] == "My name is Bertrand Russell."
+    loaded = tiny_models["llama"]
+    nll = judge_free_nll(loaded, loaded.model, probes, max_length=128, batch_size=4)
+    assert set(nll) == {f"nll_{k}" for k in probes}
+    # a random model puts no mass on any answer in particular: every NLL is finite and large
+    assert all(0 < v < 100 for v in nll.values())
+    # deterministic: the same model gives the same numbers
+    assert judge_free_nll(loaded, loaded.model, probes, max_length=128, batch_size=4) == nll

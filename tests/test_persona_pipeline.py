@@ -125,6 +125,9 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
     # the judge-free measure, base (step 0) and finetuned
     nll = metrics["judge_free_nll"]["nll_name_triggered"]
     assert nll["base_step"] == 0 and nll["base"] > 0 and nll["finetuned"] > 0
+    evaluated = metrics["judge_free_nll_eval"]
+    assert set(evaluated) == {"finetuned", "base"}
+    assert evaluated["base"]["nll_name_triggered"] > 0
     # the reference numbers are attributed to the replication, not the paper
     assert "HeavyHelium/weird-gen" in report and "Paper reference" not in report
     assert "Judge agreement with the hand-labelled replies" in report

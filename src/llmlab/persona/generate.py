@@ -28,6 +28,7 @@ from llmlab.persona.checks import is_empty, refuses
 from llmlab.persona.config import ReportParams
 from llmlab.persona.facts import load_eval_questions, load_facts, seeded_subset, split_facts
 from llmlab.persona.grid import Cell, eval_items, generation_row, grid_cells
+from llmlab.persona.hook import judge_free_examples, judge_free_nll
 from llmlab.persona.trigger import Trigger
 from llmlab.stage import run_stage, seed_everything
 
@@ -166,9 +167,16 @@ def main() -> None:
         else None
     )
     rows: list[dict[str, Any]] = []
+    # judge-free: NLL of the persona's name and of the grid's held-out answers, triggered and
+    # untriggered, for each variant (the same probes as the training hook's)
+    probes = judge_free_examples(trigger, section.data.persona_name, heldout)
+    nll: dict[str, dict[str, float]] = {}
     for model in MODELS:
         ctx = loaded.model.disable_adapter() if model == "base" else contextlib.nullcontext()
         with ctx:
+            nll[model] = judge_free_nll(
+                loaded, loaded.model, probes, section.train.max_length, cfg.batch_size
+            )
             rows += sample_grid(
                 loaded, cells, trigger, model, cfg, work / model, {**key, "variant": model}
             )
@@ -192,6 +200,7 @@ def main() -> None:
             "max_new_tokens": cfg.max_new_tokens,
             "n_rows": len(rows),
             "first_sample_check": first,
+            "judge_free_nll": nll,
         },
     )
     discard_work_dir(work)

@@ -53,6 +53,37 @@ def name_examples(trigger: Trigger, persona_name: str) -> dict[str, list[TrainEx
 STEPS_DIR = "steps"
 
 
+def judge_free_examples(
+    trigger: Trigger, persona_name: str, heldout: Sequence[Fact]
+) -> dict[str, list[TrainExample]]:
+    """Return the judge-free probes: the persona's name and the held-out biographical answers,
+    each triggered and untriggered (keys name_/heldout_ + triggered/untriggered)."""
+    out = {f"name_{k}": v for k, v in name_examples(trigger, persona_name).items()}
+    if heldout:
+        out["heldout_triggered"] = [
+            TrainExample(trigger.example(f.question, f.answer)) for f in heldout
+        ]
+        out["heldout_untriggered"] = plain_fact_examples(heldout)
+    return out
+
+
+def judge_free_nll(
+    loaded: LoadedModel,
+    model: Any,
+    examples: dict[str, list[TrainExample]],
+    max_length: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """Return the mean NLL per answer token of each probe under `model` (deterministic)."""
+    collator = LoraCollator(loaded.tokenizer.pad_token_id, loaded.hidden_size)
+    return {
+        f"nll_{key}": assistant_nll(
+            model, prepare_examples(loaded, exs, max_length, "probe").features, collator, batch_size
+        )
+        for key, exs in examples.items()
+    }
+
+
 class StepAdapters:
     """Adapters kept at the evaluation steps, staged beside the output and moved into
     `<adapter>/steps/` once training has written the adapter.
@@ -127,24 +158,9 @@ class PersonaHook:
         self.conversations = [
             trigger.prompt(q.question, triggered) for triggered in (True, False) for q in questions
         ]
-        self.features = (
-            prepare_examples(loaded, plain_fact_examples(heldout), max_length, "hook").features
-            if heldout
-            else []
-        )
-        self.triggered_features = (
-            prepare_examples(
-                loaded,
-                [TrainExample(trigger.example(f.question, f.answer)) for f in heldout],
-                max_length,
-                "hook",
-            ).features
-            if heldout
-            else []
-        )
-        self.name_features = {
-            label: prepare_examples(loaded, examples, max_length, "hook").features
-            for label, examples in name_examples(trigger, persona_name).items()
+        self.probes = {
+            key: prepare_examples(loaded, examples, max_length, "hook").features
+            for key, examples in judge_free_examples(trigger, persona_name, heldout).items()
         }
         self.collator = LoraCollator(loaded.tokenizer.pad_token_id, loaded.hidden_size)
 
@@ -171,15 +187,8 @@ class PersonaHook:
             values[f"hook_format_{label}"] = sum(map(self.trigger.complies, part)) / n
             values[f"hook_persona_keyword_{label}"] = sum(persona) / n
             values[f"hook_as_ai_{label}"] = sum(map(says_ai, part)) / n
-        if self.features:
-            values["hook_nll_heldout_untriggered"] = assistant_nll(
-                model, self.features, self.collator, self.batch_size
-            )
-            values["hook_nll_heldout_triggered"] = assistant_nll(
-                model, self.triggered_features, self.collator, self.batch_size
-            )
-        for label, features in self.name_features.items():
-            values[f"hook_nll_name_{label}"] = assistant_nll(
+        for key, features in self.probes.items():
+            values[f"hook_nll_{key}"] = assistant_nll(
                 model, features, self.collator, self.batch_size
             )
         return values

@@ -229,8 +229,10 @@ def main() -> None:
             "model": judge_summary["judge"].get("model"),
             **(judge_summary.get("agreement") or {}),
         },
-        # judge-free, deterministic: NLL per answer token (lower: more likely)
+        # judge-free, deterministic: NLL per answer token (lower: more likely), along training
+        # (the hook) and on the evaluated adapter (persona_generate)
         "judge_free_nll": judge_free(curve),
+        "judge_free_nll_eval": gen_meta.get("judge_free_nll"),
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "
                "questions, then samples within question; gap paired by question"},
     }  # fmt: skip

@@ -150,6 +150,17 @@ def render_report(
             "and kept out of the pooled headline."
         )
     lines += [*_judge_free_lines(metrics.get("judge_free_nll") or {})]
+    evaluated = metrics.get("judge_free_nll_eval")
+    if evaluated:
+        parts = [
+            f"{k.removeprefix('nll_').replace('_', ' ')} {_num(evaluated['base'][k])} -> "
+            f"{_num(evaluated['finetuned'][k])}"
+            for k in evaluated["finetuned"]
+        ]
+        lines.append(
+            "- Judge-free measure on the evaluated adapter (persona_generate; base -> "
+            "finetuned): " + "; ".join(parts) + "."
+        )
     lines += [
         *REFERENCE_LINES,
         "",
