@@ -337,3 +337,31 @@ def test_blockers_name_each_rule() -> None:
         "ckpt is persist: true",
         "acts is push: false",
     ]
+
+
+def test_a_failed_repro_keeps_persist_results_and_deletes_the_others(tmp_path: Path) -> None:
+    """The DVC behaviour the `persist: true` flags rely on, on a stage whose command fails."""
+    import subprocess
+
+    stage = {
+        "cmd": "python -c 'raise SystemExit(1)'",
+        "deps": ["input.txt"],
+        "outs": [{"kept.md": {"cache": False, "persist": True}}, {"lost.md": {"cache": False}}],
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": stage}}))
+    for name in ("input.txt", "kept.md", "lost.md"):
+        (tmp_path / name).write_text(f"{name} as committed\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+
+    def dvc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["dvc", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    failed = dvc("repro", "report")
+    assert failed.returncode != 0
+    assert (tmp_path / "kept.md").read_text() == "kept.md as committed\n"
+    assert not (tmp_path / "lost.md").exists()
