@@ -501,8 +501,8 @@ def assistant_nll(
 # ---- trainer pieces --------------------------------------------------------------------------
 
 
-# transformers and peft are imported inside functions: family params sections import this
-# module for LoraTrainConfig, and validating params.yaml must not pay for those imports.
+# transformers and peft are imported inside functions: stage modules import this one at the
+# top, and a stage that fails on its params or inputs must not pay for those imports first.
 
 
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
