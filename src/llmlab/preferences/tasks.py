@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmlab.io import DataError, read_json, read_jsonl
+from llmlab.io import DataError, numbered, read_json, read_jsonl
 
 # Shipped tasks are handwritten or templated; the hub sources join the pool when reachable.
 ORIGINS = frozenset({"handwritten", "templated", "gsm8k", "alpaca", "wildchat"})
@@ -51,12 +51,6 @@ class OodPrompt:
     persona_expect: dict[str, int] = field(default_factory=dict, hash=False)
 
 
-def _line_numbers(path: Path) -> list[int]:
-    """Return the 1-based line numbers of the non-blank lines of a file."""
-    with open(path, encoding="utf-8") as fh:
-        return [i for i, line in enumerate(fh, start=1) if line.strip()]
-
-
 def load_tasks(path: str | Path) -> list[Task]:
     """Return the tasks in file order.
 
@@ -66,7 +60,7 @@ def load_tasks(path: str | Path) -> list[Task]:
     p = Path(path)
     rows = read_jsonl(p, required=TASK_FIELDS, id_field="id")
     tasks = []
-    for lineno, row in zip(_line_numbers(p), rows, strict=True):
+    for lineno, row in numbered(rows):
         for key in TASK_FIELDS:
             if not isinstance(row[key], str) or not row[key].strip():
                 raise DataError(f"{p}:{lineno}: field {key!r} must be a non-empty string")
@@ -240,4 +234,4 @@ def load_ood_prompts(path: str | Path) -> list[OodPrompt]:
     """
     p = Path(path)
     rows = read_jsonl(p, required=("id", "kind", "system_prompt", "direction"), id_field="id")
-    return [_ood_from_row(p, n, r) for n, r in zip(_line_numbers(p), rows, strict=True)]
+    return [_ood_from_row(p, n, r) for n, r in numbered(rows)]
