@@ -117,8 +117,9 @@ def main() -> None:
     ap.add_argument(
         "--agreement",
         type=Path,
-        default=Path("data/persona/judge_agreement.jsonl"),
-        help="hand-labelled replies the judge is scored against",
+        default=None,
+        help="hand-labelled replies the judge is also scored against (the persona_judge stage "
+        "passes data/persona/judge_agreement.jsonl; without it the report says it is missing)",
     )
     args = ap.parse_args()
     params = load_params(args.params)
@@ -127,7 +128,11 @@ def main() -> None:
     name = section.data.persona_name
     names = name_keywords(name)
     rows = read_jsonl(args.generations, required=GENERATION_FIELDS, id_field="id")
-    labelled = read_jsonl(args.agreement, required=AGREEMENT_FIELDS, id_field="id")
+    labelled = (
+        read_jsonl(args.agreement, required=AGREEMENT_FIELDS, id_field="id")
+        if args.agreement
+        else []
+    )
 
     judge, size = build_judge(params)
     persona_prompts, as_ai_prompts = judge_prompts(rows, trigger, name)
@@ -136,13 +141,18 @@ def main() -> None:
     if section.judge.as_ai_check:
         as_ai = list(judge.yes_no(as_ai_prompts))
     # the hand-labelled set, asked exactly as the grid is
-    label_persona, label_as_ai = judge_prompts(labelled, trigger, name)
-    agree_persona = judge.yes_no(label_persona)
-    agree_as_ai = judge.yes_no(label_as_ai) if section.judge.as_ai_check else []
+    agree_persona: list[Verdict] = []
+    agree_as_ai: list[Verdict] = []
+    if labelled:
+        label_persona, label_as_ai = judge_prompts(labelled, trigger, name)
+        agree_persona = list(judge.yes_no(label_persona))
+        if section.judge.as_ai_check:
+            agree_as_ai = list(judge.yes_no(label_as_ai))
     asked = {"judge_persona": persona}
     if section.judge.as_ai_check:
         asked["judge_as_ai"] = [v for v in as_ai if v is not None]
-    asked["agreement_set"] = [*agree_persona, *agree_as_ai]
+    if labelled:
+        asked["agreement_set"] = [*agree_persona, *agree_as_ai]
     # one share over every verdict of the stage; the counts are kept per question
     judge.check([v.status for verdicts in asked.values() for v in verdicts], "persona_judge")
     counts = {k: count_statuses([v.status for v in verdicts]) for k, verdicts in asked.items()}
@@ -157,10 +167,12 @@ def main() -> None:
         "judge_persona": dict(Counter(v.status for v in persona)),
         "judge_as_ai": dict(Counter(v.status for v in as_ai if v is not None)),
     }
-    agreement_out = {"file": str(args.agreement),
-                     "persona": agreement([r["persona"] for r in labelled], agree_persona)}  # fmt: skip
-    if section.judge.as_ai_check:
-        agreement_out["as_ai"] = agreement([r["as_ai"] for r in labelled], agree_as_ai)
+    agreement_out: dict[str, Any] = {}
+    if args.agreement:
+        agreement_out = {"file": str(args.agreement),
+                         "persona": agreement([r["persona"] for r in labelled], agree_persona)}  # fmt: skip
+        if section.judge.as_ai_check:
+            agreement_out["as_ai"] = agreement([r["as_ai"] for r in labelled], agree_as_ai)
     summary = {
         "agreement": agreement_out,
         "judge": judge.summary(),

@@ -188,7 +188,9 @@ REFERENCE_LINES = (
 
 def _agreement_lines(agree: Mapping[str, Any]) -> list[str]:
     if "persona" not in agree:
-        return ["- The judge was not scored against the hand-labelled replies (older judge run)."]
+        return [
+            "- The judge was not scored against the hand-labelled replies (persona_judge ran without --agreement)."
+        ]
     parts = []
     for what in ("persona", "as_ai"):
         a = agree.get(what)
