@@ -49,6 +49,9 @@ def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Pa
     assert m["model"] == "tiny"
     assert m["measure"]["train"]["n_tasks"] == 60 and m["measure"]["eval"]["n_tasks"] == 36
     assert m["measure"]["train"]["n_edges"] >= 60
+    assert m["measure"]["train"]["n_random_pairs"] == 40
+    assert m["measure"]["eval"]["random_pair_accuracy"] is not None
+    assert 0 <= m["measure"]["eval"]["sample_agreement"] <= 1
     assert set(m["hoo"]) == {"instruct", "base", "content"}
     assert m["hoo"]["content"]["label"] == "all-MiniLM-L6-v2"
     assert m["hoo"]["instruct"]["held_r"]["n_folds"] == 12
@@ -59,6 +62,6 @@ def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Pa
     train = (repo / "data/preferences/split/train_ids.txt").read_text().split()
     evals = (repo / "data/preferences/split/eval_ids.txt").read_text().split()
     assert not set(train) & set(evals)
-    utilities = (repo / "data/preferences/measure/train/utilities.csv").read_text().splitlines()
+    utilities = (repo / "data/preferences/fit/train/utilities.csv").read_text().splitlines()
     assert utilities[0] == "task_id,topic,mu,sigma,n_comparisons" and len(utilities) == 61
     assert "held-out r" in (repo / "metrics/preferences_report.md").read_text()

@@ -151,3 +151,16 @@ def test_prefix_batches_group_by_length(tiny_models) -> None:
         suffixes = [len(encoded[i].ids) - encoded[i].split for i in rows]
         assert suffixes == sorted(suffixes, reverse=True)
     assert sorted(i for rows in batches for i in rows) == list(range(len(mixed)))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_prefix_split_is_the_end_of_task_a_from_the_template_structure(tiny_models, chat) -> None:
+    loaded = tiny_models["qwen2"]
+    loaded = type(loaded)(**{**loaded.__dict__, "chat": chat})
+    scorer = ChoiceScorer(loaded, DEFAULT_TEMPLATE)
+    # the system prompt repeats the user turn's opening, so a text search could land in it
+    system = DEFAULT_TEMPLATE.split("{task_a}")[0] + TASKS[0]
+    enc = scorer.encode(PairOrder(TASKS[0], TASKS[1], system))
+    prefix = loaded.tokenizer.decode(enc.ids[: enc.split])
+    assert prefix.rstrip().endswith(TASKS[0]) and prefix.count(TASKS[0]) == 2
+    assert TASKS[1] not in prefix

@@ -60,7 +60,8 @@ def build_workspace(tmp: Path, n_train: int = 100, n_eval: int = 60, seed: int =
     for name, part in (("train", tr), ("eval", ev)):
         d = tmp / c.MEASURE / name
         d.mkdir(parents=True)
-        with open(d / "utilities.csv", "w", newline="") as fh:
+        (tmp / c.FIT / name).mkdir(parents=True)
+        with open(tmp / c.FIT / name / "utilities.csv", "w", newline="") as fh:
             wr = csv.writer(fh)
             wr.writerow(c.UTILITY_FIELDS)
             for t in part:
@@ -72,7 +73,7 @@ def build_workspace(tmp: Path, n_train: int = 100, n_eval: int = 60, seed: int =
                 fh.write(
                     json.dumps({"round": 0, "task_a": a, "task_b": b, "p_a": p, "mass": 1.0}) + "\n"
                 )
-        (d / "fit.json").write_text(json.dumps({"reliability": 0.9}))
+        (tmp / c.FIT / name / "fit.json").write_text(json.dumps({"split_half_reliability": 0.9}))
     write_acts(tmp / c.ACTS / "instruct", ids, x)
     _params(tmp)
     return {"ids": ids, "x": x, "mu": mu, "topics": topics}
@@ -175,7 +176,7 @@ def _expect_error(module, tmp_path, monkeypatch, capsys, pattern: str) -> None:
 
 def test_error_task_in_both_splits(tmp_path, monkeypatch, capsys) -> None:
     ws = build_workspace(tmp_path)
-    f = tmp_path / c.MEASURE / "eval" / "utilities.csv"
+    f = tmp_path / c.FIT / "eval" / "utilities.csv"
     t0 = ws["ids"][0]
     f.write_text(f.read_text() + f"{t0},{ws['topics'][t0]},0.1,1.0,3\n")
     _expect_error(

@@ -65,7 +65,7 @@ def initial_pairs(n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
     return [(min(a, b), max(a, b)) for a, b in zip(perm, perm[1:] + perm[:1], strict=True)]
 
 
-def _candidates(
+def unsampled_pairs(
     n: int, seen: set[tuple[int, int]], cap: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Return unsampled pairs [m, 2] (i < j): all of them, or a random sample of `cap`."""
@@ -93,7 +93,7 @@ def select_pairs(
     rng: np.random.Generator,
 ) -> list[tuple[int, int]]:
     """Return up to k new pairs by the protocol's closeness-and-low-degree rule."""
-    cand = _candidates(mu.size, seen, cfg.max_candidates, rng)
+    cand = unsampled_pairs(mu.size, seen, cfg.max_candidates, rng)
     if cand.size == 0 or k <= 0:
         return []
     gap = np.abs(mu[cand[:, 0]] - mu[cand[:, 1]])
@@ -141,7 +141,7 @@ def run_active(
         r += 1
         k = min(cfg.batch_size, cfg.edge_budget - len(pairs))
         if random_pairs:
-            cand = _candidates(n, seen, cfg.max_candidates, rng)
+            cand = unsampled_pairs(n, seen, cfg.max_candidates, rng)
             idx = rng.choice(len(cand), size=min(k, len(cand)), replace=False) if len(cand) else []
             new = [(int(cand[p, 0]), int(cand[p, 1])) for p in idx]
         else:

@@ -17,6 +17,7 @@ import numpy as np
 
 from llmlab.activations import load_activations, read_index
 from llmlab.io import DataError, atomic_path, read_jsonl, write_text
+from llmlab.preferences.config import FitSection
 from llmlab.preferences.tasks import Task, load_tasks, load_topics
 from llmlab.preferences.thurstonian import Edges
 
@@ -26,6 +27,7 @@ POOL = SPLIT / "pool.jsonl"
 POOL_TOPICS = SPLIT / "topics.json"
 IDS = {"train": SPLIT / "train_ids.txt", "eval": SPLIT / "eval_ids.txt"}
 MEASURE = ROOT / "measure"
+FIT = ROOT / "fit"
 ACTS = ROOT / "activations"
 RESULTS = ROOT / "results"
 PROBES = Path("models/preferences/probes")
@@ -153,13 +155,32 @@ def load_utilities(path: str | Path, topics: dict[str, str] | None = None) -> Ut
     return Utilities(ids, [r["topic"] for r in rows], mu, sigma, str(p))
 
 
-def load_edges(path: str | Path, ids: Sequence[str]) -> Edges:
-    """Return the measured edges of a run (both orders combined) indexed by `ids` order.
+def fit_kwargs(fit: FitSection, seed: int) -> dict[str, object]:
+    """Return keyword arguments of fit_thurstonian from the fit section."""
+    return {
+        "method": fit.method,
+        "max_iter": fit.max_iter,
+        "log_sigma_bounds": tuple(fit.log_sigma_bounds),
+        "prior": fit.prior,
+        "seed": seed,
+    }
 
-    Rows of outcomes.jsonl are pair-orders {task_a, task_b, p_a}; P(i > j) is the mean of
-    P(choose i | i shown first) and 1 - P(choose j | j shown first).
+
+def read_outcomes(path: Path) -> list[dict[str, object]]:
+    """Return the pair-order rows of outcomes.jsonl or holdout.jsonl (fields checked)."""
+    return read_jsonl(path, required=("task_a", "task_b", "p_a", "mass"), allow_empty=True)
+
+
+def load_edges(path: str | Path, ids: Sequence[str]) -> Edges:
+    """Return the measured edges of a run (both orders combined) indexed by `ids` order."""
+    return edges_from_rows(read_jsonl(path, required=("task_a", "task_b", "p_a")), ids, path)
+
+
+def edges_from_rows(rows: Sequence[dict[str, Any]], ids: Sequence[str], path: str | Path) -> Edges:
+    """Return edges from pair-order rows {task_a, task_b, p_a} (of `path`), indexed by `ids`.
+
+    P(i > j) is the mean of P(choose i | i shown first) and 1 - P(choose j | j shown first).
     """
-    rows = read_jsonl(path, required=("task_a", "task_b", "p_a"))
     where = {t: k for k, t in enumerate(ids)}
     acc: dict[tuple[int, int], list[float]] = {}
     for r in rows:

@@ -12,10 +12,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from llmlab.config_base import RegistryModelName, StrictModel
-from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template
+from llmlab.preferences.prompts import COMPLETION_TEMPLATE, DEFAULT_TEMPLATE, check_template
 
 DEFAULT_LAYERS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 HUB_SOURCES = ("gsm8k", "alpaca", "wildchat")
+NAMED_TEMPLATES = {"choice": DEFAULT_TEMPLATE, "completion": COMPLETION_TEMPLATE}
 
 
 class TasksSection(StrictModel):
@@ -62,17 +63,35 @@ class RunSection(StrictModel):
         gt=0,
         description="Edge target as a multiple of N*log2(N) (protocol: 2.0; smaller on CPU)",
     )
+    holdout_pairs: int = Field(
+        0,
+        ge=0,
+        description="Pairs drawn uniformly at random (apart from the active-learning edges) "
+        "and measured only for the held-out fit metrics; 0: none",
+    )
 
 
 class ElicitationSection(StrictModel):
     """How a pair is asked and how the choice probability is read."""
 
-    template: str = Field(DEFAULT_TEMPLATE, description="User prompt with {task_a} and {task_b}")
+    template: str = Field(
+        DEFAULT_TEMPLATE,
+        description="User prompt with {task_a} and {task_b}, or a named one: 'choice' (respond "
+        "with only A or B) or 'completion' (the seed's: begin with 'Task A:' or 'Task B:' and "
+        "complete the task; for the sampling backend)",
+    )
     backend: Literal["logprobs", "sampling"] = Field(
         "logprobs", description="logprobs: P from A/B token probabilities; sampling: K samples"
     )
     temperature: float = Field(1.0, gt=0, description="Sampling backend temperature")
     max_new_tokens: int = Field(6, gt=0, description="Sampling backend answer length")
+    min_mass: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Logprob backend: a pair-order whose p(A) + p(B) is below this counts "
+        "0.5/0.5 (a refusal is not a choice); counted in the fit report",
+    )
     batch_size: int = Field(48, gt=0, description="Pair-orders per forward pass")
     prefix_cache: bool = Field(
         True, description="Share the key/value cache of the prompt up to task A across pairs"
@@ -81,6 +100,7 @@ class ElicitationSection(StrictModel):
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
+        v = NAMED_TEMPLATES.get(v, v)
         check_template(v)
         return v
 
@@ -97,7 +117,13 @@ class FitSection(StrictModel):
         description="Bounds [low, high] on log sigma during the fit",
     )
     prior: float = Field(0.01, ge=0, description="Weight of the N(0, 1) prior on mu per item")
-    holdout_frac: float = Field(0.05, gt=0, lt=0.5, description="Edges held out for log-loss")
+    holdout_frac: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Share of the active-learning edges held out for the protocol's held-out-edge "
+        "metrics (near-ties by construction; the random hold-out pairs are the unbiased check)",
+    )
     reliability_splits: int = Field(5, gt=0, description="Split-half fits for the noise ceiling")
 
 
@@ -166,13 +192,23 @@ class PreferencesParams(StrictModel):
     tasks: TasksSection = Field(default_factory=TasksSection, description="Task pool and split")
     train: RunSection = Field(
         default_factory=lambda: RunSection(
-            n_tasks=150, n_samples=5, batch_size=150, convergence_threshold=0.995, edge_budget=0.4
+            n_tasks=150,
+            n_samples=5,
+            batch_size=150,
+            convergence_threshold=0.995,
+            edge_budget=0.4,
+            holdout_pairs=40,
         ),
         description="Train measurement run (plan: 10k tasks)",
     )
     eval: RunSection = Field(
         default_factory=lambda: RunSection(
-            n_tasks=90, n_samples=3, batch_size=90, convergence_threshold=0.99, edge_budget=0.4
+            n_tasks=90,
+            n_samples=3,
+            batch_size=90,
+            convergence_threshold=0.99,
+            edge_budget=0.4,
+            holdout_pairs=30,
         ),
         description="Eval measurement run (plan: 3k tasks), disjoint from train",
     )

@@ -23,12 +23,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmlab.chat import Message, render, token_budget_batches, tokenize_rendered
+from llmlab.chat import (
+    Message,
+    content_span,
+    render,
+    token_budget_batches,
+    tokenize_rendered,
+)
 from llmlab.generation import generate
 from llmlab.models import LoadedModel, cache_keyword, unwrap
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template, parse_choice
 
-__all__ = ["DEFAULT_TEMPLATE", "ChoiceScorer", "PairOrder", "Choice", "sample_choices"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "ChoiceScorer",
+    "PairOrder",
+    "Choice",
+    "apply_min_mass",
+    "sample_choices",
+]
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,16 @@ class Choice:
 
     p_first: float
     mass: float  # logprob path: p(A) + p(B); sampling path: share of parseable answers
+    low_mass: bool = False  # logprob path: mass below the minimum, so p_first was set to 0.5
+
+
+def apply_min_mass(choices: Sequence[Choice], min_mass: float) -> list[Choice]:
+    """Return the choices with those whose A/B mass is below `min_mass` counted 0.5/0.5.
+
+    A model that refuses or answers off-format puts little probability on either letter; the
+    ratio p(A) / (p(A) + p(B)) of that remainder would still read as a confident choice.
+    """
+    return [Choice(0.5, ch.mass, True) if ch.mass < min_mass else ch for ch in choices]
 
 
 def build_messages(template: str, order: PairOrder) -> tuple[list[Message], int]:
@@ -131,10 +154,9 @@ class ChoiceScorer:
         msgs, a_end = build_messages(self.template, order)
         text = render(tok, msgs, chat=self.loaded.chat, add_generation_prompt=True)
         ids, offsets = tokenize_rendered(tok, text)
-        content = msgs[-1]["content"]
-        start = text.rfind(content)
-        if start < 0:
-            return _Encoded(ids, 1)  # the template rewrote the text: no sharing, still exact
+        start, _end = content_span(
+            tok, msgs, len(msgs) - 1, text, chat=self.loaded.chat, add_generation_prompt=True
+        )
         cut = start + a_end
         split = next((k for k, (s, _e) in enumerate(offsets) if s >= cut and k > 0), len(ids))
         return _Encoded(ids, max(1, min(split, len(ids) - 1)))

@@ -139,7 +139,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg: PreferencesParams = params.section("preferences")
     hc = cfg.hoo
-    tr = c.load_utilities(c.MEASURE / "train" / "utilities.csv", load_topics(c.POOL_TOPICS))
+    tr = c.load_utilities(c.FIT / "train" / "utilities.csv", load_topics(c.POOL_TOPICS))
     names = load_topic_names(c.POOL_TOPICS)
     fold_topics = hc.topics or names
     unknown = [t for t in fold_topics if t not in names]

@@ -1,18 +1,33 @@
-"""Stage preferences_measure_{train,eval}: pairwise choices, active learning, Thurstonian fit.
+"""Stage preferences_measure_{train,eval}: pairwise choices by active learning, then a random hold-out.
 
 Every pair is asked in both orders; P(i > j) is the mean of the two orders after undoing the
 flip. Pairs are chosen by the protocol's active-learning rule until the edge budget is spent
-or successive fits agree (rank correlation above the run's convergence threshold).
-Outputs (data/preferences/measure/<split>/): outcomes.jsonl (one row per pair-order: round,
-task_a, task_b, p_a, mass), utilities.csv (task_id, topic, mu, sigma, n_comparisons) and
-fit.json (held-out-edge log-loss and accuracy, split-half reliability, rounds, throughput).
+or successive fits agree (rank correlation above the run's convergence threshold). Then
+`holdout_pairs` pairs drawn uniformly among the unmeasured ones are asked, for held-out fit
+metrics that the near-tie active edges would bias towards chance.
+
+The stage only measures; preferences_fit_<split> fits the utilities, so changing fit params
+never re-runs elicitation. The selection fits inside active learning use the fit defaults
+(FitSection()) for the same reason.
+
+Resumable: every answered pair-order is appended to <out>.partial/journal.jsonl as it comes,
+under a key of what determines an answer (model, prompt, backend, samples, seed); a re-run
+with the same key answers journalled pair-orders from the journal, so the same seed replays
+the same rounds and a killed run loses at most the batch in flight.
+
+Outputs (data/preferences/measure/<split>/): outcomes.jsonl (active-learning pair-orders:
+round, task_a, task_b, p_a, mass, low_mass), holdout.jsonl (the random pairs, same fields) and
+measure.json (rounds, stop reason, low-mass counts, throughput).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
-import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,15 +38,14 @@ from llmlab.io import DataError, write_json, write_jsonl
 from llmlab.models import LoadedModel, load_model
 from llmlab.params import load_params
 from llmlab.preferences import common as c
-from llmlab.preferences.active import ActiveConfig, edge_budget, run_active
+from llmlab.preferences.active import ActiveConfig, edge_budget, run_active, unsampled_pairs
 from llmlab.preferences.config import ElicitationSection, FitSection, PreferencesParams
-from llmlab.preferences.elicit import Choice, ChoiceScorer, PairOrder, sample_choices
-from llmlab.preferences.thurstonian import (
-    Edges,
-    edge_metrics,
-    fit_thurstonian,
-    holdout_split,
-    split_half_reliability,
+from llmlab.preferences.elicit import (
+    Choice,
+    ChoiceScorer,
+    PairOrder,
+    apply_min_mass,
+    sample_choices,
 )
 from llmlab.stage import run_stage, seed_everything
 
@@ -39,24 +53,20 @@ log = logging.getLogger(__name__)
 ChoiceFn = Callable[[Sequence[PairOrder]], list[Choice]]
 
 
-def fit_kwargs(fit: FitSection, seed: int) -> dict[str, object]:
-    """Return keyword arguments of fit_thurstonian from the fit section."""
-    return {
-        "method": fit.method,
-        "max_iter": fit.max_iter,
-        "log_sigma_bounds": tuple(fit.log_sigma_bounds),
-        "prior": fit.prior,
-        "seed": seed,
-    }
-
-
 def make_chooser(
     loaded: LoadedModel, el: ElicitationSection, n_samples: int, seed: int
 ) -> tuple[ChoiceFn, ChoiceScorer | None]:
-    """Return a function scoring pair-orders with the configured backend (and the scorer)."""
+    """Return a function scoring pair-orders with the configured backend (and the scorer).
+
+    On the logprob backend a pair-order below the minimum A/B mass counts 0.5/0.5.
+    """
     if el.backend == "logprobs":
         scorer = ChoiceScorer(loaded, el.template, el.batch_size, el.prefix_cache)
-        return scorer.p_first, scorer
+
+        def scored(orders: Sequence[PairOrder]) -> list[Choice]:
+            return apply_min_mass(scorer.p_first(orders), el.min_mass)
+
+        return scored, scorer
     calls = [0]
 
     def sampled(orders: Sequence[PairOrder]) -> list[Choice]:
@@ -73,6 +83,65 @@ def make_chooser(
         )
 
     return sampled, None
+
+
+class Journal:
+    """Answered pair-orders of one measurement run, appended as they come, for resuming.
+
+    Rows are keyed by (task_a, task_b) ids; the run key (what determines an answer) is the
+    first line, and a journal under another key is discarded rather than mixed in.
+    """
+
+    def __init__(self, path: Path, key: dict[str, object]) -> None:
+        self.path = path
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.rows: dict[tuple[str, str], Choice] = {}
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if lines and json.loads(lines[0]).get("key") == self.key:
+                for line in lines[1:]:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # the line being written when the run was killed
+                    self.rows[(r["task_a"], r["task_b"])] = Choice(r["p_a"], r["mass"])
+                log.info("%s: resuming with %d answered pair-orders", path, len(self.rows))
+            else:
+                log.info("%s: written under other settings; starting afresh", path)
+                path.unlink()
+        self.resumed = len(self.rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with open(path, "w") as fh:
+                fh.write(json.dumps({"key": self.key}) + "\n")
+
+    def wrap(self, choose: ChoiceFn, names: dict[str, str]) -> ChoiceFn:
+        """Return `choose` answering journalled pair-orders from the journal, journalling new ones.
+
+        `names` maps a task prompt to its id. Raw answers are journalled, so the minimum-mass
+        rule (applied by `choose`) is applied again on replay.
+        """
+
+        def choose_resumable(orders: Sequence[PairOrder]) -> list[Choice]:
+            keys = [(names[o.task_a], names[o.task_b]) for o in orders]
+            todo = [k for k, key in enumerate(keys) if key not in self.rows]
+            if todo:
+                fresh = choose([orders[k] for k in todo])
+                with open(self.path, "a") as fh:
+                    for k, ch in zip(todo, fresh, strict=True):
+                        self.rows[keys[k]] = ch
+                        a, b = keys[k]
+                        fh.write(
+                            json.dumps(
+                                {"task_a": a, "task_b": b, "p_a": ch.p_first, "mass": ch.mass}
+                            )
+                            + "\n"
+                        )
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            return [self.rows[key] for key in keys]
+
+        return choose_resumable
 
 
 def pair_probabilities(
@@ -103,24 +172,42 @@ def pair_probabilities(
                         "task_b": ids[b],
                         "p_a": ch.p_first,
                         "mass": ch.mass,
+                        "low_mass": ch.low_mass,
                     }
                 )
     return out
 
 
-def summarise_fit(n: int, edges: Edges, cfg: PreferencesParams, seed: int) -> dict[str, object]:
-    """Return held-out-edge metrics (fit on the rest) and the split-half reliability."""
-    kw = fit_kwargs(cfg.fit, seed)
-    out: dict[str, object] = {"baseline_log_loss": math.log(2.0)}
-    if len(edges) >= 20:
-        keep, held = holdout_split(len(edges), cfg.fit.holdout_frac, seed)
-        part = fit_thurstonian(n, edges.subset(keep), **kw)  # type: ignore[arg-type]
-        out["heldout"] = edge_metrics(part, edges.subset(held))
-        out["reliability"] = split_half_reliability(n, edges, cfg.fit.reliability_splits, **kw)
-    else:
-        out["heldout"] = None
-        out["reliability"] = None
-    return out
+def random_holdout_pairs(
+    n: int, measured: Sequence[tuple[int, int]], k: int, seed: int
+) -> list[tuple[int, int]]:
+    """Return k pairs drawn uniformly among the pairs of n items not yet measured."""
+    if k == 0:
+        return []
+    rng = np.random.default_rng(seed + 104729)
+    seen = {(min(a, b), max(a, b)) for a, b in measured}
+    cand = unsampled_pairs(n, seen, max(4 * k, 10_000), rng)
+    if len(cand) < k:
+        raise DataError(
+            f"only {len(cand)} unmeasured pairs are left for {k} random hold-out pairs; "
+            "lower holdout_pairs"
+        )
+    idx = rng.choice(len(cand), size=k, replace=False)
+    return [(int(cand[p, 0]), int(cand[p, 1])) for p in sorted(idx)]
+
+
+def choice_summary(rows: Sequence[dict[str, object]]) -> dict[str, object]:
+    """Return the mean P(first shown), mean A/B mass and the low-mass count of pair-order rows."""
+    p_a = np.array([r["p_a"] for r in rows], dtype=float)
+    mass = np.array([r["mass"] for r in rows], dtype=float)
+    low = int(sum(bool(r["low_mass"]) for r in rows))
+    return {
+        "n_pair_orders": len(rows),
+        "mean_p_first": float(p_a.mean()) if len(rows) else None,
+        "mean_choice_mass": float(mass.mean()) if len(rows) else None,
+        "n_low_mass": low,
+        "low_mass_share": low / len(rows) if rows else None,
+    }
 
 
 def main() -> None:
@@ -150,9 +237,26 @@ def main() -> None:
         )
     seed = cfg.seed + (0 if args.split == "train" else 1)
     seed_everything(seed)
+    out_dir = c.MEASURE / args.split
+    el = cfg.elicitation
+    journal = Journal(
+        out_dir.with_name(out_dir.name + ".partial") / "journal.jsonl",
+        {
+            "model": params.model,
+            "entry": params.models[params.model].model_dump(mode="json"),
+            "template": el.template,
+            "backend": el.backend,
+            "temperature": el.temperature,
+            "max_new_tokens": el.max_new_tokens,
+            "n_samples": run.n_samples,
+            "seed": seed,
+            "prompts": hashlib.sha256("\0".join(pool[i].prompt for i in ids).encode()).hexdigest(),
+        },
+    )
     loaded = load_model(params)
-    choose, scorer = make_chooser(loaded, cfg.elicitation, run.n_samples, seed)
+    choose, scorer = make_chooser(loaded, el, run.n_samples, seed)
     prompts = [pool[i].prompt for i in ids]
+    choose = journal.wrap(choose, dict(zip(prompts, ids, strict=True)))
     outcomes: list[dict[str, object]] = []
     round_no = [0]
 
@@ -166,57 +270,45 @@ def main() -> None:
         batch_size=run.batch_size,
         edge_budget=budget,
         convergence_threshold=run.convergence_threshold,
-        fit_kw=fit_kwargs(cfg.fit, seed),
+        fit_kw=c.fit_kwargs(FitSection(), seed),
     )
     t0 = time.time()
     res = run_active(len(ids), measure, al, seed=seed, log=log.info)
+    held_pairs = random_holdout_pairs(len(ids), res.pairs, run.holdout_pairs, seed)
+    holdout: list[dict[str, object]] = []
+    pair_probabilities(choose, prompts, held_pairs, None, holdout, ids, -1)
     seconds = time.time() - t0
-    edges = Edges.from_lists([p[0] for p in res.pairs], [p[1] for p in res.pairs], res.probs)
-    summary = summarise_fit(len(ids), edges, cfg, seed)
-    degree = np.bincount(np.array(res.pairs).ravel(), minlength=len(ids))
-    out_dir = c.MEASURE / args.split
-    rows = [
-        {
-            "task_id": t,
-            "topic": pool[t].topic,
-            "mu": float(m),
-            "sigma": float(s),
-            "n_comparisons": int(d),
-        }
-        for t, m, s, d in zip(ids, res.fit.mu, res.fit.sigma, degree, strict=True)
-    ]
-    p_a = np.array([o["p_a"] for o in outcomes], dtype=float)
-    mass = np.array([o["mass"] for o in outcomes], dtype=float)
     report = {
         "split": args.split,
         "model": params.model,
-        "backend": cfg.elicitation.backend,
+        "backend": el.backend,
+        "min_mass": el.min_mass if el.backend == "logprobs" else None,
         "n_tasks": len(ids),
-        "n_edges": len(edges),
+        "n_edges": len(res.pairs),
         "edge_budget": budget,
-        "n_pair_orders": len(outcomes),
+        "n_holdout_pairs": len(held_pairs),
         "rounds": len(res.history),
         "stopped": res.stopped,
         "history": res.history,
-        "fit_loss": res.fit.loss,
-        "fit_converged": res.fit.converged,
-        "mean_p_first": float(p_a.mean()),
-        "mean_choice_mass": float(mass.mean()),
+        "active": choice_summary(outcomes),
+        "holdout": choice_summary(holdout),
+        "resumed_pair_orders": journal.resumed,
         "seconds": seconds,
-        "pair_orders_per_s": len(outcomes) / max(seconds, 1e-9),
+        "pair_orders_per_s": (len(outcomes) + len(holdout)) / max(seconds, 1e-9),
         "forward_tokens": scorer.n_forward_tokens if scorer else None,
-        **summary,
     }
-    write_jsonl(Path(out_dir) / "outcomes.jsonl", outcomes)
-    c.write_utilities(Path(out_dir) / "utilities.csv", rows)
-    write_json(Path(out_dir) / "fit.json", c.clean_json(report))
+    write_jsonl(out_dir / "outcomes.jsonl", outcomes)
+    write_jsonl(out_dir / "holdout.jsonl", holdout)
+    write_json(out_dir / "measure.json", c.clean_json(report))
+    shutil.rmtree(journal.path.parent)
     log.info(
-        "%s: %d tasks, %d edges in %.0fs; held-out %s",
+        "%s: %d tasks, %d edges and %d random hold-out pairs in %.0fs (%d low-mass pair-orders)",
         args.split,
         len(ids),
-        len(edges),
+        len(res.pairs),
+        len(held_pairs),
         seconds,
-        summary["heldout"],
+        report["active"]["n_low_mass"] + report["holdout"]["n_low_mass"],
     )
 
 

@@ -88,7 +88,7 @@ def main() -> None:
     )
     utilities: dict[str, float] = {}
     for split in ("train", "eval"):
-        u = c.load_utilities(c.MEASURE / split / "utilities.csv", topics)
+        u = c.load_utilities(c.FIT / split / "utilities.csv", topics)
         utilities.update(zip(u.ids, u.mu.tolist(), strict=True))
     probes = read_json(c.RESULTS / "probes.json")
     probe = load_probe(probes["best_probe"])

@@ -89,12 +89,12 @@ def main() -> None:
     cfg: PreferencesParams = params.section("preferences")
     pc = cfg.probes
     topics = load_topics(c.POOL_TOPICS)
-    tr = c.load_utilities(c.MEASURE / "train" / "utilities.csv", topics)
-    ev = c.load_utilities(c.MEASURE / "eval" / "utilities.csv", topics)
+    tr = c.load_utilities(c.FIT / "train" / "utilities.csv", topics)
+    ev = c.load_utilities(c.FIT / "eval" / "utilities.csv", topics)
     c.check_disjoint(tr.ids, ev.ids, tr.path, ev.path)
     edges = c.load_edges(c.MEASURE / "eval" / "outcomes.jsonl", ev.ids)
-    eval_fit = read_json(c.MEASURE / "eval" / "fit.json")
-    rel = eval_fit.get("reliability")
+    eval_fit = read_json(c.FIT / "eval" / "fit.json")
+    rel = eval_fit.get("split_half_reliability")
     r_ceiling = math.sqrt(rel) if isinstance(rel, float) and rel > 0 else None
     act_dir = c.ACTS / "instruct"
     layers = c.captured_layers(act_dir)

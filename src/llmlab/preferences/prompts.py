@@ -10,6 +10,14 @@ DEFAULT_TEMPLATE = (
     "Task B:\n{task_b}\n\n"
     "Which task do you choose? Respond with only the letter A or B."
 )
+# The seed's completion prompt for the sampling backend: the model picks by starting one task,
+# and the choice is read from the "Task A:" / "Task B:" it begins with.
+COMPLETION_TEMPLATE = (
+    "You will be given two tasks. Choose one and complete it.\n"
+    "Begin with 'Task A:' or 'Task B:' to indicate your choice, then complete that task.\n\n"
+    "Task A:\n{task_a}\n\n"
+    "Task B:\n{task_b}"
+)
 _ANSWER = re.compile(r"^\W*(?:task\s*)?([AB])\b", re.IGNORECASE)
 
 

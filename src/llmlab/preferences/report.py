@@ -17,21 +17,27 @@ from llmlab.stage import run_stage
 
 
 def _measure(split: str) -> dict[str, Any]:
-    f = read_json(c.MEASURE / split / "fit.json")
-    held = f.get("heldout") or {}
-    return {
-        "n_tasks": f["n_tasks"],
-        "n_edges": f["n_edges"],
-        "rounds": f["rounds"],
-        "stopped": f["stopped"],
-        "heldout_accuracy": held.get("accuracy"),
-        "heldout_log_loss": held.get("log_loss"),
-        "baseline_log_loss": f["baseline_log_loss"],
-        "split_half_reliability": f.get("reliability"),
-        "mean_p_first": f["mean_p_first"],
-        "mean_choice_mass": f["mean_choice_mass"],
-        "seconds": f["seconds"],
-    }
+    f = read_json(c.FIT / split / "fit.json")
+    keys = (
+        "n_tasks",
+        "n_edges",
+        "rounds",
+        "stopped",
+        "sample_agreement",
+        "n_random_pairs",
+        "random_pair_accuracy",
+        "random_pair_log_loss",
+        "active_heldout_edge_accuracy",
+        "active_heldout_edge_log_loss",
+        "baseline_log_loss",
+        "split_half_reliability",
+        "mean_p_first",
+        "mean_choice_mass",
+        "n_low_mass",
+        "low_mass_share",
+        "seconds",
+    )
+    return {k: f[k] for k in keys}
 
 
 def _ci(d: dict[str, Any] | None, key: str = "value", lo: str = "lo", hi: str = "hi") -> str:
@@ -101,7 +107,8 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "hoo_held_r": {key: estimate(h["held_r"]) for key, h in m["hoo"].items()},
         "ood_pearson": estimate(o["pearson"], "r"),
         "ood_sign_agreement": o["sign_agreement"],
-        "eval_heldout_edge_acc": m["measure"]["eval"]["heldout_accuracy"],
+        "eval_random_pair_acc": m["measure"]["eval"]["random_pair_accuracy"],
+        "eval_sample_agreement": m["measure"]["eval"]["sample_agreement"],
         "eval_split_half_reliability": m["measure"]["eval"]["split_half_reliability"],
     }
 
@@ -115,8 +122,12 @@ def render(m: dict[str, Any]) -> str:
         "| measure | train | eval |",
         "| --- | --- | --- |",
         f"| tasks / edges | {tr['n_tasks']} / {tr['n_edges']} | {ev['n_tasks']} / {ev['n_edges']} |",
-        f"| held-out edge accuracy | {_f(tr['heldout_accuracy'])} | {_f(ev['heldout_accuracy'])} |",
-        f"| held-out log-loss (chance 0.693) | {_f(tr['heldout_log_loss'])} | {_f(ev['heldout_log_loss'])} |",
+        f"| random hold-out pairs | {tr['n_random_pairs']} | {ev['n_random_pairs']} |",
+        f"| random-pair accuracy | {_f(tr['random_pair_accuracy'])} | {_f(ev['random_pair_accuracy'])} |",
+        f"| random-pair log-loss (chance 0.693) | {_f(tr['random_pair_log_loss'])} | {_f(ev['random_pair_log_loss'])} |",
+        f"| sample agreement (paper's accuracy) | {_f(tr['sample_agreement'])} | {_f(ev['sample_agreement'])} |",
+        f"| held-out active-edge accuracy (near-ties) | {_f(tr['active_heldout_edge_accuracy'])} | {_f(ev['active_heldout_edge_accuracy'])} |",
+        f"| low-mass pair-orders (counted 0.5) | {tr['n_low_mass']} | {ev['n_low_mass']} |",
         f"| split-half reliability | {_f(tr['split_half_reliability'])} | {_f(ev['split_half_reliability'])} |",
         f"| mean P(first shown) / A-B mass | {_f(tr['mean_p_first'])} / {_f(tr['mean_choice_mass'])} | {_f(ev['mean_p_first'])} / {_f(ev['mean_choice_mass'])} |",
         "",
