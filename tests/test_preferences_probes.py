@@ -215,7 +215,7 @@ def test_error_empty_fold(tmp_path, monkeypatch, capsys) -> None:
 def test_make_folds_small_fold_message() -> None:
     topics = ["a"] * 10 + ["c"] * 10 + ["b"] * 2
     with pytest.raises(DataError, match=r"fold 'b' has 2 task\(s\), needs at least 4"):
-        make_folds(topics, ["a", "c", "b"], 4, 0.2, 0, "u.csv")
+        make_folds(topics, ["a", "c", "b"], 4, "u.csv")
 
 
 def test_read_ids_and_disjoint(tmp_path: Path) -> None:
@@ -224,3 +224,44 @@ def test_read_ids_and_disjoint(tmp_path: Path) -> None:
         c.read_ids(tmp_path / "ids.txt")
     with pytest.raises(DataError, match="task t2 is in both a and b"):
         c.check_disjoint(["t1", "t2"], ["t2", "t3"], "a", "b")
+
+
+def test_hoo_trains_on_every_other_topic_and_weights_folds_by_size() -> None:
+    from llmlab.preferences.hoo import run_features, summarise
+
+    topics = ["a"] * 30 + ["b"] * 10 + ["c"] * 20
+    folds = make_folds(topics, ["a", "b", "c"], 4, "u.csv")
+    for f in folds:
+        assert sorted([*f.held, *f.fit]) == list(range(60))  # nothing held back
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = x @ np.array([1.0, -0.5, 0.2, 0.0, 0.0]) + rng.normal(scale=0.1, size=60)
+    rows = run_features(x, y, folds, [0.1, 1.0, 10.0])
+    assert all(r["held_acc"] > 0.8 and r["in_dist_r"] > 0.9 for r in rows)
+    assert [r["n_fit"] for r in rows] == [30, 50, 40]
+    rows[1]["held_r"] = -1.0  # the small fold weighs 10 of 60
+    s = summarise(rows, y, folds, n_boot=200, seed=0)
+    want = (30 * rows[0]["held_r"] + 10 * -1.0 + 20 * rows[2]["held_r"]) / 60
+    assert s["mean_held_r"]["value"] == pytest.approx(want)
+    assert s["mean_held_r"]["unweighted"] == pytest.approx(
+        (rows[0]["held_r"] - 1.0 + rows[2]["held_r"]) / 3
+    )
+    assert s["mean_held_acc"]["lo"] <= s["mean_held_acc"]["value"] <= s["mean_held_acc"]["hi"]
+
+
+def test_loo_predictions_match_refits() -> None:
+    from llmlab.preferences.probe import RidgePath
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(12, 3)), rng.normal(size=12)
+    loo = RidgePath(x, y).loo_predictions(1.0)
+    # the closed form keeps the scaler of all rows; a refit with that scaler is exact
+    path = RidgePath(x, y)
+    xs = path.scaler(x)
+    for k in range(12):
+        keep = np.arange(12) != k
+        xm = xs[keep] - xs[keep].mean(0)
+        ym = y[keep] - y[keep].mean()
+        beta = np.linalg.solve(xm.T @ xm + np.eye(3), xm.T @ ym)
+        pred = (xs[k] - xs[keep].mean(0)) @ beta + y[keep].mean()
+        assert loo[k] == pytest.approx(pred, abs=1e-8)

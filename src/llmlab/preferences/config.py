@@ -163,9 +163,6 @@ class HooSection(StrictModel):
     content_baseline: bool = Field(True, description="Include all-MiniLM-L6-v2 embeddings")
     topics: list[str] | None = Field(None, description="Folds (None: every topic of the file)")
     min_fold_size: int = Field(4, ge=2, description="Fewest tasks a held-out topic may have")
-    in_dist_frac: float = Field(
-        0.2, gt=0, lt=0.5, description="Share of training topics held back for in-dist r"
-    )
     batch_size: int = Field(32, gt=0, description="Prompts per forward pass (base model)")
 
 

@@ -1,13 +1,14 @@
 """Stage preferences_hoo: held-one-topic-out generalisation, with content baselines.
 
 Every topic is one fold: the probe trains on the train-run tasks of all other topics and
-predicts the held-out topic's utilities. Within a fold, a seeded `in_dist_frac` of the
-training tasks is held back to give the in-distribution r of the same probe; alpha is chosen by
-the closed-form leave-one-out error on the fold's training rows (no held-out data touches it).
+predicts the held-out topic's utilities (Pearson r and pairwise accuracy within the topic).
+Alpha is chosen by the closed-form leave-one-out error on the fold's training rows, and the
+same leave-one-out predictions give the in-distribution r, so no training task is held back.
 Features with identical splits and targets: the model's activations, its base model's
-activations and all-MiniLM-L6-v2 sentence embeddings. Per feature set the layer is chosen by
-mean in-distribution r. Output: per-fold held-out r, the mean over folds with a bootstrap CI
-(folds resampled), and the bar chart instruct vs base vs content.
+activations (captured at the same token position) and all-MiniLM-L6-v2 sentence embeddings.
+Per feature set the layer is chosen by mean in-distribution r. Output: per-fold held-out r and
+accuracy, their means over folds weighted by fold size with bootstrap CIs (folds resampled),
+and the bar chart instruct vs base vs content.
 """
 
 from __future__ import annotations
@@ -30,31 +31,23 @@ from llmlab.preferences.probe import RidgePath, alpha_grid
 from llmlab.preferences.probes import safe_r
 from llmlab.preferences.tasks import load_topic_names, load_topics
 from llmlab.stage import run_stage
-from llmlab.stats import hierarchical_bootstrap, pearson_ci
+from llmlab.stats import hierarchical_bootstrap, pairwise_accuracy, pearson_ci
 
 
 @dataclass(frozen=True)
 class Fold:
-    """One held-out topic: row indices of its tasks, the fit rows and the in-dist rows."""
+    """One held-out topic: row indices of its tasks and of the training tasks (every other topic)."""
 
     topic: str
     held: np.ndarray
     fit: np.ndarray
-    in_dist: np.ndarray
 
 
-def make_folds(
-    topics: list[str],
-    fold_topics: list[str],
-    min_size: int,
-    in_dist_frac: float,
-    seed: int,
-    where: str,
-) -> list[Fold]:
+def make_folds(topics: list[str], fold_topics: list[str], min_size: int, where: str) -> list[Fold]:
     """Return one Fold per topic; DataError naming an empty or too-small fold."""
     arr = np.array(topics)
     folds = []
-    for k, t in enumerate(fold_topics):
+    for t in fold_topics:
         held = np.flatnonzero(arr == t)
         rest = np.flatnonzero(arr != t)
         if held.size < min_size:
@@ -64,30 +57,36 @@ def make_folds(
             )
         if rest.size < 6:
             raise DataError(f"{where}: HOO fold {t!r} leaves {rest.size} training task(s)")
-        rng = np.random.default_rng(seed + k)
-        perm = rng.permutation(rest)
-        n_in = max(3, round(in_dist_frac * rest.size))
-        folds.append(Fold(t, held, np.sort(perm[n_in:]), np.sort(perm[:n_in])))
+        folds.append(Fold(t, held, rest))
     return folds
+
+
+def safe_acc(pred: np.ndarray, y: np.ndarray) -> float:
+    """Return the pairwise accuracy of pred against y, NaN when no pair has distinct targets."""
+    try:
+        return pairwise_accuracy(pred, y)
+    except ValueError:
+        return math.nan
 
 
 def run_features(
     x: np.ndarray, y: np.ndarray, folds: list[Fold], alphas: list[float]
 ) -> list[dict[str, Any]]:
-    """Return per-fold held-out and in-distribution r for one feature matrix."""
+    """Return per-fold held-out r and accuracy and in-distribution r for one feature matrix."""
     out = []
     for f in folds:
         path = RidgePath(x[f.fit], y[f.fit])
         alpha = path.gcv_alpha(alphas)
         held = path.predict(x[f.held], alpha)
-        ind = path.predict(x[f.in_dist], alpha)
         out.append(
             {
                 "topic": f.topic,
                 "n_held": int(f.held.size),
+                "n_fit": int(f.fit.size),
                 "alpha": alpha,
                 "held_r": safe_r(held, y[f.held]),
-                "in_dist_r": safe_r(ind, y[f.in_dist]),
+                "held_acc": safe_acc(held, y[f.held]),
+                "in_dist_r": safe_r(path.loo_predictions(alpha), y[f.fit]),
                 "_pred": held,
             }
         )
@@ -108,8 +107,11 @@ def summarise(
             d.update(held_lo=None, held_hi=None)
         per_fold.append(d)
     out: dict[str, Any] = {"folds": per_fold}
-    for key in ("held_r", "in_dist_r"):
-        vals = {r["topic"]: [r[key]] for r in rows if not math.isnan(r[key])}
+    for key in ("held_r", "held_acc", "in_dist_r"):
+        # A fold's value repeated once per held-out task: the pooled mean is the mean over
+        # folds weighted by fold size, and the bootstrap resamples folds with their weights
+        # (resampling identical copies inside a fold changes nothing).
+        vals = {r["topic"]: [r[key]] * r["n_held"] for r in rows if not math.isnan(r[key])}
         if vals:
             est = hierarchical_bootstrap(vals, n_boot=n_boot, seed=seed)
             out[f"mean_{key}"] = {
@@ -117,6 +119,7 @@ def summarise(
                 "lo": est.lo,
                 "hi": est.hi,
                 "n_folds": est.n_groups,
+                "unweighted": float(np.mean([v[0] for v in vals.values()])),
             }
         else:
             out[f"mean_{key}"] = None
@@ -147,7 +150,7 @@ def main() -> None:
         raise DataError(
             f"preferences.hoo.topics: topic {unknown[0]!r} is missing from {c.POOL_TOPICS}"
         )
-    folds = make_folds(tr.topics, fold_topics, hc.min_fold_size, hc.in_dist_frac, cfg.seed, tr.path)
+    folds = make_folds(tr.topics, fold_topics, hc.min_fold_size, tr.path)
     alphas = alpha_grid(cfg.probes.alpha_min, cfg.probes.alpha_max, cfg.probes.alpha_sweep_size)
     sets = feature_sets(cfg, params.model)
     # Load every feature matrix first: an index mismatch stops the stage before any output.
@@ -175,6 +178,7 @@ def main() -> None:
                 str(layer): {
                     "mean_in_dist_r": layer_means[layer],
                     "mean_held_r": float(np.nanmean([r["held_r"] for r in rows])),
+                    "mean_held_acc": float(np.nanmean([r["held_acc"] for r in rows])),
                 }
                 for layer, rows in by_layer.items()
             },

@@ -132,15 +132,22 @@ class RidgePath:
         """Return predictions for raw features x at one alpha."""
         return self.scaler(x) @ self.coef(alpha) + self.y_mean
 
+    def loo_predictions(self, alpha: float) -> np.ndarray:
+        """Return the closed-form leave-one-out prediction of every training row at one alpha.
+
+        Standardisation stays fitted on all rows (the usual closed form; its effect on the
+        left-out row is of order 1/n).
+        """
+        shrink = self.s**2 / (self.s**2 + alpha)
+        fitted = self.u @ (shrink * self.uty) + self.y_mean
+        h = (self.u**2) @ shrink + 1.0 / self.y.size  # hat diagonal, intercept included
+        return self.y - (self.y - fitted) / np.clip(1 - h, 1e-9, None)
+
     def gcv_alpha(self, alphas: Sequence[float]) -> float:
         """Return the alpha with the smallest leave-one-out error (closed form for ridge)."""
         best, best_err = float(alphas[0]), math.inf
-        n = self.y.size
         for a in alphas:
-            shrink = self.s**2 / (self.s**2 + a)
-            fitted = self.u @ (shrink * self.uty) + self.y_mean
-            h = (self.u**2) @ shrink + 1.0 / n  # hat diagonal, intercept included
-            err = float(np.mean(((self.y - fitted) / np.clip(1 - h, 1e-9, None)) ** 2))
+            err = float(np.mean((self.y - self.loo_predictions(a)) ** 2))
             if err < best_err:
                 best, best_err = float(a), err
         return best

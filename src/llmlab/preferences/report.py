@@ -76,6 +76,7 @@ def build_metrics() -> dict[str, Any]:
                     "label": s["label"],
                     "layer": s["layer"],
                     "held_r": s["mean_held_r"],
+                    "held_acc": s["mean_held_acc"],
                     "in_dist_r": s["mean_in_dist_r"],
                 }
                 for key, s in hoo["feature_sets"].items()
@@ -105,6 +106,7 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "edge_acc": estimate(p["edge_acc"]),
         "pairwise_acc": p["pairwise_acc"],
         "hoo_held_r": {key: estimate(h["held_r"]) for key, h in m["hoo"].items()},
+        "hoo_held_acc": {key: estimate(h["held_acc"]) for key, h in m["hoo"].items()},
         "ood_pearson": estimate(o["pearson"], "r"),
         "ood_sign_agreement": o["sign_agreement"],
         "eval_random_pair_acc": m["measure"]["eval"]["random_pair_accuracy"],
@@ -137,12 +139,14 @@ def render(m: dict[str, Any]) -> str:
         f"(Thurstonian ceiling {_f(p['ceiling_edge_acc'])}); topic-demeaned r "
         f"{_ci(p['demeaned_r'])}; shuffled-target control r {_f(p['shuffled_r'])}.",
         "",
-        "| HOO features | layer | mean held-out r [95% CI] | mean in-dist r |",
-        "| --- | --- | --- | --- |",
+        "HOO means are over topic folds weighted by fold size.",
+        "",
+        "| HOO features | layer | mean held-out r [95% CI] | mean held-out pairwise accuracy | mean in-dist r |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for key, h in m["hoo"].items():
         lines.append(
-            f"| {key} ({h['label']}) | {h['layer']} | {_ci(h['held_r'])} | {_ci(h['in_dist_r'])} |"
+            f"| {key} ({h['label']}) | {h['layer']} | {_ci(h['held_r'])} | {_ci(h['held_acc'])} | {_ci(h['in_dist_r'])} |"
         )
     o = m["ood"]
     lines += [
