@@ -79,9 +79,11 @@ def build_workspace(tmp: Path, n_train: int = 100, n_eval: int = 60, seed: int =
     return {"ids": ids, "x": x, "mu": mu, "topics": topics}
 
 
-def write_acts(d: Path, ids: list[str], x: np.ndarray, layer: int = 1) -> None:
+def write_acts(
+    d: Path, ids: list[str], x: np.ndarray, layer: int = 1, dtype: str = "float32"
+) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    np.save(d / layer_file(layer), x.astype(np.float32))
+    np.save(d / layer_file(layer), x.astype(dtype))
     (d / "index.json").write_text(
         json.dumps(
             {
@@ -89,7 +91,7 @@ def write_acts(d: Path, ids: list[str], x: np.ndarray, layer: int = 1) -> None:
                 "layers": [layer],
                 "position": "prompt_last",
                 "hidden_size": x.shape[1],
-                "dtype": "float32",
+                "dtype": dtype,
                 "n_items": len(ids),
                 "ids": ids,
             }
@@ -265,3 +267,29 @@ def test_loo_predictions_match_refits() -> None:
         beta = np.linalg.solve(xm.T @ xm + np.eye(3), xm.T @ ym)
         pred = (xs[k] - xs[keep].mean(0)) @ beta + y[keep].mean()
         assert loo[k] == pytest.approx(pred, abs=1e-8)
+
+
+def test_float16_activations_are_read_as_float32_and_overflow_is_refused(tmp_path) -> None:
+    ids = ["t0", "t1", "t2"]
+    x = np.array([[1.5, -2.0], [0.25, 3.0], [7.0, 1e-3]])
+    write_acts(tmp_path / "acts", ids, x, dtype="float16")
+    got = c.features(tmp_path / "acts", 1, ["t2", "t0"], "u")
+    assert got.dtype == np.float32
+    assert np.allclose(got, x[[2, 0]], rtol=1e-3)
+    big = np.array([[1.0, 2.0], [7e4, 0.0], [0.0, 0.0]])
+    with np.errstate(over="ignore"):  # the overflow a float16 capture can meet
+        write_acts(tmp_path / "big", ids, big, dtype="float16")
+    with pytest.raises(DataError, match=r"layer 1, task t1, dimension 0 is inf .*store_dtype"):
+        c.features(tmp_path / "big", 1, ids, "u")
+
+
+def test_one_decomposition_serves_every_target() -> None:
+    from llmlab.preferences.probe import RidgePath
+
+    rng = np.random.default_rng(2)
+    x, y, z = rng.normal(size=(20, 6)), rng.normal(size=20), rng.normal(size=20)
+    shared = RidgePath(x, y).with_target(z)
+    fresh = RidgePath(x, z)
+    assert np.allclose(shared.coef(3.0), fresh.coef(3.0))
+    assert np.allclose(shared.loo_predictions(3.0), fresh.loo_predictions(3.0))
+    assert shared.gcv_alpha([0.1, 1, 10]) == fresh.gcv_alpha([0.1, 1, 10])

@@ -89,6 +89,7 @@ def main() -> None:
             out,
             position=cfg.activations.position,
             batch_size=cfg.hoo.batch_size,
+            store_dtype=cfg.activations.store_dtype,
         )
         del loaded
     if cfg.hoo.content_baseline:

@@ -46,14 +46,26 @@ def main() -> None:
         CaptureItem(t, [{"role": "user", "content": pool[t].prompt}]) for t in train_ids + eval_ids
     ]
     capture_to_disk(
-        loaded, items, layers, c.ACTS / "instruct", position=a.position, batch_size=a.batch_size
+        loaded,
+        items,
+        layers,
+        c.ACTS / "instruct",
+        position=a.position,
+        batch_size=a.batch_size,
+        store_dtype=a.store_dtype,
     )
     ood = []
     for item_id, system, task in capture_keys(groups):
         msgs = [{"role": "system", "content": system}] if system else []
         ood.append(CaptureItem(item_id, [*msgs, {"role": "user", "content": pool[task].prompt}]))
     capture_to_disk(
-        loaded, ood, layers, c.ACTS / "ood", position=a.position, batch_size=a.batch_size
+        loaded,
+        ood,
+        layers,
+        c.ACTS / "ood",
+        position=a.position,
+        batch_size=a.batch_size,
+        store_dtype=a.store_dtype,
     )
 
 

@@ -198,7 +198,11 @@ def edges_from_rows(rows: Sequence[dict[str, Any]], ids: Sequence[str], path: st
 
 
 def features(act_dir: str | Path, layer: int, ids: Sequence[str], what: str) -> np.ndarray:
-    """Return float64 activations of `ids` (in order); DataError when the index lacks one."""
+    """Return float32 activations of `ids` (in order); DataError when the index lacks one.
+
+    Stored activations may be float16 (compact enough to push and re-fit on a laptop); they
+    are read as float32, and a non-finite value (a float16 overflow) is refused.
+    """
     acts = load_activations(act_dir, layer)
     have = set(acts.ids)
     missing = [i for i in ids if i not in have]
@@ -207,7 +211,14 @@ def features(act_dir: str | Path, layer: int, ids: Sequence[str], what: str) -> 
             f"{act_dir}: activation index does not match {what}: {len(missing)} task(s) "
             f"missing, e.g. {missing[0]}"
         )
-    return np.asarray(acts.select(list(ids)), dtype=np.float64)
+    x = np.asarray(acts.select(list(ids)), dtype=np.float32)
+    if not np.isfinite(x).all():
+        row, col = np.argwhere(~np.isfinite(x))[0]
+        raise DataError(
+            f"{act_dir}: layer {layer}, task {ids[row]}, dimension {col} is {x[row, col]} "
+            "(float16 overflow: capture with preferences.activations.store_dtype: float32)"
+        )
+    return x
 
 
 def captured_layers(act_dir: str | Path) -> list[int]:

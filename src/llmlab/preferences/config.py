@@ -135,6 +135,11 @@ class ActivationsSection(StrictModel):
         description="Layers to capture: fractions of depth (plan: 0.1 ... 0.9)",
     )
     position: str = Field("prompt_last", description="Token position (see llmlab.chat)")
+    store_dtype: Literal["float16", "float32"] = Field(
+        "float16",
+        description="Stored activation dtype (float16: half the size to push; CPU stages read "
+        "float32 and refuse an overflowed value)",
+    )
     batch_size: int = Field(32, gt=0, description="Prompts per forward pass")
 
 

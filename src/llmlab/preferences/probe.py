@@ -11,6 +11,7 @@ loads anywhere without pickle:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -118,11 +119,22 @@ class RidgePath:
             raise ValueError(f"a probe needs at least 3 training rows, got {x.shape[0]}")
         self.scaler = Scaler.fit(x)
         xs = self.scaler(x)
-        self.y_mean = float(y.mean())
         self.u, self.s, vt = np.linalg.svd(xs, full_matrices=False)
         self.v = vt.T
+        self._set_target(y)
+
+    def _set_target(self, y: np.ndarray) -> None:
+        self.y_mean = float(y.mean())
         self.uty = self.u.T @ (y - self.y_mean)
         self.y = y
+
+    def with_target(self, y: np.ndarray) -> RidgePath:
+        """Return the path of the same features for other targets, reusing the decomposition."""
+        if y.shape[0] != self.y.shape[0]:
+            raise ValueError(f"{self.y.shape[0]} rows of features for {y.shape[0]} targets")
+        out = copy.copy(self)
+        out._set_target(y)
+        return out
 
     def coef(self, alpha: float) -> np.ndarray:
         """Return the standardised-space coefficients for one alpha."""

@@ -119,16 +119,17 @@ def main() -> None:
     }
     probes = []
     for layer, (x_tr, x_ev) in feats.items():
+        features = RidgePath(x_tr, targets["raw"][0])  # one SVD per layer, for every target
         for variant in VARIANTS:
             y_tr, y_ev = targets[variant]
-            path = RidgePath(x_tr, y_tr)
+            path = features.with_target(y_tr)
             alpha, r_sweep, pred = sweep(path, x_ev, y_ev, alphas, sw)
             row = {"layer": layer, "variant": variant, "alpha": alpha, "r_sweep": r_sweep}
             row.update(score_half(pred, y_ev, sc))
             if variant == "raw":
                 k, n = edge_accuracy(pred, edges, sc)
                 row.update(edge_acc=k / n if n else None, n_edges=n)
-            shuf = RidgePath(x_tr, rng.permutation(y_tr))
+            shuf = features.with_target(rng.permutation(y_tr))
             _, _, spred = sweep(shuf, x_ev, y_ev, alphas, sw)
             row["shuffled_r"] = safe_r(spred[sc], y_ev[sc])
             rows.append(row)
