@@ -1,14 +1,17 @@
 """Stage preferences_ood: do probes track preferences induced by system prompts?
 
-For every OOD group (ood_plan): each target task is paired with `n_comparisons`
-utility-matched comparison tasks (measured tasks of other topics, nearest in utility, taken
-round-robin across topics for diversity) and every pair is asked in both orders with and
-without the system prompt. Behavioural delta = mean P(choose target | prompt) - P(choose
-target | baseline). Probe delta = mean over targets of the headline raw probe's score with the
-prompt minus without. Across groups: Pearson and Spearman r with CIs, sign agreement, and the
-same per manipulation kind; plus how often each delta has the intended sign.
-Targets without a measured utility (novel-subject tasks outside both splits) are matched on
-the probe's baseline prediction, which lives on the same scale.
+For every OOD group (ood_plan) each target task, and each of as many off-target tasks (topics
+the prompt does not name), is paired with its own `n_comparisons` utility-matched comparison
+tasks (measured tasks of other topics, nearest to that task's utility, taken round-robin across
+topics for diversity); every pair is asked in both orders with and without the system prompt.
+Behavioural delta of a task = mean P(choose it | prompt) - P(choose it | baseline); probe
+delta = the headline raw probe's score with the prompt minus without.
+Reported: the targeted correlation (one point per group: its target tasks' mean deltas), the
+overall correlation (one point per group and task, off-target tasks included), each with
+Pearson and Spearman r, CIs and sign agreement, per manipulation kind (targeted), how often
+each delta has the intended sign, and specificity (on-target minus off-target absolute delta
+per group, behavioural and probe). Targets without a measured utility (novel-subject tasks
+outside both splits) are matched on the probe's baseline prediction, on the same scale.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ def pick_comparisons(
 ) -> list[str]:
     """Return k comparison ids near target_mu, one per topic per round, nearest topics first."""
     by_topic: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    taken = {*group.exclude_ids, *group.target_ids, *group.off_target_ids}
     for tid, mu in utilities.items():
         t = pool[tid]
-        if t.topic in group.exclude_topics or tid in group.exclude_ids or tid in group.target_ids:
+        if t.topic in group.exclude_topics or tid in taken:
             continue
         by_topic[t.topic].append((abs(mu - target_mu), tid))
     for v in by_topic.values():
@@ -58,6 +62,36 @@ def pick_comparisons(
             if len(out) < k:
                 out.append(by_topic[topic].pop(0)[1])
     return out
+
+
+def group_row(g: Group, tasks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Return one group's point: mean deltas of its target and off-target tasks, specificity.
+
+    Specificity is the on-target minus the off-target absolute delta: positive when the
+    prompt moves what it is about more than what it is not.
+    """
+
+    def mean(role: str, key: str) -> float:
+        return float(np.mean([r[key] for r in tasks if r["role"] == role]))
+
+    on_b, on_p = mean("target", "behaviour_delta"), mean("target", "probe_delta")
+    off_b, off_p = mean("off_target", "behaviour_delta"), mean("off_target", "probe_delta")
+    return {
+        "group": g.id,
+        "prompt": g.prompt.id,
+        "kind": g.kind,
+        "label": g.label,
+        "direction": g.direction,
+        "n_targets": len(g.target_ids),
+        "n_off_targets": len(g.off_target_ids),
+        "behaviour_delta": on_b,
+        "probe_delta": on_p,
+        "off_target_behaviour_delta": off_b,
+        "off_target_probe_delta": off_p,
+        "behaviour_specificity": abs(on_b) - abs(off_b),
+        "probe_specificity": abs(on_p) - abs(off_p),
+        "p_baseline": mean("target", "p_baseline"),
+    }
 
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
@@ -94,26 +128,28 @@ def main() -> None:
     probe = load_probe(probes["best_probe"])
     act_dir = c.ACTS / "ood"
     keys = sorted(
-        {f"{BASELINE}|{t}" for g in groups for t in g.target_ids}
-        | {f"{g.prompt.id}|{t}" for g in groups for t in g.target_ids}
+        {f"{BASELINE}|{t}" for g in groups for t in (*g.target_ids, *g.off_target_ids)}
+        | {f"{g.prompt.id}|{t}" for g in groups for t in (*g.target_ids, *g.off_target_ids)}
     )
     x = c.features(act_dir, probe.layer, keys, "the OOD groups")
     scores = dict(zip(keys, probe.score(x).tolist(), strict=True))
 
-    plan = []
+    # (group, role, task, comparisons): every task gets comparisons matched to its own utility.
+    plan: list[tuple[Group, str, str, list[str]]] = []
     for g in groups:
-        mus = [utilities.get(t, scores[f"{BASELINE}|{t}"]) for t in g.target_ids]
-        comps = pick_comparisons(float(np.mean(mus)), utilities, pool, g, oc.n_comparisons)
-        if not comps:
-            raise DataError(f"OOD group {g.id}: no comparison task left after exclusions")
-        plan.append((g, comps))
+        for role, tasks in (("target", g.target_ids), ("off_target", g.off_target_ids)):
+            for t in tasks:
+                mu = utilities.get(t, scores[f"{BASELINE}|{t}"])
+                comps = pick_comparisons(mu, utilities, pool, g, oc.n_comparisons)
+                if not comps:
+                    raise DataError(f"OOD group {g.id}: no comparison task left for {t}")
+                plan.append((g, role, t, comps))
     # All pair-orders of all groups in one scoring call: pairs sharing a prompt prefix batch.
     wanted: dict[tuple[str | None, str, str], None] = {}
-    for g, comps in plan:
-        for t in g.target_ids:
-            for k in comps:
-                for system in (None, g.prompt.system_prompt):
-                    wanted[(system, t, k)] = None
+    for g, _role, t, comps in plan:
+        for k in comps:
+            for system in (None, g.prompt.system_prompt):
+                wanted[(system, t, k)] = None
     triples = list(wanted)
     orders = []
     for system, t, k in triples:
@@ -128,39 +164,37 @@ def main() -> None:
         for n, tr in enumerate(triples)
     }
 
-    rows, outcome_rows = [], []
-    for g, comps in plan:
+    task_rows, outcome_rows = [], []
+    for g, role, t, comps in plan:
         deltas = []
-        for t in g.target_ids:
-            for k in comps:
-                base, manip = p_target[(None, t, k)], p_target[(g.prompt.system_prompt, t, k)]
-                deltas.append(manip - base)
-                outcome_rows.append(
-                    {
-                        "group": g.id,
-                        "target": t,
-                        "comparison": k,
-                        "p_baseline": base,
-                        "p_prompt": manip,
-                    }
-                )
-        probe_d = [scores[f"{g.prompt.id}|{t}"] - scores[f"{BASELINE}|{t}"] for t in g.target_ids]
-        rows.append(
+        for k in comps:
+            base, manip = p_target[(None, t, k)], p_target[(g.prompt.system_prompt, t, k)]
+            deltas.append(manip - base)
+            outcome_rows.append(
+                {
+                    "group": g.id,
+                    "role": role,
+                    "task": t,
+                    "comparison": k,
+                    "p_baseline": base,
+                    "p_prompt": manip,
+                }
+            )
+        task_rows.append(
             {
                 "group": g.id,
-                "prompt": g.prompt.id,
                 "kind": g.kind,
-                "label": g.label,
-                "direction": g.direction,
-                "n_targets": len(g.target_ids),
+                "role": role,
+                "task": t,
                 "n_comparisons": len(comps),
                 "behaviour_delta": float(np.mean(deltas)),
-                "probe_delta": float(np.mean(probe_d)),
+                "probe_delta": scores[f"{g.prompt.id}|{t}"] - scores[f"{BASELINE}|{t}"],
                 "p_baseline": float(
-                    np.mean([o["p_baseline"] for o in outcome_rows[-len(deltas) :]])
+                    np.mean([o["p_baseline"] for o in outcome_rows[-len(comps) :]])
                 ),
             }
         )
+    rows = [group_row(g, [r for r in task_rows if r["group"] == g.id]) for g in groups]
     beh = [r["behaviour_delta"] for r in rows]
     prb = [r["probe_delta"] for r in rows]
     dirs = [r["direction"] for r in rows]
@@ -170,7 +204,10 @@ def main() -> None:
         "layer": probe.layer,
         "n_groups": len(rows),
         "n_pair_orders": len(orders),
-        "overall": correlation(beh, prb),
+        "targeted": correlation(beh, prb),
+        "overall": correlation(
+            [r["behaviour_delta"] for r in task_rows], [r["probe_delta"] for r in task_rows]
+        ),
         "by_kind": {
             kind: correlation(
                 [r["behaviour_delta"] for r in rows if r["kind"] == kind],
@@ -180,7 +217,18 @@ def main() -> None:
         },
         "behaviour_matches_intent": sign_agreement(beh, dirs),
         "probe_matches_intent": sign_agreement(prb, dirs),
+        "specificity": {
+            "behaviour": float(np.mean([r["behaviour_specificity"] for r in rows])),
+            "probe": float(np.mean([r["probe_specificity"] for r in rows])),
+            "behaviour_share_on_target_larger": float(
+                np.mean([r["behaviour_specificity"] > 0 for r in rows])
+            ),
+            "probe_share_on_target_larger": float(
+                np.mean([r["probe_specificity"] > 0 for r in rows])
+            ),
+        },
         "groups": rows,
+        "tasks": task_rows,
     }
     write_jsonl(c.RESULTS / "ood_outcomes.jsonl", outcome_rows)
     write_json(c.RESULTS / "ood.json", c.clean_json(result))

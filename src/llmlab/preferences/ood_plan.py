@@ -5,6 +5,8 @@ category prompts move their topic; novel-topic prompts move the handwritten task
 subject; a competing "love X, hate Y" prompt gives two groups (X up, Y down); a persona gives
 one group per topic in its expectation map. Topic targets are drawn (seeded, per topic, so
 every manipulation of a topic shares them) from the eval split, then the train split.
+Every group also has as many off-target tasks: measured tasks of topics the prompt is not
+about (none of its target, opposing or persona topics), drawn per group, for specificity.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmlab.io import DataError
 from llmlab.preferences.tasks import OodPrompt, Task
@@ -32,6 +34,7 @@ class Group:
     target_ids: tuple[str, ...]
     exclude_topics: frozenset[str]
     exclude_ids: frozenset[str]
+    off_target_ids: tuple[str, ...] = ()
 
 
 def _pick(ids: Sequence[str], k: int, key: str, seed: int) -> list[str]:
@@ -122,14 +125,37 @@ def build_groups(
             )
     if not groups:
         raise DataError("OOD: no manipulation selected (check preferences.ood.kinds)")
-    return groups
+    return [with_off_targets(g, pool, eval_ids, train_ids, n_targets, seed) for g in groups]
+
+
+def with_off_targets(
+    g: Group,
+    pool: dict[str, Task],
+    eval_ids: Sequence[str],
+    train_ids: Sequence[str],
+    k: int,
+    seed: int,
+) -> Group:
+    """Return the group with k off-target tasks: measured, of no topic the prompt names."""
+    about = set(g.exclude_topics) | set(g.prompt.persona_expect or {})
+    for t in (g.prompt.target_topic, g.prompt.opposing_topic):
+        if t:
+            about.add(t)
+    ok = [
+        i
+        for i in (*eval_ids, *train_ids)
+        if pool[i].topic not in about and i not in g.exclude_ids and i not in g.target_ids
+    ]
+    if not ok:
+        raise DataError(f"OOD group {g.id}: no measured task outside the prompt's topics")
+    return replace(g, off_target_ids=tuple(_pick(ok, k, g.id + ":off", seed)))
 
 
 def capture_keys(groups: Sequence[Group]) -> list[tuple[str, str | None, str]]:
     """Return (item id, system prompt or None, task id) for the OOD activation capture."""
     out: dict[str, tuple[str, str | None, str]] = {}
     for g in groups:
-        for t in g.target_ids:
+        for t in (*g.target_ids, *g.off_target_ids):
             out.setdefault(f"{BASELINE}|{t}", (f"{BASELINE}|{t}", None, t))
             out.setdefault(f"{g.prompt.id}|{t}", (f"{g.prompt.id}|{t}", g.prompt.system_prompt, t))
     return list(out.values())
