@@ -177,11 +177,16 @@ def stage_env(tmp: Path) -> dict[str, str]:
 
 
 def write_params(tmp: Path, judge_params: dict[str, Any], **persona: Any) -> Path:
-    """Write the project's params.yaml with this judge section (and persona sub-sections)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["judge"] = judge_params
-    for key, value in persona.items():
-        params["persona"][key] = {**params["persona"].get(key, {}), **value}
+    """Write a params.yaml with this judge section and persona sub-sections (others default).
+
+    An API judge loads no model: the registry entry only has to be valid.
+    """
+    params = {
+        "model": "m",
+        "models": {"m": {"source": "local", "path": str(tmp)}},
+        "judge": judge_params,
+        "persona": persona,
+    }
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -400,6 +405,42 @@ def test_introspection_judged_blocks_against_failing_judge(
     ]
     c = concept_summary(concept_rows, seed=0)["steered"]
     assert (c["n_judged"], c["n_unscorable"], c["n_failed"], c["judge_rate"]) == (0, 2, 0, None)
+
+
+def test_introspection_eval_keeps_previous_results_when_a_judge_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmlab.models
+    from llmlab.introspection import evaluate
+    from llmlab.io import write_jsonl
+
+    out = tmp_path / "eval"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "summary.json").write_text("previous good\n")
+
+    def failing_run_all(*args: Any) -> dict[str, Any]:
+        # the earlier evaluations of the run are written, then B3's judge check refuses
+        write_jsonl(args[-1] / "b1_in_distribution.jsonl", [{"id": "new"}])
+        raise JudgeFailed("B3 identity: 3 of 3 judge items failed")
+
+    monkeypatch.setattr(llmlab.models, "load_model", lambda params, adapter=None: None)
+    monkeypatch.setattr(evaluate, "load_vectors", lambda path, loaded: None)
+    monkeypatch.setattr(evaluate, "run_all", failing_run_all)
+    params = {"model": "m", "models": {"m": {"source": "local", "path": str(tmp_path)}},
+              "introspection": {}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["evaluate", "--model", "base", "--params", str(tmp_path / "params.yaml"),
+            "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(JudgeFailed):
+        evaluate.main()
+    assert [p.name for p in (out / "base").iterdir()] == ["summary.json"]
+    assert (out / "base" / "summary.json").read_text() == "previous good\n"
+    # a run that passes replaces the output whole and leaves no partial directory
+    monkeypatch.setattr(evaluate, "run_all", lambda *args: {"model": "base"})
+    evaluate.main()
+    assert json.loads((out / "base" / "summary.json").read_text())["model"] == "base"
+    assert not (out / "base.partial").exists()
 
 
 # ---------------------------------------------------------------- reports print the three counts
