@@ -25,7 +25,12 @@ def _run_split(tmp: Path, monkeypatch: pytest.MonkeyPatch, tasks: dict) -> None:
                 "model": "fake",
                 "models": {"fake": {"source": "local", "path": "/nonexistent"}},
                 "preferences": {
-                    "tasks": {"pool": str(POOL), "topics": str(TOPICS), **tasks},
+                    "tasks": {
+                        "pool": str(POOL),
+                        "topics": str(TOPICS),
+                        "topic_check": str(POOL.with_name("topic_check.jsonl")),
+                        **tasks,
+                    },
                     "train": {
                         "n_tasks": 120,
                         "n_samples": 1,
@@ -86,7 +91,8 @@ def test_hub_tasks_get_topics(monkeypatch) -> None:
     monkeypatch.setattr(hub, "hub_prompts", lambda source, n, seed: fake[source][:n])
     labelled = [t for t in load_tasks(POOL) if t.origin == "handwritten"][::3]
     names = sorted({t.topic for t in labelled})
-    tasks = hub.hub_tasks({"gsm8k": 1, "alpaca": 2}, 0, labelled, names)
+    tasks, counts = hub.hub_tasks({"gsm8k": 1, "alpaca": 2}, 0, labelled, names)
+    assert counts == {"source": 1, "judge": 0, "minilm": 2}
     got = {t.id: (t.topic, t.origin) for t in tasks}
     assert got["gsm8k-1"] == ("math", "gsm8k")
     assert got["alpaca-7"] == ("coding", "alpaca")

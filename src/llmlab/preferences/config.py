@@ -30,11 +30,21 @@ class TasksSection(StrictModel):
     hub: dict[str, int] = Field(
         default_factory=dict,
         description="Public sources added to the pool when the hub is reachable: "
-        "{gsm8k|alpaca|wildchat: n}; topics come from a MiniLM nearest-centroid classifier "
-        "fitted on the shipped pool. Empty: the shipped pool only (offline default)",
+        "{gsm8k|alpaca|wildchat: n}; topics come from topic_classifier. Empty: the shipped "
+        "pool only (offline default)",
     )
     hub_required: bool = Field(
         False, description="Fail when a hub source is unreachable (False: warn and go on)"
+    )
+    topic_classifier: Literal["judge", "minilm"] = Field(
+        "minilm",
+        description="Topics of hub tasks: 'judge' asks the LLM of params `judge:` (the seed's "
+        "classification; MiniLM fills in unparseable replies), 'minilm' the offline "
+        "nearest-centroid fallback",
+    )
+    topic_check: str = Field(
+        "data/preferences/topic_check.jsonl",
+        description="Hand-labelled tasks the topic classifier is scored on (accuracy, kappa)",
     )
 
     @field_validator("hub")

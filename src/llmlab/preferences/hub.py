@@ -1,14 +1,15 @@
 """Public task sources (GSM8K, Alpaca, WildChat) and the topic classifier that labels them.
 
 Used by the split stage when `preferences.tasks.hub` asks for them and the hub is reachable.
-GSM8K tasks are math by construction; the others get the topic whose MiniLM centroid (over
-the shipped, labelled pool) is nearest in cosine similarity.
+GSM8K tasks are math by construction; the others are labelled by llmlab.preferences.topics (an
+LLM through the judge module, or the MiniLM nearest-centroid classifier defined here).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,9 +90,19 @@ def classify_topics(
 
 
 def hub_tasks(
-    sources: dict[str, int], seed: int, labelled: Sequence[Task], topic_names: Sequence[str]
-) -> list[Task]:
-    """Return tasks from every requested source; RuntimeError names an unreachable one."""
+    sources: dict[str, int],
+    seed: int,
+    labelled: Sequence[Task],
+    topic_names: Sequence[str],
+    judge: Any = None,
+) -> tuple[list[Task], dict[str, int]]:
+    """Return tasks from every requested source and how many topics each method gave.
+
+    GSM8K tasks are math by construction; the others go through llmlab.preferences.topics
+    (the judge when given, MiniLM otherwise). RuntimeError names an unreachable source.
+    """
+    from llmlab.preferences.topics import classify
+
     raw: list[tuple[str, str, str]] = []
     for source, n in sorted(sources.items()):
         if n:
@@ -99,8 +110,10 @@ def hub_tasks(
     known = {t.prompt.casefold() for t in labelled}
     raw = [r for r in raw if r[2].casefold() not in known]
     need = [k for k, r in enumerate(raw) if r[0] != "gsm8k"]
-    guessed = classify_topics([raw[k][2] for k in need], labelled, topic_names)
+    guessed, methods = classify([raw[k][2] for k in need], labelled, topic_names, judge)
     topics = ["math"] * len(raw)
     for k, t in zip(need, guessed, strict=True):
         topics[k] = t
-    return [Task(i, topic, src, p) for (src, i, p), topic in zip(raw, topics, strict=True)]
+    counts = {"source": len(raw) - len(need), "judge": methods.count("judge")}
+    counts["minilm"] = methods.count("minilm")
+    return [Task(i, topic, src, p) for (src, i, p), topic in zip(raw, topics, strict=True)], counts
