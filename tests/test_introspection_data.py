@@ -69,7 +69,8 @@ def test_flipped_labels_swap_exactly_half_within_each_stratum(datasets):
     for o, f in zip(orig, flip, strict=True):
         assert f["steer"] == o["steer"]  # steering unchanged
         assert (f["label"] != o["label"]) == f["label_flipped"]
-        assert f["messages"][-1]["content"] == f["label"]
+        assert f["messages"][-1]["content"] == f"{f['answer_prefix']} {f['label']}"
+        assert f["answer_prefix"] == "The answer is"
         assert f["true_label"] == o["label"]
     # The flip removes all information: P(label yes | steered) is one half.
     steered = [f for f in flip if f["steered"]]

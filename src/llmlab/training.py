@@ -127,6 +127,10 @@ class TrainExample:
     # Train on the first k assistant tokens only (e.g. a one-token label); the rest of the
     # sequence is cut, which under causal attention leaves those k tokens' loss unchanged.
     loss_tokens: int | None = None
+    # Forced-choice loss: only the last kept token is labelled, and it is scored against these
+    # token ids alone (softmax over them, not the vocabulary), e.g. yes vs no after an answer
+    # prefix. Requires loss_tokens; the labelled token must be one of the ids.
+    loss_choices: tuple[int, ...] | None = None
     # Data-mix group (e.g. "poison" / "aligned"): the share of each group in every optimizer
     # step is recorded in the adapter metadata (batch_mix), since the batch composition is
     # part of a data-mixing experiment.
@@ -187,14 +191,26 @@ def prepare_examples(
             n_dropped += 1
             continue
         spec = _check_steer(ex.steer, loaded, i, what)
-        features.append(
-            {
-                "input_ids": list(ids),
-                "prompt_len": enc.prompt_len,
-                "steer": spec,
-                "group": ex.group,
-            }
-        )
+        feature: Feature = {
+            "input_ids": list(ids),
+            "prompt_len": enc.prompt_len,
+            "steer": spec,
+            "group": ex.group,
+        }
+        if ex.loss_choices is not None:
+            if ex.loss_tokens is None or not ex.loss_choices:
+                raise TrainingError(
+                    f"{what} example {i}: loss_choices needs loss_tokens and at least one id"
+                )
+            if ids[-1] not in ex.loss_choices:
+                raise TrainingError(
+                    f"{what} example {i}: labelled token {ids[-1]} is not among "
+                    f"loss_choices {list(ex.loss_choices)}"
+                )
+            # Only the last kept token carries the (forced-choice) loss.
+            feature["prompt_len"] = len(ids) - 1
+            feature["choices"] = list(ex.loss_choices)
+        features.append(feature)
     if n_dropped:
         log.warning(
             "%s: %d example(s) dropped: their prompt fills max_length=%d",
@@ -239,6 +255,8 @@ def examples_sha256(examples: Sequence[TrainExample]) -> str:
         row: dict[str, Any] = {"messages": ex.messages}
         if ex.loss_tokens is not None:
             row["loss_tokens"] = ex.loss_tokens
+        if ex.loss_choices is not None:
+            row["loss_choices"] = list(ex.loss_choices)
         if ex.group is not None:
             row["group"] = ex.group
         if ex.steer is not None:
@@ -252,6 +270,17 @@ def examples_sha256(examples: Sequence[TrainExample]) -> str:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+def _choice_tensor(choices: Sequence[list[int] | None]) -> torch.Tensor:
+    """Return forced-choice ids [n, n_choices]; TrainingError when the examples disagree."""
+    first = choices[0]
+    if first is None or any(c is None or len(c) != len(first) for c in choices):
+        raise TrainingError(
+            "forced-choice examples must all have the same number of loss_choices and cannot "
+            "be mixed with full-vocabulary examples"
+        )
+    return torch.tensor(choices)
 
 
 class LoraCollator:
@@ -275,6 +304,9 @@ class LoraCollator:
             "attention_mask": batch.attention_mask,
             "labels": batch.labels,
         }
+        choices = [f.get("choices") for f in features]
+        if any(c is not None for c in choices):
+            out["choice_ids"] = _choice_tensor(choices)
         groups: dict[tuple[int, ...], list[int]] = {}
         for row, f in enumerate(features):
             if f["steer"] is not None:
@@ -350,6 +382,8 @@ class PackedCollator:
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         # (layers, slot) -> [(row, feature index, offset)]
         slots: dict[tuple[tuple[int, ...], int], list[tuple[int, int, int]]] = {}
+        # Forced-choice ids per labelled position, in the row-major order of the labels.
+        choices: list[list[int] | None] = []
         for r, row in enumerate(rows):
             offset = 0
             per_layers: dict[tuple[int, ...], int] = {}
@@ -359,6 +393,7 @@ class PackedCollator:
                 positions[r, offset : offset + n] = torch.arange(n)
                 start = max(f["prompt_len"], 1)
                 labels[r, offset + start : offset + n] = ids[r, offset + start : offset + n]
+                choices.extend([f.get("choices")] * (n - start))
                 if f["steer"] is not None:
                     key = f["steer"].layers
                     k = per_layers.get(key, 0)
@@ -372,6 +407,8 @@ class PackedCollator:
             "labels": labels,
             "num_tokens": sum(lengths),
         }
+        if any(c is not None for c in choices):
+            out["choice_ids"] = _choice_tensor(choices)
         if slots:
             out["steer"] = [
                 self._slot(layers, members, features, len(rows), width)
@@ -405,7 +442,12 @@ class PackedCollator:
 LOSS_CHUNK = 4096
 
 
-def labelled_nll(model: Any, batch: dict[str, Any], per_token: bool = False) -> torch.Tensor:
+def labelled_nll(
+    model: Any,
+    batch: dict[str, Any],
+    per_token: bool = False,
+    choice_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Return the summed next-token NLL over the labelled positions of a (packed) batch.
 
     The LM head never runs on the whole sequence: a pre-hook takes its input (the final
@@ -416,7 +458,8 @@ def labelled_nll(model: Any, batch: dict[str, Any], per_token: bool = False) -> 
     Hand-written because transformers computes the loss from full-sequence logits; the
     fused linear cross-entropy kernels that avoid them (e.g. Liger's) are not dependencies.
     per_token: return the NLL of every labelled position instead (in label order).
-    Logit soft-capping (Gemma 2) is applied as the model would.
+    Logit soft-capping (Gemma 2) is applied as the model would. choice_ids [n_labelled,
+    n_choices]: score each labelled token against its choices only (forced choice).
     """
     base = unwrap(model)
     head = base.get_output_embeddings()
@@ -437,22 +480,57 @@ def labelled_nll(model: Any, batch: dict[str, Any], per_token: bool = False) -> 
     keep = labels != -100
     hidden, targets = hidden[keep], labels[keep]
 
-    def nll(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if choice_ids is not None:
+        choice_ids = choice_ids.to(hidden.device)
+        if choice_ids.shape[0] != targets.shape[0]:
+            raise TrainingError(
+                f"{choice_ids.shape[0]} forced-choice rows for {targets.shape[0]} labelled tokens"
+            )
+
+    def nll(h: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         logits = head(h).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
+        if c is not None:
+            logits = logits.gather(1, c)
+            y = (c == y.unsqueeze(1)).float().argmax(dim=1)
         return F.cross_entropy(logits, y, reduction="none" if per_token else "sum")
 
     parts = []
     for k in range(0, targets.shape[0], LOSS_CHUNK):
         h, y = hidden[k : k + LOSS_CHUNK], targets[k : k + LOSS_CHUNK]
+        c = choice_ids[k : k + LOSS_CHUNK] if choice_ids is not None else None
         if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(torch.utils.checkpoint.checkpoint(nll, h, y, use_reentrant=False))
+            parts.append(torch.utils.checkpoint.checkpoint(nll, h, y, c, use_reentrant=False))
         else:
-            parts.append(nll(h, y))
+            parts.append(nll(h, y, c))
     if per_token:
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     return torch.stack(parts).sum() if parts else hidden.new_zeros((), dtype=torch.float32)
+
+
+def forced_choice_nll(
+    logits: torch.Tensor, labels: torch.Tensor, choice_ids: torch.Tensor
+) -> torch.Tensor:
+    """Return the summed NLL of each row's one labelled token among its choice ids.
+
+    logits [batch, seq, vocab], labels [batch, seq] (-100 except the one labelled token per
+    row), choice_ids [batch, n_choices]. Cross-entropy over the choice logits only, so the
+    model is pushed between the choices and not towards them against the rest of the
+    vocabulary.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not torch.equal(keep.sum(dim=1), torch.ones_like(keep.sum(dim=1))):
+        raise TrainingError("forced-choice rows must have exactly one labelled token each")
+    pos = keep.float().argmax(dim=1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    at = logits[rows, pos.to(logits.device)].float()  # [batch, vocab]
+    ids = choice_ids.to(logits.device)
+    choice_logits = at.gather(1, ids)
+    label = targets[rows.cpu(), pos.cpu()].to(logits.device)
+    target = (ids == label.unsqueeze(1)).float().argmax(dim=1)
+    return F.cross_entropy(choice_logits, target, reduction="sum")
 
 
 @contextlib.contextmanager
@@ -633,15 +711,29 @@ def _make_trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             groups = inputs.pop("steer", None)
+            choice_ids = inputs.pop("choice_ids", None)
             if inputs.pop("num_tokens", None) is not None:
                 # Packed batch: labelled positions only, chunked (labelled_nll). Normalised as
                 # the parent does: over the whole accumulated batch through num_items_in_batch
                 # (times the processes, whose gradients DDP averages), else over this one.
                 with steering_groups(self.steer_layers, groups):
-                    total = labelled_nll(model, inputs)
+                    total = labelled_nll(model, inputs, choice_ids=choice_ids)
                 if num_items_in_batch is None:
                     n = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
                     return total / n
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+                return loss
+            if choice_ids is not None:
+                # Forced choice (one labelled token per row, scored against its choices only),
+                # normalised like the packed path.
+                labels = inputs.pop("labels")
+                with steering_groups(self.steer_layers, groups):
+                    logits = model(**inputs, use_cache=False).logits
+                total = forced_choice_nll(logits, labels, choice_ids)
+                if num_items_in_batch is None:
+                    return total / labels.shape[0]
                 loss = total / num_items_in_batch
                 if self.args.average_tokens_across_devices:
                     loss = loss * self.accelerator.num_processes

@@ -65,6 +65,13 @@ class DataConfig(StrictModel):
         "Thank you, I have read it.",
         description="Assistant turn that closes the (steered) context turn before the question",
     )
+    answer_prefix: str = Field(
+        "The answer is",
+        description="Opening of the assistant's answer before the yes/no label (the anchor's "
+        "read-out): training scores the label token after it yes against no, and detection "
+        'is read there; "" trains and reads the bare first answer token against the whole '
+        "vocabulary (which lets the adapter leak yes/no into free text)",
+    )
     flip_fraction: float = Field(
         0.5, gt=0, lt=1, description="Share of labels swapped in the flipped-labels variant"
     )
@@ -251,6 +258,14 @@ class IntrospectionParams(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Shared training settings")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation sizes")
     phase_c: PhaseCConfig = Field(default_factory=PhaseCConfig, description="Phase C")
+    max_leak_rate: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Largest share of a model's B3 answers made only of yes/no words for which "
+        "the success items reading that model (B2, B5, B7) are still judged; above it they "
+        "are reported as not assessable",
+    )
     judge_max_new_tokens: int = Field(
         1,
         gt=0,

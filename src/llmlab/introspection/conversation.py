@@ -1,7 +1,8 @@
 """Detection conversations, the token span of their context turn, and per-row steering.
 
 A detection conversation is: user context turn, a fixed assistant reply, the user's question,
-and (for training) the one-token answer. Steering covers the tokens of the context turn's
+and (for training) the answer: the answer prefix ("The answer is", the anchor's read-out) and
+then the one-token label, which is scored yes against no. Steering covers the tokens of the context turn's
 content only (or one sentence of it); the question and the answer are computed without
 steering and see it only through the keys and values of the steered positions.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmlab.chat import ChatError, Message, encode_chat, render, tokenize_rendered
+from llmlab.chat import ChatError, EncodedChat, Message, encode_chat, render, tokenize_rendered
 from llmlab.models import LoadedModel
 from llmlab.steering import steer
 
@@ -34,6 +35,49 @@ def detection_messages(
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs
+
+
+def answer_text(prefix: str, label: str) -> str:
+    """Return the assistant's answer: the label after the answer prefix (bare when it is "")."""
+    return f"{prefix} {label}" if prefix else label
+
+
+def prefixed_prompt(loaded: LoadedModel, prompt: Sequence[Message], prefix: str) -> EncodedChat:
+    """Return the prompt encoded up to the label: the assistant turn opened with the prefix.
+
+    With an empty prefix this is the prompt with its generation prompt, so the next token is
+    the answer's first token. Otherwise the conversation is encoded with the answer
+    `<prefix> yes` and cut before the label's token; ChatError when the prefix does not end on
+    a token boundary there (the label would not be one next token).
+    """
+    if not prefix:
+        return encode_chat(loaded.tokenizer, prompt, chat=loaded.chat)
+    full = [*prompt, {"role": "assistant", "content": answer_text(prefix, LABELS[0])}]
+    enc = encode_chat(loaded.tokenizer, full, chat=loaded.chat)
+    toks = answer_tokens(loaded, full)
+    if loaded.tokenizer.decode(toks[:-1]).strip() != prefix.strip():
+        raise ChatError(
+            f"answer prefix {prefix!r} is not followed by a one-token {LABELS[0]!r} for "
+            f"{loaded.name}"
+        )
+    return EncodedChat(enc.input_ids[: enc.prompt_len + len(toks) - 1], enc.prompt_len, None)
+
+
+def label_choice_ids(
+    loaded: LoadedModel, prompt: Sequence[Message], prefix: str
+) -> tuple[int, ...]:
+    """Return the token id of each label (yes, no) as it follows the answer prefix."""
+    ids = []
+    for label in LABELS:
+        msgs = [*prompt, {"role": "assistant", "content": answer_text(prefix, label)}]
+        toks = answer_tokens(loaded, msgs)
+        head = loaded.tokenizer.decode(toks[:-1]).strip()
+        if head != prefix.strip() or loaded.tokenizer.decode(toks[-1:]).strip() != label:
+            raise ChatError(
+                f"label {label!r} after prefix {prefix!r} is not one token for {loaded.name}"
+            )
+        ids.append(toks[-1])
+    return tuple(ids)
 
 
 def turn_token_span(

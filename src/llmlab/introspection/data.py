@@ -91,10 +91,19 @@ def variant_datasets(
             if v.task == "food":
                 rng = np.random.default_rng(d.seed + seed_offset)
                 rows = food_rows(
-                    n, snippets[split], questions[v.questions], reply, rng, name, split
+                    n,
+                    snippets[split],
+                    questions[v.questions],
+                    reply,
+                    rng,
+                    name,
+                    split,
+                    d.answer_prefix,
                 )
             else:
-                rows = to_training_rows(base[split], questions[v.questions], reply, name, split)
+                rows = to_training_rows(
+                    base[split], questions[v.questions], reply, name, split, d.answer_prefix
+                )
             if v.flip_labels:
                 rows = flip_labels(rows, d.flip_fraction, d.seed + seed_offset)
             out[name][split] = rows

@@ -22,8 +22,12 @@ def yes_no_trials(
     questions: Sequence[str],
     reply: str,
     batch_size: int,
+    prefix: str = "",
 ) -> list[dict[str, Any]]:
-    """Return one record per trial: said_yes (P(yes) > P(no)), P(yes) renormalised, mass."""
+    """Return one record per trial: said_yes (P(yes) > P(no)), P(yes) renormalised, mass.
+
+    The label is read after the answer prefix (the anchor's "The answer is"), yes against no.
+    """
     convs = [
         detection_messages(t["context"], reply, questions[i % len(questions)])
         for i, t in enumerate(trials)
@@ -32,7 +36,9 @@ def yes_no_trials(
         row_steer(loaded, bank, c, t.get("steer")) if bank is not None else None
         for c, t in zip(convs, trials, strict=True)
     ]
-    scores = choice_scores(loaded, convs, [yes_no_choices(loaded)] * len(trials), specs, batch_size)
+    scores = choice_scores(
+        loaded, convs, [yes_no_choices(loaded)] * len(trials), specs, batch_size, prefix=prefix
+    )
     out = []
     for i, t in enumerate(trials):
         p_yes = float(scores.normalised(i)[0])

@@ -82,6 +82,7 @@ def run_all(
 ) -> dict[str, Any]:
     """Return the model's summary after running every evaluation that applies to it."""
     e, reply, seed = cfg.eval, cfg.data.context_reply, cfg.eval.seed
+    prefix = cfg.data.answer_prefix
     questions = load_questions(data / "detection_questions.json")
     qset = question_set(cfg, model)
     run = Runner(out_dir)
@@ -91,14 +92,14 @@ def run_all(
             run.block(
                 f"b1_{s}",
                 lambda t=trials: yes_no_trials(
-                    loaded, bank, t, questions[qset], reply, e.batch_size
+                    loaded, bank, t, questions[qset], reply, e.batch_size, prefix
                 ),
                 detection_summary,
             )
     food = read_rows(eval_sets / "food.jsonl", required=("id", "context", "label"))
     run.block(
         "food_task",
-        lambda: yes_no_trials(loaded, None, food, questions["food"], reply, e.batch_size),
+        lambda: yes_no_trials(loaded, None, food, questions["food"], reply, e.batch_size, prefix),
         food_summary,
     )
     beh = load_behavioural(data / "behavioural_questions.jsonl")

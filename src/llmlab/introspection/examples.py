@@ -11,6 +11,7 @@ from llmlab.introspection.conversation import (
     RowSteer,
     answer_token_id,
     answer_tokens,
+    label_choice_ids,
     turn_token_span,
 )
 from llmlab.introspection.vectors import VectorBank
@@ -73,14 +74,21 @@ def training_examples(
 ) -> list[TrainExample]:
     """Return TrainExamples whose loss covers only the answer's tokens, end of turn excluded.
 
-    one_token=True requires the answer (the yes/no label) to be a single token. Tokens after
-    the answer are cut from the sequence: under causal attention they cannot change the
-    answer's loss, and leaving them out keeps them out of the loss.
+    one_token=True: a yes/no row. With an `answer_prefix` (the anchor's read-out) only the
+    label token after the prefix is trained, scored against the other label's token alone
+    (yes vs no, not against the vocabulary); with an empty prefix the answer is the bare label,
+    one token, trained against the full vocabulary. one_token=False trains every answer token.
+    Tokens after the answer are cut from the sequence: under causal attention they cannot
+    change the answer's loss, and leaving them out keeps them out of the loss.
     """
     out = []
     for row in rows:
         messages = row["messages"]
-        if one_token:
+        choices = None
+        if one_token and row.get("answer_prefix"):
+            choices = label_choice_ids(loaded, messages[:-1], row["answer_prefix"])
+            n = len(answer_tokens(loaded, messages))
+        elif one_token:
             answer_token_id(loaded, messages)  # ChatError when the label is not one token
             n = 1
         else:
@@ -89,5 +97,5 @@ def training_examples(
         steer = None
         if spec is not None:
             steer = SteerSpec(spec.vector, spec.magnitude, (spec.layer,), spec.span)
-        out.append(TrainExample(messages, steer=steer, loss_tokens=n))
+        out.append(TrainExample(messages, steer=steer, loss_tokens=n, loss_choices=choices))
     return out

@@ -394,8 +394,10 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     from llmlab.introspection.markdown import render_report
+    from llmlab.params import load_params
 
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--eval-dir", default="data/introspection/eval")
     ap.add_argument("--adapters", default="models/introspection")
     ap.add_argument("--datasets", default="data/introspection/datasets")
@@ -407,7 +409,9 @@ def main() -> None:
     eval_dir, adapters = Path(args.eval_dir), Path(args.adapters)
     metrics = collect(eval_dir, adapters)
     metrics["datasets"] = read_json(Path(args.datasets) / "summary.json")["variants"]
-    metrics["success"] = success_list(metrics)
+    cfg = load_params(args.params).section("introspection")
+    metrics["success"] = success_list(metrics, cfg.max_leak_rate)
+    metrics["max_leak_rate"] = cfg.max_leak_rate
     write_plots(metrics, eval_dir, adapters, Path(args.plots))
     write_json(args.results, metrics)
     write_headline(args.metrics, headline(metrics))

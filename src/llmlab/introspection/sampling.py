@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from llmlab.introspection.conversation import detection_messages
+from llmlab.introspection.conversation import answer_text, detection_messages
 from llmlab.io import DataError
 
 Row = dict[str, Any]
@@ -117,8 +117,9 @@ def to_training_rows(
     reply: str,
     variant: str,
     split: str,
+    prefix: str = "",
 ) -> list[Row]:
-    """Return training rows (full messages, one-token label) for detection trials."""
+    """Return training rows (full messages; the label after the answer prefix) for trials."""
     rows = []
     for t in trials:
         label = "yes" if t["steered"] else "no"
@@ -129,7 +130,8 @@ def to_training_rows(
                 "variant": variant,
                 "split": split,
                 "context_id": t["context_id"],
-                "messages": detection_messages(t["context"], reply, q, label),
+                "messages": detection_messages(t["context"], reply, q, answer_text(prefix, label)),
+                "answer_prefix": prefix,
                 "label": label,
                 "true_label": label,
                 "label_flipped": False,
@@ -148,6 +150,7 @@ def food_rows(
     rng: np.random.Generator,
     variant: str,
     split: str,
+    prefix: str = "",
 ) -> list[Row]:
     """Return n food/non-food rows (half each, no steering) with the food question."""
     if n % 2:
@@ -166,7 +169,8 @@ def food_rows(
                 "variant": variant,
                 "split": split,
                 "context_id": s["id"],
-                "messages": detection_messages(s["text"], reply, q, label),
+                "messages": detection_messages(s["text"], reply, q, answer_text(prefix, label)),
+                "answer_prefix": prefix,
                 "label": label,
                 "true_label": label,
                 "label_flipped": False,
@@ -193,7 +197,7 @@ def flip_labels(rows: Sequence[Row], fraction: float, seed: int) -> list[Row]:
             new = "no" if r["label"] == "yes" else "yes"
             r["label"] = new
             r["label_flipped"] = True
-            r["messages"][-1]["content"] = new
+            r["messages"][-1]["content"] = answer_text(r.get("answer_prefix", ""), new)
     return out
 
 

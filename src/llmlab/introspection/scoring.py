@@ -23,6 +23,7 @@ from llmlab.chat import (
 from llmlab.introspection.conversation import (
     RowSteer,
     answer_tokens,
+    prefixed_prompt,
     single_token_ids,
     steer_rows,
 )
@@ -55,15 +56,18 @@ def choice_scores(
     specs: Sequence[RowSteer | None] | None = None,
     batch_size: int = 16,
     max_tokens_per_batch: int | None = 8192,
+    prefix: str = "",
 ) -> ChoiceScores:
     """Return the choice log-probabilities of the next token after each prompt.
 
     choices[i] lists, for row i, the token ids of each choice (several spellings per choice);
-    specs[i] steers row i's span during the pass (None: unsteered).
+    specs[i] steers row i's span during the pass (None: unsteered). prefix opens the
+    assistant's answer before the read-out (e.g. "The answer is"); "" reads the answer's first
+    token.
     """
     if len(choices) != len(prompts) or (specs is not None and len(specs) != len(prompts)):
         raise ValueError("prompts, choices and specs must have the same length")
-    encoded = [encode_chat(loaded.tokenizer, p, chat=loaded.chat) for p in prompts]
+    encoded = [prefixed_prompt(loaded, p, prefix) for p in prompts]
     lengths = [len(e.input_ids) for e in encoded]
     out_lp: list[np.ndarray] = [np.empty(0)] * len(prompts)
     mass = np.zeros(len(prompts))

@@ -1,6 +1,9 @@
 """The plan's "what success looks like" list, each item decided from the metrics by a stated rule.
 
-`met` is True, False, or None when the item cannot be assessed (the rule says why).
+`met` is True, False, or None when the item cannot be assessed (the rule says why). An item
+read from a model's free-text or yes/no behaviour (B2, B5, B7) is not assessed when one of its
+models leaks the trained yes/no format into open-ended answers above `max_leak_rate`: that
+model's numbers then measure the collapsed format, not its self-attribution.
 """
 
 from __future__ import annotations
@@ -34,8 +37,26 @@ def flipped_learned(t: dict[str, Any]) -> tuple[bool, str]:
     return above or low_loss, evidence
 
 
-def success_list(m: dict[str, Any]) -> list[dict[str, Any]]:
-    """Return the six success items of the plan with met / rule / evidence."""
+def leak_block(m: dict[str, Any], models: list[str], max_leak_rate: float) -> str | None:
+    """Return why the models' leak rates block a verdict (None: every rate is within bounds)."""
+    reasons = []
+    for model in models:
+        only = m["b3_yes_no_intrusion"].get(model, {}).get("only_yes_no")
+        if only is None:
+            reasons.append(f"{model}: yes/no leak rate not measured (no B3 answers)")
+        elif only["value"] > max_leak_rate:
+            reasons.append(
+                f"{model}: {only['value']:.2f} of B3 answers are only yes/no words "
+                f"(> max_leak_rate {max_leak_rate:.2f})"
+            )
+    return "; ".join(reasons) or None
+
+
+def success_list(m: dict[str, Any], max_leak_rate: float) -> list[dict[str, Any]]:
+    """Return the six success items of the plan with met / rule / evidence.
+
+    Items 1, 2, 5 and 6 are gated on the leak rate of the models they read (see module doc).
+    """
     b1, b2, b5, b7 = m["b1_detection"], m["b2_p_yes"], m["b5_calibration"], m["b7_localization"]
     items: list[dict[str, Any]] = []
 
@@ -112,4 +133,13 @@ def success_list(m: dict[str, Any]) -> list[dict[str, Any]]:
             or "B7 not run for model 0",
         }
     )
+    for item, models in zip(
+        items,
+        (["food_control"], ["original", "vague"], [], [], ["original"], ["original"]),
+        strict=True,
+    ):
+        blocked = leak_block(m, models, max_leak_rate)
+        if blocked:
+            item["met"] = None
+            item["evidence"] += f"; not assessed, yes/no format leak: {blocked}"
     return items

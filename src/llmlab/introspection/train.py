@@ -19,6 +19,7 @@ import numpy as np
 from llmlab.introspection.examples import Row, read_rows, row_steer, training_examples
 from llmlab.introspection.scoring import choice_scores, yes_no_choices
 from llmlab.introspection.vectors import VectorBank, load_vectors
+from llmlab.io import DataError
 from llmlab.models import LoadedModel
 from llmlab.plots import write_series
 from llmlab.training import LoraTrainConfig, train_lora
@@ -31,7 +32,12 @@ def val_metrics(
     prompts = [r["messages"][:-1] for r in rows]
     specs = [row_steer(loaded, bank, r["messages"], r.get("steer")) for r in rows]
     choices = yes_no_choices(loaded)
-    scores = choice_scores(loaded, prompts, [choices] * len(rows), specs, batch_size)
+    prefixes = {r.get("answer_prefix", "") for r in rows}
+    if len(prefixes) != 1:
+        raise DataError(f"validation rows mix answer prefixes {sorted(prefixes)}")
+    scores = choice_scores(
+        loaded, prompts, [choices] * len(rows), specs, batch_size, prefix=prefixes.pop()
+    )
     said_yes = np.array([lp[0] > lp[1] for lp in scores.logprobs])
     label_yes = np.array([r["label"] == "yes" for r in rows])
     true_yes = np.array([r["true_label"] == "yes" for r in rows])
@@ -110,7 +116,9 @@ def main() -> None:
             "variant_config": variant.model_dump(mode="json"),
             "n_train_rows": len(train_rows),
             "n_val_rows": len(val_rows),
-            "loss": "first answer token only",
+            "loss": "label token after the answer prefix, yes vs no"
+            if train_rows[0].get("answer_prefix")
+            else "first answer token only",
         },
     )
     write_series(
