@@ -7,7 +7,7 @@ embedded model; `configs/preferences_paper.yaml` holds the GPU / paper-scale val
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,6 +17,55 @@ from llmlab.preferences.prompts import COMPLETION_TEMPLATE, DEFAULT_TEMPLATE, ch
 DEFAULT_LAYERS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 HUB_SOURCES = ("gsm8k", "alpaca", "wildchat")
 NAMED_TEMPLATES = {"choice": DEFAULT_TEMPLATE, "completion": COMPLETION_TEMPLATE}
+
+
+# Named sources of the seed's origins that are public (WildChat's first user turns need the
+# conversation parsing of `tasks.hub`; BailBench and the stress tests are not public).
+SOURCE_PRESETS: dict[str, dict[str, Any]] = {
+    "alpaca": {
+        "dataset": "tatsu-lab/alpaca",
+        "text_field": "instruction",
+        "filters": {"input": ""},
+    },
+    "math": {"dataset": "EleutherAI/hendrycks_math", "config": "algebra", "text_field": "problem"},
+    "gsm8k": {"dataset": "openai/gsm8k", "config": "main", "text_field": "question"},
+}
+
+
+class TaskSource(StrictModel):
+    """One task source mixed into the pool: a Hugging Face dataset or a local JSONL / CSV."""
+
+    origin: str = Field(min_length=1, description="Origin name of its tasks (and id prefix)")
+    count: int = Field(gt=0, description="Tasks to add from this source")
+    preset: str | None = Field(
+        None, description=f"Named source filling the fields below ({', '.join(SOURCE_PRESETS)})"
+    )
+    dataset: str | None = Field(None, description="Hugging Face dataset name")
+    config: str | None = Field(None, description="Dataset configuration")
+    split: str = Field("train", description="Dataset split")
+    path: str | None = Field(None, description="Local .jsonl or .csv file instead of a dataset")
+    text_field: str = Field("prompt", description="Field holding the task text")
+    id_field: str | None = Field(None, description="Field holding a stable id (None: row number)")
+    filters: dict[str, str] = Field(
+        default_factory=dict, description="Keep rows whose field equals the value"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if data["preset"] not in SOURCE_PRESETS:
+                raise ValueError(
+                    f"unknown source preset {data['preset']!r} (known: {', '.join(SOURCE_PRESETS)})"
+                )
+            data = {**SOURCE_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_place(self) -> TaskSource:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError(f"source {self.origin!r}: give exactly one of dataset and path")
+        return self
 
 
 class TasksSection(StrictModel):
@@ -35,6 +84,11 @@ class TasksSection(StrictModel):
     )
     hub_required: bool = Field(
         False, description="Fail when a hub source is unreachable (False: warn and go on)"
+    )
+    sources: list[TaskSource] = Field(
+        default_factory=list,
+        description="Further task sources (Hugging Face datasets or local JSONL / CSV), each "
+        "with an origin name and a count; topics from topic_classifier",
     )
     topic_classifier: Literal["judge", "minilm"] = Field(
         "minilm",

@@ -20,6 +20,7 @@ from llmlab.models import load_model
 from llmlab.params import Params, load_params
 from llmlab.preferences import common as c
 from llmlab.preferences.tasks import (
+    Task,
     check_topics,
     load_tasks,
     load_topic_names,
@@ -53,20 +54,28 @@ def main() -> None:
         check_topics(tasks, mapping)
     except ValueError as e:
         raise DataError(f"{cfg.tasks.topics}: {e}") from None
-    topic_report: dict[str, object] = {"classifier": None, "reason": "no hub tasks to label"}
-    if cfg.tasks.hub:
+    topic_report: dict[str, object] = {"classifier": None, "reason": "no outside tasks to label"}
+    if cfg.tasks.hub or cfg.tasks.sources:
         from llmlab.preferences.hub import hub_tasks
+        from llmlab.preferences.sources import all_source_tasks
         from llmlab.preferences.topics import agreement, classify, load_check_set
 
         check = load_check_set(cfg.tasks.topic_check, names)
         judge = build_judge(params) if cfg.tasks.topic_classifier == "judge" else None
         try:
             extra, counts = hub_tasks(cfg.tasks.hub, cfg.seed, tasks, names, judge)
+            raw = all_source_tasks(
+                cfg.tasks.sources, cfg.seed, [t.prompt for t in (*tasks, *extra)]
+            )
         except RuntimeError as e:
             if cfg.tasks.hub_required:
                 raise DataError(f"preferences.tasks.hub: {e}") from None
             log.warning("hub sources skipped: %s", e)
-            extra, counts = [], {}
+            extra, counts, raw = [], {}, []
+        guessed, source_methods = classify([p for _o, _i, p in raw], tasks, names, judge)
+        extra += [
+            Task(i, topic, origin, p) for (origin, i, p), topic in zip(raw, guessed, strict=True)
+        ]
         got, methods = classify([t.prompt for t in check], tasks, names, judge)
         topic_report = {
             "classifier": cfg.tasks.topic_classifier,
@@ -74,6 +83,12 @@ def main() -> None:
             "check_methods": {m: methods.count(m) for m in sorted(set(methods))},
             "agreement": agreement(got, [t.topic for t in check]),
             "hub_topics_by_method": counts,
+            "source_topics_by_method": {
+                m: source_methods.count(m) for m in sorted(set(source_methods))
+            },
+            "tasks_by_origin": {
+                o: sum(t.origin == o for t in extra) for o in sorted({t.origin for t in extra})
+            },
         }
         tasks = tasks + extra
         mapping.update({t.id: t.topic for t in extra})

@@ -61,6 +61,8 @@ def classify(
     texts: Sequence[str], labelled: Sequence[Task], names: Sequence[str], judge: Any = None
 ) -> tuple[list[str], list[str]]:
     """Return (topic, method) per text: the judge's topic, or MiniLM where it gave none."""
+    if not texts:
+        return [], []
     topics: list[str | None] = (
         judge_topics(judge, texts, names) if judge is not None else [None] * len(texts)
     )
