@@ -78,7 +78,9 @@ def test_check_topics_names_first_missing_task() -> None:
 
 def test_taskgen_reproduces_shipped_files(tmp_path: Path) -> None:
     out, topics, ood = tmp_path / "tasks.jsonl", tmp_path / "topics.json", tmp_path / "ood.jsonl"
-    taskgen.main(["--out", str(out), "--topics-out", str(topics), "--ood-out", str(ood)])
+    inputs = TASKS.with_name("taskgen")
+    args = ["--out", str(out), "--topics-out", str(topics), "--ood-out", str(ood)]
+    taskgen.main([*args, "--inputs", str(inputs)])
     assert out.read_bytes() == TASKS.read_bytes()
     assert topics.read_bytes() == TOPICS.read_bytes()
     assert ood.read_bytes() == OOD.read_bytes()
@@ -195,7 +197,7 @@ def test_novel_topic_targets(tasks: list[Task]) -> None:
     assert all(subjects[(s, d)] == 1 for s, _ in subjects for d in (1, -1))
     for p in novel:
         assert len(p.target_task_ids) >= 6
-        pattern = taskgen.NOVEL_PATTERNS[p.novel_subject]
+        pattern = taskgen.load_inputs(TASKS.with_name("taskgen")).novel_patterns[p.novel_subject]
         for tid in p.target_task_ids:
             assert by_id[tid].origin == "handwritten"
             assert re.search(pattern, by_id[tid].prompt, re.IGNORECASE), tid
@@ -228,3 +230,28 @@ def test_load_ood_rejects_bad_kind(tmp_path: Path) -> None:
     p = _write(tmp_path / "ood.jsonl", [row])
     with pytest.raises(ValueError, match=r"ood\.jsonl:1"):
         load_ood_prompts(p)
+
+
+def test_taskgen_inputs_are_data_files_and_errors_name_them(tmp_path: Path) -> None:
+    import shutil
+
+    from llmlab.io import DataError
+
+    src = TASKS.with_name("taskgen")
+    inputs = taskgen.load_inputs(src)
+    assert inputs.topics[0] == "math" and "cheese" in inputs.novel_patterns
+    shutil.copytree(src, tmp_path / "in")
+    ood = tmp_path / "in" / "ood.yaml"
+    ood.write_text(ood.read_text().replace("topic_phrases:", "phrases:"))
+    with pytest.raises(DataError, match=r"ood\.yaml: field 'topic_phrases' is missing"):
+        taskgen.load_inputs(tmp_path / "in")
+    # an edit to the inputs changes the generated pool
+    shutil.copytree(src, tmp_path / "edited")
+    hw = tmp_path / "edited" / "handwritten.yaml"
+    hw.write_text(
+        hw.read_text().replace(
+            "List the first 200 prime numbers.", "List the first 300 prime numbers.", 1
+        )
+    )
+    rows = taskgen.build_tasks(taskgen.load_inputs(tmp_path / "edited"))
+    assert rows[0]["prompt"] == "List the first 300 prime numbers."
