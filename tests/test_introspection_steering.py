@@ -48,7 +48,7 @@ def test_question_logits_change_only_through_the_cache(tiny_models, arch):
     ids = torch.tensor([encode_chat(loaded.tokenizer, msgs, chat=True).input_ids])
     start, end = turn_token_span(loaded.tokenizer, msgs, chat=True)
     vec = unit(torch.randn(loaded.hidden_size, generator=torch.Generator().manual_seed(0)))
-    spec = RowSteer(vec, 8.0, 1, (start, end))
+    spec = RowSteer(vec, 8.0, (1,), (start, end))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         plain = loaded.model(input_ids=ids).logits[0]
@@ -75,7 +75,7 @@ def test_padding_does_not_move_the_steered_span(tiny_models):
     enc = encode_chat(loaded.tokenizer, msgs, chat=True)
     start, end = turn_token_span(loaded.tokenizer, msgs, chat=True)
     vec = unit(torch.randn(loaded.hidden_size, generator=torch.Generator().manual_seed(1)))
-    spec = RowSteer(vec, 8.0, 0, (start, end))
+    spec = RowSteer(vec, 8.0, (0,), (start, end))
     n, pad = len(enc.input_ids), 5
     alone = torch.tensor([enc.input_ids])
     padded = torch.tensor([[loaded.tokenizer.pad_token_id] * pad + enc.input_ids])

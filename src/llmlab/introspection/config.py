@@ -55,11 +55,20 @@ class DataConfig(StrictModel):
 
     n_train: int = Field(96, gt=1, description="Training examples per variant (half steered)")
     n_val: int = Field(32, gt=1, description="Validation examples per variant (half steered)")
+    steering: Literal["single_layer", "layer_range"] = Field(
+        "single_layer",
+        description="single_layer: one layer drawn from the row's third, strength x that "
+        "layer's median residual norm, on the context turn's text only; layer_range (the "
+        "anchor's): every layer of the row's third, strength as the absolute magnitude, on "
+        "every token through the fixed reply (template tokens included). Applies to training, "
+        "B1, B6, B7 and Phase C",
+    )
     strengths: list[float] = Field(
         [2.0, 4.0, 8.0],
         min_length=1,
-        description="Steering magnitudes in units of the median residual-token norm at the "
-        "injection layer; every value must be > 0",
+        description="Steering strengths, every value > 0: multiples of the median "
+        "residual-token norm at the injection layer (single_layer) or absolute magnitudes "
+        "(layer_range; the anchor's 5/10/20/30)",
     )
     context_reply: str = Field(
         "Thank you, I have read it.",

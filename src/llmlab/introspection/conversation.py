@@ -152,13 +152,33 @@ def answer_token_id(loaded: LoadedModel, messages: Sequence[Message]) -> int:
     return toks[0]
 
 
+def reply_token_span(tokenizer: Any, messages: Sequence[Message], *, chat: bool) -> tuple[int, int]:
+    """Return (0, end): every token up to and including the first assistant reply's turn.
+
+    The anchor's steered portion: the conversation rendered through the context turn and the
+    fixed reply (template tokens included) fills the cache while steered; the question and the
+    answer are read after it. ChatError when that rendering is not a prefix of the encoding.
+    """
+    roles = [m["role"] for m in messages[:2]]
+    if roles != ["user", "assistant"]:
+        raise ChatError(f"the steered portion must be a user turn and a reply, got {roles}")
+    text = render(tokenizer, list(messages[:2]), chat=chat, add_generation_prompt=False)
+    ids, _ = tokenize_rendered(tokenizer, text)
+    enc = encode_chat(tokenizer, messages, chat=chat)
+    if enc.input_ids[: len(ids)] != ids:
+        raise ChatError(
+            "the context turn and reply do not tokenise as a prefix of the conversation"
+        )
+    return 0, len(ids)
+
+
 @dataclass(frozen=True)
 class RowSteer:
-    """Steering of one row: unit vector, absolute magnitude, layer, token span (unpadded)."""
+    """Steering of one row: unit vector, absolute magnitude, layers, token span (unpadded)."""
 
     vector: torch.Tensor
     magnitude: float
-    layer: int
+    layers: tuple[int, ...]
     span: tuple[int, int]
 
 
@@ -168,20 +188,20 @@ def steer_rows(
     specs: Sequence[RowSteer | None],
     attention_mask: torch.Tensor,
 ) -> Iterator[None]:
-    """Steer each row's span at its own layer during the pass over the padded batch.
+    """Steer each row's span at its own layers during the pass over the padded batch.
 
-    One steering context is opened per distinct layer, with the magnitude zero on rows that
-    belong to another layer; spans are shifted by each row's padding (read from the mask).
+    One steering context is opened per distinct layer set, with the magnitude zero on rows that
+    belong to another set; spans are shifted by each row's padding (read from the mask).
     Later passes of other widths (decode steps) are left unsteered.
     """
     n, width = attention_mask.shape
     first = attention_mask.long().argmax(dim=1).cpu()
-    by_layer: dict[int, list[int]] = {}
+    by_layers: dict[tuple[int, ...], list[int]] = {}
     for row, spec in enumerate(specs):
         if spec is not None:
-            by_layer.setdefault(spec.layer, []).append(row)
+            by_layers.setdefault(spec.layers, []).append(row)
     with contextlib.ExitStack() as stack:
-        for layer, rows in sorted(by_layer.items()):
+        for layers, rows in sorted(by_layers.items()):
             vectors = torch.zeros(n, loaded.hidden_size)
             scale = torch.zeros(n)
             mask = torch.zeros(n, width)
@@ -193,6 +213,6 @@ def steer_rows(
                 s, e = spec.span
                 mask[row, int(first[row]) + s : int(first[row]) + e] = 1.0
             stack.enter_context(
-                steer(loaded.layers, [layer], vectors.to(loaded.device), scale, mask)
+                steer(loaded.layers, list(layers), vectors.to(loaded.device), scale, mask)
             )
         yield

@@ -25,6 +25,7 @@ from llmlab.introspection.sampling import (
     food_rows,
     localization_trials,
     split_pool,
+    steer_spec,
     to_training_rows,
 )
 from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json, write_jsonl
@@ -81,7 +82,7 @@ def variant_datasets(
     for split, n, seed_offset in (("train", d.n_train, 0), ("val", d.n_val, 1)):
         rng = np.random.default_rng(d.seed + seed_offset)
         base[split] = detection_trials(
-            n, contexts[split], "random", train_ids, d.strengths, thirds, rng, split
+            n, contexts[split], "random", train_ids, d.strengths, thirds, rng, split, d.steering
         )
     out: dict[str, dict[str, list[Row]]] = {}
     for name, v in cfg.variants.items():
@@ -133,6 +134,7 @@ def eval_sets(
             thirds,
             rng,
             "b1_in_distribution",
+            d.steering,
         ),
         "b1_heldout": detection_trials(
             n1,
@@ -143,9 +145,18 @@ def eval_sets(
             thirds,
             rng,
             "b1_heldout",
+            d.steering,
         ),
         "b1_concept": detection_trials(
-            n1, contexts, "concept", concept_ids, d.strengths, thirds, rng, "b1_concept"
+            n1,
+            contexts,
+            "concept",
+            concept_ids,
+            d.strengths,
+            thirds,
+            rng,
+            "b1_concept",
+            d.steering,
         ),
     }
     words = {c["index"]: c["word"] for c in vec_meta["concepts"]}
@@ -173,7 +184,7 @@ def eval_sets(
     k = 0
     for c in chosen:
         for qi, q in enumerate(b6_questions):
-            layer = int(rng.choice(thirds[b6.third]))
+            spec = steer_spec("concept", c["index"], b6.third, b6.strength, thirds, rng, d.steering)
             rows6.append(
                 {
                     "id": f"b6_{c['word']}_{qi}",
@@ -184,14 +195,7 @@ def eval_sets(
                     "context_id": ctx[k]["id"],
                     "context": ctx[k]["text"],
                     "steered": True,
-                    "steer": {
-                        "set": "concept",
-                        "index": c["index"],
-                        "third": b6.third,
-                        "layer": layer,
-                        "strength": b6.strength,
-                        "concept": c["word"],
-                    },
+                    "steer": {**spec, "concept": c["word"]},
                 }
             )
             k += 1
@@ -219,6 +223,7 @@ def eval_sets(
         thirds,
         rng,
         "b7",
+        d.steering,
     )
     return sets
 

@@ -12,6 +12,7 @@ from llmlab.introspection.conversation import (
     answer_token_id,
     answer_tokens,
     label_choice_ids,
+    reply_token_span,
     turn_token_span,
 )
 from llmlab.introspection.vectors import VectorBank
@@ -54,19 +55,39 @@ def read_rows(path: Path | str, required: Sequence[str] = ("id",)) -> list[Row]:
 def row_steer(
     loaded: LoadedModel, bank: VectorBank, messages: Sequence[Message], steer: Row | None
 ) -> RowSteer | None:
-    """Return the steering of one conversation: its context turn (or one sentence of it)."""
+    """Return the steering of one conversation (see `steer_spec` for the two modes).
+
+    single_layer: the vector at `layer`, strength x the layer's residual norm, on the context
+    turn's content (or one sentence of it). layer_range (the anchor's): the same vector at
+    every layer of `layers`, strength as the absolute magnitude, on every token through the
+    fixed reply (or one sentence of the context).
+    """
     if steer is None:
         return None
     layer = int(steer["layer"])
-    if not 0 <= layer < loaded.n_layers:
+    mode = steer.get("mode", "single_layer")
+    layers = tuple(int(x) for x in steer["layers"]) if mode == "layer_range" else (layer,)
+    bad = [x for x in (layer, *layers) if not 0 <= x < loaded.n_layers]
+    if bad:
         raise DataError(
-            f"steer.layer {layer} out of range for {loaded.name} ({loaded.n_layers} layers)"
+            f"steer.layer(s) {bad} out of range for {loaded.name} ({loaded.n_layers} layers)"
         )
     vector = bank.vector(steer["set"], int(steer["index"]), layer)
-    magnitude = bank.magnitude(float(steer["strength"]), layer)
     chars = tuple(steer["chars"]) if steer.get("chars") is not None else None
-    span = turn_token_span(loaded.tokenizer, messages, chat=loaded.chat, turn=0, chars=chars)
-    return RowSteer(vector, magnitude, layer, span)
+    if mode == "layer_range":
+        if list(layers) != list(range(layers[0], layers[-1] + 1)):
+            raise DataError(f"steer.layers {list(layers)} is not a contiguous range")
+        magnitude = float(steer["strength"])
+        if chars is None:
+            span = reply_token_span(loaded.tokenizer, messages, chat=loaded.chat)
+        else:
+            span = turn_token_span(loaded.tokenizer, messages, chat=loaded.chat, chars=chars)
+    elif mode == "single_layer":
+        magnitude = bank.magnitude(float(steer["strength"]), layer)
+        span = turn_token_span(loaded.tokenizer, messages, chat=loaded.chat, turn=0, chars=chars)
+    else:
+        raise DataError(f"steer.mode {mode!r} unknown (single_layer, layer_range)")
+    return RowSteer(vector, magnitude, layers, span)
 
 
 def training_examples(
@@ -96,6 +117,6 @@ def training_examples(
         spec = row_steer(loaded, bank, messages, row.get("steer"))
         steer = None
         if spec is not None:
-            steer = SteerSpec(spec.vector, spec.magnitude, (spec.layer,), spec.span)
+            steer = SteerSpec(spec.vector, spec.magnitude, spec.layers, spec.span)
         out.append(TrainExample(messages, steer=steer, loss_tokens=n, loss_choices=choices))
     return out

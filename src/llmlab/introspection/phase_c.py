@@ -64,6 +64,7 @@ def training_rows(
         vec_meta["thirds"],
         rng,
         "phase_c_train",
+        cfg.data.steering,
     )
     return [
         {

@@ -58,10 +58,29 @@ def steer_spec(
     strength: float,
     thirds: dict[str, list[int]],
     rng: np.random.Generator,
+    mode: str = "single_layer",
 ) -> Row:
-    """Return a steering spec with an injection layer drawn uniformly from the third."""
+    """Return a steering spec for a third.
+
+    single_layer: one injection layer drawn uniformly from the third, strength in units of its
+    residual norm. layer_range (the anchor's): every layer of the third (`layers`), strength an
+    absolute magnitude; `layer` is the third's middle layer, whose concept vector is used.
+    """
     if strength <= 0:
         raise DataError(f"steering strength must be > 0, got {strength}")
+    if mode == "layer_range":
+        span = thirds[third]
+        return {
+            "set": vector_set,
+            "index": int(index),
+            "third": third,
+            "mode": mode,
+            "layers": list(span),
+            "layer": int(span[len(span) // 2]),
+            "strength": float(strength),
+        }
+    if mode != "single_layer":
+        raise DataError(f"steering mode {mode!r} unknown (single_layer, layer_range)")
     layer = int(rng.choice(thirds[third]))
     return {
         "set": vector_set,
@@ -81,6 +100,7 @@ def detection_trials(
     thirds: dict[str, list[int]],
     rng: np.random.Generator,
     prefix: str,
+    mode: str = "single_layer",
 ) -> list[Row]:
     """Return n detection trials, half steered, thirds and strengths balanced over the steered."""
     if n % 2:
@@ -96,7 +116,9 @@ def detection_trials(
     for i, (c, flag) in enumerate(zip(ctx, steered_flags, strict=True)):
         spec = None
         if flag:
-            spec = steer_spec(vector_set, vectors[k], thirds_seq[k], strengths_seq[k], thirds, rng)
+            spec = steer_spec(
+                vector_set, vectors[k], thirds_seq[k], strengths_seq[k], thirds, rng, mode
+            )
             k += 1
         rows.append(
             {
@@ -222,6 +244,7 @@ def localization_trials(
     thirds: dict[str, list[int]],
     rng: np.random.Generator,
     prefix: str,
+    mode: str = "single_layer",
 ) -> list[Row]:
     """Return steered trials for the three localization questions, with their true answers.
 
@@ -248,16 +271,16 @@ def localization_trials(
                 "context": c["text"],
             }
             if q == "layer_third":
-                spec = steer_spec("random", vecs[i], thirds_seq[i], moderate, thirds, rng)
+                spec = steer_spec("random", vecs[i], thirds_seq[i], moderate, thirds, rng, mode)
                 row["answer"] = thirds_seq[i]
             elif q == "strength":
                 b = bins_seq[i]
-                spec = steer_spec("random", vecs[i], "middle", strengths[b], thirds, rng)
+                spec = steer_spec("random", vecs[i], "middle", strengths[b], thirds, rng, mode)
                 row["answer"] = STRENGTH_BINS[b]
             else:
                 spans = sentence_chars(c["text"], c["sentences"], f"context {c['id']}")
                 k = int(rng.integers(len(spans)))
-                spec = steer_spec("random", vecs[i], "middle", moderate, thirds, rng)
+                spec = steer_spec("random", vecs[i], "middle", moderate, thirds, rng, mode)
                 spec["chars"] = list(spans[k])
                 row["answer"] = str(k + 1)
                 row["n_sentences"] = len(spans)
