@@ -255,3 +255,22 @@ def test_taskgen_inputs_are_data_files_and_errors_name_them(tmp_path: Path) -> N
     )
     rows = taskgen.build_tasks(taskgen.load_inputs(tmp_path / "edited"))
     assert rows[0]["prompt"] == "List the first 300 prime numbers."
+
+
+def test_generator_is_the_stage_writing_the_shipped_inputs() -> None:
+    import yaml
+
+    stage = yaml.safe_load((DATA.parents[1] / "dvc.yaml").read_text())["stages"][
+        "preferences_taskgen"
+    ]
+    assert "data/preferences/taskgen" in stage["deps"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
+    assert outs == [
+        "data/preferences/tasks.jsonl",
+        "data/preferences/topics.json",
+        "data/preferences/ood_prompts.jsonl",
+    ]
+    assert all(
+        f"--{flag} {out}" in stage["cmd"]
+        for flag, out in zip(("out", "topics-out", "ood-out"), outs, strict=True)
+    )

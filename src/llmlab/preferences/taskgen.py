@@ -6,6 +6,8 @@ checked by regenerating it.
     python -m llmlab.preferences.taskgen --out data/preferences/tasks.jsonl \
         --topics-out data/preferences/topics.json --ood-out data/preferences/ood_prompts.jsonl
 
+(the stage preferences_taskgen runs exactly this after an edit of its inputs).
+
 Tasks come from three sources per topic, in this order (ids are assigned sequentially):
 handwritten prompts, handwritten prompts about a novel subject (cheese, cats, ...) that the
 novel-topic OOD prompts target, and templates crossed with subject lists. Every prompt, template
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.io import DataError, read_yaml, write_json, write_jsonl
+from llmlab.stage import run_stage
 
 INPUTS = Path("data/preferences/taskgen")
 
@@ -250,4 +253,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
