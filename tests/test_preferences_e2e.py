@@ -57,6 +57,8 @@ def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Pa
     assert m["hoo"]["instruct"]["held_r"]["n_folds"] == 12
     assert -1 <= m["probes"]["heldout_r"]["value"] <= 1 and m["probes"]["shuffled_r"] is not None
     assert m["ood"]["n_groups"] == 12 + 16  # category groups + two per competing prompt
+    assert m["ood"]["n_tasks"] == 2 * 28  # one target and one off-target task per group
+    assert m["ood"]["competing_flip_sign_agreement"] is not None
     for f in ("hoo.png", "ood.png", "probes_layers.png"):
         assert (repo / "plots/preferences" / f).stat().st_size > 1000
     train = (repo / "data/preferences/split/train_ids.txt").read_text().split()

@@ -81,3 +81,33 @@ def test_specificity_is_on_minus_off_target_absolute_delta() -> None:
     assert row["behaviour_specificity"] == pytest.approx(0.2)
     assert row["probe_specificity"] == pytest.approx(0.5)
     assert row["p_baseline"] == pytest.approx(0.6)
+
+
+def test_competing_flips_and_persona_summary() -> None:
+    from llmlab.preferences.ood import competing_flips, persona_summary
+
+    def row(prompt, kind, label, direction, beh, prb, pair=None):  # noqa: ANN001, ANN202
+        return {
+            "prompt": prompt, "kind": kind, "label": label, "direction": direction,
+            "pair_id": pair, "behaviour_delta": beh, "probe_delta": prb,
+        }  # fmt: skip
+
+    rows = [
+        row("math_over_poetry", "competing", "math", 1, 0.3, 1.0, "p1"),
+        row("math_over_poetry", "competing", "poetry", -1, -0.2, -0.5, "p1"),
+        row("poetry_over_math", "competing", "poetry", 1, 0.1, 0.4, "p1"),
+        row("poetry_over_math", "competing", "math", -1, -0.1, 0.2, "p1"),
+        row("chef", "persona", "cooking", 1, 0.2, 0.3),
+        row("chef", "persona", "math", -1, 0.1, -0.2),
+        row("hate_math", "category", "math", -1, -0.3, -0.6),
+    ]
+    comp = competing_flips(rows)
+    flips = {f["topic"]: f for f in comp["flips"]}
+    assert flips["math"]["behaviour_flip"] == pytest.approx(0.4)
+    assert flips["math"]["probe_flip"] == pytest.approx(0.8)
+    assert flips["poetry"]["behaviour_flip"] == pytest.approx(0.3)
+    assert comp["behaviour_positive"] == 1.0 and comp["sign_agreement"] == 1.0
+    assert competing_flips(rows[4:]) == {"n": 0, "flips": []}
+    (chef,) = persona_summary(rows)
+    assert chef["n_topics"] == 2 and chef["behaviour_matches_intent"] == 0.5
+    assert chef["probe_matches_intent"] == 1.0 and chef["probe_matches_behaviour"] == 0.5

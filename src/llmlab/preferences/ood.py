@@ -10,7 +10,8 @@ Reported: the targeted correlation (one point per group: its target tasks' mean 
 overall correlation (one point per group and task, off-target tasks included), each with
 Pearson and Spearman r, CIs and sign agreement, per manipulation kind (targeted), how often
 each delta has the intended sign, and specificity (on-target minus off-target absolute delta
-per group, behavioural and probe). Targets without a measured utility (novel-subject tasks
+per group, behavioural and probe), the competing prompts' flips (ood.competing_flips) and a
+per-persona summary. Targets without a measured utility (novel-subject tasks
 outside both splits) are matched on the probe's baseline prediction, on the same scale.
 """
 
@@ -82,6 +83,7 @@ def group_row(g: Group, tasks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "kind": g.kind,
         "label": g.label,
         "direction": g.direction,
+        "pair_id": g.prompt.pair_id,
         "n_targets": len(g.target_ids),
         "n_off_targets": len(g.off_target_ids),
         "behaviour_delta": on_b,
@@ -92,6 +94,62 @@ def group_row(g: Group, tasks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "probe_specificity": abs(on_p) - abs(off_p),
         "p_baseline": mean("target", "p_baseline"),
     }
+
+
+def competing_flips(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Return the competing-prompt analysis: how each topic moves when the prompt flips.
+
+    A competing pair is "love X, hate Y" and its flip "love Y, hate X". Per pair and topic the
+    flip delta is the topic's delta under the prompt that loves it minus under the one that
+    hates it (expected positive), behavioural and probe; reported with their correlation, sign
+    agreement and how often each is positive.
+    """
+    by_pair: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        if r["kind"] == "competing" and r["pair_id"]:
+            by_pair[(r["pair_id"], r["label"])][r["direction"]] = r
+    flips = [
+        {
+            "pair": pair,
+            "topic": topic,
+            "behaviour_flip": d[1]["behaviour_delta"] - d[-1]["behaviour_delta"],
+            "probe_flip": d[1]["probe_delta"] - d[-1]["probe_delta"],
+        }
+        for (pair, topic), d in sorted(by_pair.items())
+        if 1 in d and -1 in d
+    ]
+    if not flips:
+        return {"n": 0, "flips": []}
+    beh = [f["behaviour_flip"] for f in flips]
+    prb = [f["probe_flip"] for f in flips]
+    return {
+        **correlation(beh, prb),
+        "behaviour_positive": float(np.mean([b > 0 for b in beh])),
+        "probe_positive": float(np.mean([p > 0 for p in prb])),
+        "flips": flips,
+    }
+
+
+def persona_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return per persona: its topic groups, and how often behaviour and probe move as expected."""
+    out = []
+    for prompt in sorted({r["prompt"] for r in rows if r["kind"] == "persona"}):
+        mine = [r for r in rows if r["prompt"] == prompt]
+        dirs = [r["direction"] for r in mine]
+        out.append(
+            {
+                "prompt": prompt,
+                "n_topics": len(mine),
+                "behaviour_matches_intent": sign_agreement(
+                    [r["behaviour_delta"] for r in mine], dirs
+                ),
+                "probe_matches_intent": sign_agreement([r["probe_delta"] for r in mine], dirs),
+                "probe_matches_behaviour": sign_agreement(
+                    [r["probe_delta"] for r in mine], [r["behaviour_delta"] for r in mine]
+                ),
+            }
+        )
+    return out
 
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
@@ -227,6 +285,8 @@ def main() -> None:
                 np.mean([r["probe_specificity"] > 0 for r in rows])
             ),
         },
+        "competing": competing_flips(rows),
+        "personas": persona_summary(rows),
         "groups": rows,
         "tasks": task_rows,
     }
