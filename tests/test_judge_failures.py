@@ -506,7 +506,7 @@ def test_queued_experiments_share_the_judge_cache(stub: StubServer, tmp_path: Pa
         "cmd": "python -m llmlab.persona.judge --generations data/generations.jsonl "
         "--out data/judged.jsonl --summary-out data/judge_summary.json",
         "deps": ["data/generations.jsonl"],
-        "params": ["judge", "persona.judge", "persona.trigger", "persona.data.persona_name"],
+        "params": ["judge", "persona.judge"],
         "outs": ["data/judged.jsonl", "data/judge_summary.json"],
     }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"persona_judge": stage}}))
