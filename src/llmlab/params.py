@@ -102,6 +102,10 @@ SECTION_TYPES: dict[str, type[StrictModel]] = {
 }
 
 
+# The sections that may run on their own model (`<family>.model`, null: the top-level `model`).
+FAMILY_SECTIONS = ("foundation", "persona", "preferences", "introspection", "inoculation")
+
+
 def _section_types() -> dict[str, type[StrictModel]]:
     """Return the type of every section of params.yaml beside the registry and runtime."""
     return SECTION_TYPES
@@ -118,6 +122,7 @@ class Params:
         sections: dict[str, Any],
         seed: int,
         path: Path,
+        family_models: dict[str, str | None] | None = None,
     ) -> None:
         self.model = model
         self.models = models
@@ -125,11 +130,34 @@ class Params:
         self.sections = sections
         self.seed = seed
         self.path = path
+        self.family_models = dict(family_models or {})
 
     @property
     def model_entry(self) -> ModelEntry:
         """Return the registry entry the `model:` key selects."""
         return self.models[self.model]
+
+    def family_model(self, family: str) -> str:
+        """Return the registry name a family runs on: its own `<family>.model`, else `model`.
+
+        The one place that resolves it, so a family section's `model: null` (or no `model`)
+        always means the top-level model and every stage of the family agrees.
+        """
+        return self.family_models.get(family) or self.model
+
+    def for_family(self, family: str) -> Params:
+        """Return these params with `model` set to the family's model (what its stages load)."""
+        if family not in FAMILY_SECTIONS:
+            raise ParamsError(f"{self.path}: {family!r} is not a family that names a model")
+        return Params(
+            self.family_model(family),
+            self.models,
+            self.runtime,
+            self.sections,
+            self.seed,
+            self.path,
+            self.family_models,
+        )
 
     def section(self, name: str) -> Any:
         """Return a family's typed section; error naming it when params.yaml lacks it."""
@@ -233,12 +261,17 @@ def parse_params(raw: Any, path: Path = DEFAULT_PARAMS) -> Params:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ParamsError(f"{path}: seed: expected an integer (got {seed!r})")
     sections: dict[str, Any] = {}
+    family_models: dict[str, str | None] = {}
     for name, cls in _section_types().items():
         if raw.get(name) is None:
             sections[name] = None
             continue
+        body = raw[name]
+        if name in FAMILY_SECTIONS and isinstance(body, dict):
+            body = dict(body)
+            family_models[name] = _family_model(path, name, body.pop("model", None), models)
         try:
-            sections[name] = cls.model_validate(raw[name])
+            sections[name] = cls.model_validate(body)
         except ValidationError as e:
             raise ParamsError(_format_error(path, name, e)) from None
     for name, section in sections.items():
@@ -251,19 +284,34 @@ def parse_params(raw: Any, path: Path = DEFAULT_PARAMS) -> Params:
     for name, section in sections.items():
         if section is not None:
             _record_paths(section, name)
-    params = Params(model, models, runtime, sections, seed, path)
+    params = Params(model, models, runtime, sections, seed, path, family_models)
     check_layers(params)
     return params
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Return the validated params of a params.yaml file; raises ParamsError."""
+def _family_model(path: Path, family: str, value: Any, models: dict[str, ModelEntry]) -> str | None:
+    """Return a family section's `model` (None: the top-level one); refuse an unknown name."""
+    if value is None or (isinstance(value, str) and value in models):
+        return value
+    raise ParamsError(
+        f"{path}: {family}.model: unknown model {value!r} "
+        f"(registry has: {', '.join(sorted(models))}; null: the top-level model)"
+    )
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, family: str | None = None) -> Params:
+    """Return the validated params of a params.yaml file; raises ParamsError.
+
+    With `family`, `model` is that family's model (`Params.family_model`), so everything a
+    stage does with `params.model` (loading, adapter checks, metadata) follows `<family>.model`.
+    """
     p = Path(path)
     try:
         raw = read_yaml(p)
     except DataError as e:
         raise ParamsError(str(e)) from None
-    return parse_params(raw, p)
+    params = parse_params(raw, p)
+    return params if family is None else params.for_family(family)
 
 
 def model_depth(entry: ModelEntry) -> tuple[int | None, int | None]:
@@ -287,11 +335,13 @@ def check_layers(params: Params) -> None:
     """
     from llmlab.layers import LayerSpecError, check_layer_spec, resolve_layers
 
-    n_layers, _ = model_depth(params.model_entry)
-    depth = f" (model {params.model} has {n_layers} layers)" if n_layers is not None else ""
     for name, section in params.sections.items():
         if section is None:
             continue
+        # Each family's layers index its own model (`<family>.model`, else the top-level one).
+        model = params.family_model(name)
+        n_layers, _ = model_depth(params.models[model])
+        depth = f" (model {model} has {n_layers} layers)" if n_layers is not None else ""
         for key, spec in _layer_fields(section):
             try:
                 check_layer_spec(spec)
