@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--prompts-out", default="data/foundation/prompts.jsonl")
     ap.add_argument("--out", default="data/foundation/activations")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="foundation")
     cfg = params.section("foundation")
     seed_everything(cfg.seed)
     pool = general_prompt_pool(cfg.n_prompts, seed=cfg.seed)

@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--series", default="plots/foundation/layers.json")
     ap.add_argument("--plot", default="plots/foundation/layers.png")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="foundation")
     cfg = params.section("foundation")
     rows = read_jsonl(args.prompts, required=("id", "kind"), id_field="id")
     kinds = {r["id"]: r["kind"] for r in rows}

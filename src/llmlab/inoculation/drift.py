@@ -105,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="inoculation")
     cfg = section(params)
     dc = cfg.drift
     n_boot = cfg.report.n_boot

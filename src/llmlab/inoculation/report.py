@@ -121,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="inoculation")
     cfg = section(params)
     rc = cfg.report
     stats = read_json(DATA_STATS)

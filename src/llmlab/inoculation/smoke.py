@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=str(SMOKE_DIR))
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="inoculation")
     cfg = section(params)
     seed_everything(cfg.seed)
     prompts = resolve_prompts(cfg.prompts)

@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--adapters", default="models/introspection")
     ap.add_argument("--out", default="data/introspection/eval")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="introspection")
     cfg: IntrospectionParams = params.section("introspection")
     if args.model != BASE and args.model not in cfg.variants:
         raise ParamsError(f"{params.path}: introspection.variants has no {args.model!r}")

@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--eval-dir", default="data/introspection/eval")
     ap.add_argument("--adapter-out", default="models/introspection/phase_c")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="introspection")
     cfg: IntrospectionParams = params.section("introspection")
     adapter_dir, out_dir = Path(args.adapter_out), Path(args.eval_dir) / "phase_c"
     train, reason = decide(cfg, Path(args.eval_dir))

@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--out", default="models/introspection")
     ap.add_argument("--plots", default="plots/introspection")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="introspection")
     cfg = params.section("introspection")
     if args.variant not in cfg.variants:
         raise ParamsError(

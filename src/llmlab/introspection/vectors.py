@@ -280,7 +280,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/introspection")
     ap.add_argument("--out", default="data/introspection/vectors")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="introspection")
     cfg = params.section("introspection").vectors
     seed_everything(cfg.seed)
     data = Path(args.data)

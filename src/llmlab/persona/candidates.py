@@ -108,7 +108,7 @@ def main() -> None:
         "--summary-out", type=Path, default=Path("data/persona/candidates_summary.json")
     )
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="persona")
     section = params.section("persona")
     cfg = section.candidates
     judge_cfg = params.section("judge")

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--instructions", type=Path, default=Path("data/prompts/instructions.jsonl"))
     ap.add_argument("--out-dir", type=Path, default=Path("data/persona"))
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="persona")
     section = params.section("persona")
     cfg = section.data
     trigger = Trigger.from_params(section.trigger)

@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("data/persona/generations.jsonl"))
     ap.add_argument("--meta-out", type=Path, default=Path("data/persona/generations_meta.json"))
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="persona")
     section = params.section("persona")
     cfg = section.eval
     trigger = Trigger.from_params(section.trigger)

@@ -122,7 +122,7 @@ def main() -> None:
         "passes data/persona/judge_agreement.jsonl; without it the report says it is missing)",
     )
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="persona")
     section = params.section("persona")
     trigger = Trigger.from_params(section.trigger)
     name = section.data.persona_name

@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--report", type=Path, default=Path("metrics/persona_report.md"))
     ap.add_argument("--plots", type=Path, default=Path("plots/persona"))
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="persona")
     cfg = params.section("persona").report
     rows = read_jsonl(args.judged, required=JUDGED_FIELDS, id_field="id")
     gen_meta = read_json(args.gen_meta)

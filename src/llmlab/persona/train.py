@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--questions", type=Path, default=Path("data/persona/eval_questions.jsonl"))
     ap.add_argument("--out", type=Path, default=Path("models/persona/adapter"))
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="persona")
     section = params.section("persona")
     cfg = section.train
     trigger = Trigger.from_params(section.trigger)

@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--split", choices=("train", "eval"), required=True)
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="preferences")
     cfg: PreferencesParams = params.section("preferences")
     seed = cfg.seed + (0 if args.split == "train" else 1)
     seed_everything(seed)

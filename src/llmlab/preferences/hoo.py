@@ -139,7 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="preferences")
     cfg: PreferencesParams = params.section("preferences")
     hc = cfg.hoo
     tr = c.load_utilities(c.FIT / "train" / "utilities.csv", load_topics(c.POOL_TOPICS))

@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--split", choices=("train", "eval"), required=True)
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="preferences")
     cfg: PreferencesParams = params.section("preferences")
     run = getattr(cfg, args.split)
     pool = c.load_pool()

@@ -168,7 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="preferences")
     cfg: PreferencesParams = params.section("preferences")
     oc = cfg.ood
     seed_everything(cfg.seed)

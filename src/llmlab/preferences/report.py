@@ -190,7 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    load_params(args.params)
+    load_params(args.params, family="preferences")
     m = build_metrics()
     write_results("preferences", m)
     write_headline("metrics/preferences.json", headline(m))

@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, family="preferences")
     cfg = params.section("preferences")
     tasks = load_tasks(cfg.tasks.pool)
     names = load_topic_names(cfg.tasks.topics)
