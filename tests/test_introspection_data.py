@@ -140,3 +140,15 @@ def test_layer_span_outside_the_model_fails_in_params(tiny_dirs):
         ParamsError, match=r"introspection\.vectors\.span_layers: layer 40 out of range"
     ):
         make_params(tiny_dirs["llama"], introspection={"vectors": {"span_layers": [0, 40]}})
+
+
+def test_localization_questions_say_a_change_happened():
+    from pathlib import Path
+
+    from llmlab.io import read_json
+
+    path = Path(__file__).resolve().parents[1] / "data/introspection/b7_questions.json"
+    for q in read_json(path)["questions"]:
+        # Zero-shot localization asks where, not whether: the question states the change.
+        assert q["question"].startswith("Your internal activations were modified"), q["id"]
+        assert "If something" not in q["question"]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 from scipy.stats import norm
 
-from llmlab.introspection.calibration import calibration_summary, normalise_answer, parse_report
+from llmlab.introspection.calibration import (
+    calibration_summary,
+    normalise_answer,
+    parse_report,
+    score_report,
+)
 from llmlab.introspection.eval_detection import detection_summary
 from llmlab.introspection.eval_localization import localization_summary
 from llmlab.introspection.selfpred import (
@@ -64,17 +70,31 @@ def test_report_parsing_and_kl_on_known_distributions():
     assert kl_divergence(actual, actual) == pytest.approx(0.0)
 
 
-def test_unparseable_reports_are_counted_not_scored():
+def test_unparseable_reports_count_as_failures():
     assert parse_report("1. Red\n2. Blue\n3. Green") is None
     assert parse_report("I cannot know that.") is None
+    actual = Counter({"red": 60, "blue": 40})
+    eps = 1e-10
+    good_kl, good_top1 = score_report(actual, {"red": 0.6, "blue": 0.4}, eps)
+    wrong_kl, wrong_top1 = score_report(actual, {"green": 1.0}, eps)
+    bad_kl, bad_top1 = score_report(actual, None, eps)
+    assert good_kl == pytest.approx(0.0, abs=1e-9) and good_top1
+    # Unparseable: as bad as a report naming none of the sampled answers, and a top-1 miss.
+    assert bad_kl == pytest.approx(wrong_kl) and not bad_top1 and not wrong_top1
+    assert bad_kl > 20.0  # about ln(1 / 1e-10) - H(P_actual)
     recs = [
-        {"id": "a", "kl": 0.2, "kl_uniform_report": 0.5, "top1_match": True},
-        {"id": "b", "kl": None, "kl_uniform_report": None, "top1_match": None},
-        {"id": "c", "kl": 0.4, "kl_uniform_report": 0.6, "top1_match": False},
-    ]
+        {"id": "a", "kl": 0.2, "kl_uniform_report": 0.5, "top1_match": True, "parse_status": "ok"},
+        {
+            "id": "b", "kl": bad_kl, "kl_uniform_report": None, "top1_match": False,
+            "parse_status": "unparseable",
+        },
+        {"id": "c", "kl": 0.4, "kl_uniform_report": 0.6, "top1_match": False, "parse_status": "ok"},
+    ]  # fmt: skip
     s = calibration_summary(recs, seed=0)
     assert s["n_unparseable"] == 1 and s["n_parsed"] == 2
-    assert s["kl"]["value"] == pytest.approx(0.3)
+    assert s["kl"]["value"] == pytest.approx((0.2 + bad_kl + 0.4) / 3)
+    assert s["kl_parsed_only"] == pytest.approx(0.3)
+    assert s["top1_match_rate"] == pytest.approx(1 / 3)
 
 
 def test_answer_normalisation():
@@ -165,3 +185,24 @@ def test_yes_no_intrusion_counts_collapsed_identity_answers(tmp_path) -> None:  
     assert got["starts_yes_no"]["value"] == 0.5
     assert got["only_yes_no"]["value"] == 0.25
     assert got["only_yes_no"]["lo"] < 0.25 < got["only_yes_no"]["hi"]
+
+
+def test_b1_d_prime_has_a_bootstrap_interval():
+    def recs(hits: int, fas: int, n: int = 20) -> list[dict]:
+        steered = [{"steered": True, "said_yes": i < hits} for i in range(n)]
+        clean = [{"steered": False, "said_yes": i < fas} for i in range(n)]
+        return [
+            {**r, "third": "middle", "strength": 2.0, "choice_mass": 1.0} for r in steered + clean
+        ]
+
+    mixed = detection_summary(recs(15, 5))["d_prime"]
+    assert mixed["lo"] < mixed["d_prime"] < mixed["hi"]
+    assert mixed["d_prime"] == pytest.approx(norm.ppf(0.75) - norm.ppf(0.25))
+    # Perfect separation stays at the clipping limit in every resample.
+    perfect = detection_summary(recs(20, 0))["d_prime"]
+    assert perfect["lo"] == perfect["hi"] == pytest.approx(perfect["d_prime"])
+    assert perfect["d_prime"] == pytest.approx(2 * norm.ppf(0.99))
+    # More trials give a narrower interval.
+    wide = detection_summary(recs(6, 2, n=8))["d_prime"]
+    narrow = detection_summary(recs(60, 20, n=80))["d_prime"]
+    assert narrow["hi"] - narrow["lo"] < wide["hi"] - wide["lo"]

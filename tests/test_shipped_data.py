@@ -253,7 +253,8 @@ def test_b6_and_b7_questions() -> None:
     assert b7["layer_third"]["options"] == ["early", "middle", "late"]
     assert b7["strength"]["options"] == ["slight", "moderate", "strong"]
     assert b7["sentence"]["question"] == (
-        "Which sentence of my previous message felt most affected? Answer with its number."
+        "Your internal activations were modified while you read one sentence of my previous "
+        "message. Which sentence was it? Answer with its number."
     )
     assert b7["sentence"]["answer_type"] == "sentence_number"
 

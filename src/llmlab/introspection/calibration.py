@@ -2,7 +2,10 @@
 
 P_actual: n samples at temperature T of a short-answer prompt, normalised to one word.
 P_reported: the model's own list of its top-k answers with probabilities, parsed from text.
-A report with no readable (answer, probability) pair is counted as unparseable, not scored.
+A report with no readable (answer, probability) pair is unparseable and counts as a failure,
+not dropped: it is scored as a report naming none of the sampled answers (every sampled
+answer gets the smoothing mass eps, as the anchor gives its missing answers 1e-10), so it has
+the largest KL a report can have, and its top-1 answer does not match.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _PAIR = re.compile(
     r"""(\d+(?:\.\d+)?)\s*(%)?"""
 )
 EMPTY = "<empty>"
+UNPARSEABLE = "<unparseable report>"
 
 
 def normalise_answer(text: str) -> str:
@@ -61,6 +65,18 @@ def parse_report(text: str) -> dict[str, float] | None:
             continue
         pairs[key] = pairs.get(key, 0.0) + value
     return pairs or None
+
+
+def score_report(
+    actual: Counter[str], reported: dict[str, float] | None, eps: float
+) -> tuple[float, bool]:
+    """Return KL(P_actual || P_reported) and whether the report's top answer is the sampled one.
+
+    An unparseable report (None) is scored as a report naming none of the sampled answers.
+    """
+    scored = reported or {UNPARSEABLE: 1.0}
+    top1 = max(scored, key=scored.get) == actual.most_common(1)[0][0]
+    return kl_divergence(actual, scored, eps=eps), top1
 
 
 def cache_keyword(model: Any) -> str:
@@ -147,31 +163,31 @@ def calibration_records(
             "report": report,
             "p_reported": reported,
             "parse_status": "ok" if reported else "unparseable",
-            "kl": None,
             "kl_uniform_report": None,
-            "top1_match": None,
         }
+        rec["kl"], rec["top1_match"] = score_report(actual, reported, eps)
         if reported:
-            rec["kl"] = kl_divergence(actual, reported, eps=eps)
             rec["kl_uniform_report"] = kl_divergence(actual, dict.fromkeys(reported, 1.0), eps=eps)
-            rec["top1_match"] = max(reported, key=reported.get) == actual.most_common(1)[0][0]
         records.append(rec)
     return records
 
 
 def calibration_summary(records: Sequence[dict[str, Any]], seed: int) -> dict[str, Any]:
-    """Return mean KL over parseable prompts (bootstrap CI) and the unparseable count."""
-    ok = [r for r in records if r["kl"] is not None]
+    """Return mean KL over every prompt (unparseable reports scored as failures, bootstrap CI),
+    the top-1 match rate over every prompt, and the same KL over the parsed prompts alone."""
+    ok = [r for r in records if r["parse_status"] == "ok"]
     out: dict[str, Any] = {
         "n_prompts": len(records),
         "n_parsed": len(ok),
         "n_unparseable": len(records) - len(ok),
-        "kl": None,
+        "kl": hierarchical_bootstrap({r["id"]: [r["kl"]] for r in records}, seed=seed).to_dict(),
+        "top1_match_rate": float(np.mean([r["top1_match"] for r in records])),
+        "kl_parsed_only": None,
         "kl_uniform_report": None,
-        "top1_match_rate": None,
+        "unparseable_rule": "an unparseable report is scored as naming none of the sampled "
+        "answers (KL with every sampled answer at the smoothing mass) and a top-1 miss",
     }
     if ok:
-        out["kl"] = hierarchical_bootstrap({r["id"]: [r["kl"]] for r in ok}, seed=seed).to_dict()
+        out["kl_parsed_only"] = float(np.mean([r["kl"] for r in ok]))
         out["kl_uniform_report"] = float(np.mean([r["kl_uniform_report"] for r in ok]))
-        out["top1_match_rate"] = float(np.mean([r["top1_match"] for r in ok]))
     return out

@@ -196,7 +196,11 @@ class B5Config(StrictModel):
     report_max_new_tokens: int = Field(64, gt=0, description="Self-report length limit")
     top_k: int = Field(5, gt=0, description="Responses the model is asked to report")
     kl_eps: float = Field(
-        1e-3, gt=0, lt=0.5, description="Probability given to answers the report leaves out"
+        1e-10,
+        gt=0,
+        lt=0.5,
+        description="Probability given to sampled answers the report leaves out (the anchor's "
+        "1e-10); an unparseable report leaves out every sampled answer",
     )
 
 

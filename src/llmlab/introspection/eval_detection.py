@@ -6,13 +6,49 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats as sps
 
 from llmlab.introspection.conversation import detection_messages
 from llmlab.introspection.examples import Row, row_steer
 from llmlab.introspection.scoring import choice_scores, yes_no_choices
 from llmlab.introspection.vectors import VectorBank
 from llmlab.models import LoadedModel
-from llmlab.stats import D_PRIME_CLIP_RULE, d_prime, proportion_ci
+from llmlab.stats import D_PRIME_CLIP, D_PRIME_CLIP_RULE, d_prime, proportion_ci
+
+D_PRIME_BOOT = 2000
+
+
+def d_prime_interval(
+    steered_yes: Sequence[bool], clean_yes: Sequence[bool], seed: int = 0, ci: float = 0.95
+) -> tuple[float, float]:
+    """Return the percentile bootstrap interval of d', steered and clean trials resampled apart.
+
+    scipy's bootstrap draws the two groups independently; d' uses the same clipping as the
+    point estimate. A group whose yes rate is the same in every resample gives a degenerate
+    (zero-width) interval rather than an error.
+    """
+    lo_clip, hi_clip = D_PRIME_CLIP
+
+    def stat(hit: np.ndarray, fa: np.ndarray, axis: int = -1) -> np.ndarray:
+        tpr = np.clip(hit.mean(axis=axis), lo_clip, hi_clip)
+        fpr = np.clip(fa.mean(axis=axis), lo_clip, hi_clip)
+        return sps.norm.ppf(tpr) - sps.norm.ppf(fpr)
+
+    a = np.asarray(steered_yes, dtype=float)
+    b = np.asarray(clean_yes, dtype=float)
+    res = sps.bootstrap(
+        (a, b),
+        stat,
+        n_resamples=D_PRIME_BOOT,
+        confidence_level=ci,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    lo, hi = res.confidence_interval
+    point = float(stat(a, b))
+    # Percentile bounds are nan when every resample gives the same d'.
+    return (point, point) if np.isnan(lo) or np.isnan(hi) else (float(lo), float(hi))
 
 
 def yes_no_trials(
@@ -67,7 +103,11 @@ def detection_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     clean = [r for r in records if not r["steered"]]
     hits = sum(r["said_yes"] for r in steered)
     fas = sum(r["said_yes"] for r in clean)
-    dp = d_prime(hits, len(steered) - hits, fas, len(clean) - fas)
+    dp = d_prime(hits, len(steered) - hits, fas, len(clean) - fas).to_dict()
+    dp["lo"], dp["hi"] = d_prime_interval(
+        [r["said_yes"] for r in steered], [r["said_yes"] for r in clean]
+    )
+    dp["interval"] = f"{D_PRIME_BOOT} bootstrap resamples, steered and clean trials apart"
     correct = hits + len(clean) - fas
     by_bin: dict[str, dict[str, Any]] = {}
     for key in ("third", "strength"):
@@ -83,7 +123,7 @@ def detection_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "accuracy": proportion_ci(correct, len(records)).to_dict(),
         "tpr": proportion_ci(hits, len(steered)).to_dict(),
         "fpr": proportion_ci(fas, len(clean)).to_dict(),
-        "d_prime": dp.to_dict(),
+        "d_prime": dp,
         "d_prime_rule": D_PRIME_CLIP_RULE,
         "tpr_by": by_bin,
         "mean_choice_mass": float(np.mean([r["choice_mass"] for r in records])),

@@ -9,6 +9,11 @@ from llmlab.introspection.config import VARIANT_NAMES
 MODELS = ("base", *VARIANT_NAMES)
 
 
+def _d_prime(d: dict) -> str:
+    """Return d' with its bootstrap interval."""
+    return f"{d['d_prime']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}]"
+
+
 def _ci(d: dict[str, Any] | None, signed: bool = False, digits: int = 2) -> str:
     if not d:
         return "—"
@@ -100,7 +105,7 @@ def render_report(m: dict[str, Any]) -> str:
     ]
     for model, sets in m["b1_detection"].items():
         cells = [
-            f"{_ci(sets[s]['accuracy'])}, d' {sets[s]['d_prime']['d_prime']:.2f}"
+            f"{_ci(sets[s]['accuracy'])}, d' {_d_prime(sets[s]['d_prime'])}"
             for s in ("in_distribution", "heldout", "concept")
         ]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")

@@ -117,10 +117,13 @@ def p_yes_shift(a: dict, b: dict, self_ref: bool, seed: int) -> dict[str, Any]:
 
 
 def kl_diff(eval_dir: Path, model: str, ref: str, seed: int) -> dict[str, Any] | None:
-    """Return mean KL(model) - KL(ref) over prompts parsed for both (None if fewer than 3)."""
+    """Return mean KL(model) - KL(ref) paired over prompts (None if fewer than 3 shared).
+
+    Unparseable reports are in, scored as failures (see calibration.py).
+    """
     a = {r["id"]: r["kl"] for r in read_jsonl(eval_dir / model / "b5_calibration.jsonl")}
     b = {r["id"]: r["kl"] for r in read_jsonl(eval_dir / ref / "b5_calibration.jsonl")}
-    keys = [k for k in a if a[k] is not None and b.get(k) is not None]
+    keys = [k for k in a if k in b]
     if len(keys) < 3:
         return None
     return bootstrap_diff({k: [a[k]] for k in keys}, {k: [b[k]] for k in keys}, seed=seed).to_dict()

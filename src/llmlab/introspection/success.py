@@ -109,8 +109,8 @@ def success_list(m: dict[str, Any], max_leak_rate: float) -> list[dict[str, Any]
     items.append(
         {
             "criterion": "Self-calibration (B5) improves",
-            "rule": "model 0's KL minus base KL (paired over prompts parsed for both, >= 3) has a "
-            "CI below 0",
+            "rule": "model 0's KL minus base KL (paired over prompts, >= 3; unparseable reports "
+            "count as failures) has a CI below 0",
             "met": None if kl is None else bool(kl["hi"] < 0),
             "evidence": f"original - base KL {_ci(kl)}; unparseable reports: original "
             f"{b5['original']['n_unparseable']}/{b5['original']['n_prompts']}, base "
