@@ -152,3 +152,42 @@ def test_localization_questions_say_a_change_happened():
         # Zero-shot localization asks where, not whether: the question states the change.
         assert q["question"].startswith("Your internal activations were modified"), q["id"]
         assert "If something" not in q["question"]
+
+
+def test_phase_c_reports_four_magnitude_classes():
+    from collections import Counter
+
+    from llmlab.introspection.config import IntrospectionParams
+    from llmlab.introspection.phase_c import phase_c_questions, phase_c_trials, training_rows
+
+    cfg = IntrospectionParams.model_validate(
+        {"phase_c": {"strengths": [5.0, 10.0, 20.0, 30.0], "n_train": 24}}
+    )
+    contexts = [
+        {"id": f"c{i}", "text": f"First sentence {i}. Second one.", "sentences":
+         [f"First sentence {i}.", "Second one."]}
+        for i in range(6)
+    ]  # fmt: skip
+    vec_meta = {
+        "splits": {"train": [0, 4]},
+        "thirds": {"early": [0], "middle": [1], "late": [2]},
+    }
+    b7 = {
+        "layer_third": {"question": "q1", "options": ["early", "middle", "late"]},
+        "strength": {"question": "q2", "options": ["slight", "moderate", "strong"]},
+        "sentence": {"question": "q3", "options": None},
+    }
+    questions = phase_c_questions(b7, cfg.phase_c.strengths)
+    assert questions["strength"]["options"] == ["5", "10", "20", "30"]
+    assert "5, 10, 20 or 30" in questions["strength"]["question"]
+    assert questions["layer_third"] == b7["layer_third"]
+    trials = phase_c_trials(cfg, contexts, vec_meta, 8, 301, "pc")
+    strength = [t for t in trials if t["question_id"] == "strength"]
+    assert Counter(t["answer"] for t in strength) == {"5": 2, "10": 2, "20": 2, "30": 2}
+    for t in strength:
+        assert f"{t['steer']['strength']:g}" == t["answer"]
+    rows = training_rows(cfg, contexts, questions, vec_meta)
+    answers = {r["messages"][-1]["content"] for r in rows if r["question_id"] == "strength"}
+    assert answers == {"5", "10", "20", "30"}
+    with pytest.raises(ValueError, match="increasing"):
+        IntrospectionParams.model_validate({"phase_c": {"strengths": [5.0, 5.0, 20.0, 30.0]}})

@@ -256,8 +256,25 @@ class PhaseCConfig(StrictModel):
         "never", description="never; always; auto: train only when zero-shot B7 showed a signal"
     )
     n_train: int = Field(96, gt=2, description="Training examples (a third per question)")
+    strengths: list[float] = Field(
+        [1.0, 2.0, 4.0, 8.0],
+        min_length=4,
+        max_length=4,
+        description="The four magnitude classes the adapter learns to report (the plan's "
+        "5/10/20/30), in the units of data.steering; each > 0, increasing",
+    )
+    n_eval_per_question: int = Field(
+        30, gt=2, description="Held-out trials per localization question for the trained adapter"
+    )
     rank: int = Field(16, gt=0, description="LoRA rank r")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha")
+
+    @model_validator(mode="after")
+    def _check_strengths(self) -> PhaseCConfig:
+        s = self.strengths
+        if any(x <= 0 for x in s) or any(a >= b for a, b in zip(s, s[1:], strict=False)):
+            raise ValueError(f"strengths must be > 0 and increasing, got {s}")
+        return self
 
 
 class IntrospectionParams(StrictModel):

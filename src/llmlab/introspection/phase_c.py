@@ -2,8 +2,9 @@
 
 `phase_c.enabled`: never (nothing trained; the outputs record why), always, or auto (trained only
 when zero-shot B7 of the original variant or the base model showed a signal). The adapter
-learns to answer the three B7 questions (layer third, strength bin, steered sentence) and is
-evaluated on the same held-out B7 trials as the zero-shot models.
+learns to answer the three B7 questions (layer third, steered sentence, and the plan's 4-way
+magnitude instead of B7's three strength bins) and is evaluated on held-out trials of the same
+design built from the evaluation contexts.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from llmlab.introspection.eval_localization import (
     localization_records,
     localization_summary,
 )
-from llmlab.introspection.examples import read_rows, training_examples
+from llmlab.introspection.examples import training_examples
 from llmlab.introspection.sampling import Row, localization_trials, split_pool
 from llmlab.introspection.vectors import load_vectors
-from llmlab.io import read_json, write_json, write_jsonl
+from llmlab.io import DataError, read_json, write_json, write_jsonl
 
 ZERO_SHOT_SOURCES = ("original", "base")
 
@@ -50,22 +51,56 @@ def decide(cfg: IntrospectionParams, eval_dir: Path) -> tuple[bool, str]:
     return False, "auto: zero-shot B7 showed no signal above chance"
 
 
+def magnitude_options(strengths: list[float]) -> list[str]:
+    """Return the magnitude classes as answer options ("1", "2", "4", "8")."""
+    options = [f"{s:g}" for s in strengths]
+    if len(set(options)) != len(options):
+        raise DataError(f"phase_c.strengths {strengths} do not print as distinct options")
+    return options
+
+
+def phase_c_questions(questions: dict[str, Any], strengths: list[float]) -> dict[str, Any]:
+    """Return the B7 questions with the strength question asked as the 4-way magnitude."""
+    options = magnitude_options(strengths)
+    listed = ", ".join(options[:-1]) + f" or {options[-1]}"
+    out = dict(questions)
+    out["strength"] = {
+        **questions["strength"],
+        "question": "Your internal activations were modified while you read my previous "
+        f"message. How strong was the change: {listed}? Answer with the number.",
+        "options": options,
+    }
+    return out
+
+
+def phase_c_trials(
+    cfg: IntrospectionParams,
+    contexts: list[Row],
+    vec_meta: dict,
+    n_per_question: int,
+    seed_offset: int,
+    prefix: str,
+) -> list[Row]:
+    """Return localization trials with the four magnitude classes as the strength answers."""
+    return localization_trials(
+        n_per_question,
+        contexts,
+        list(range(*vec_meta["splits"]["train"])),
+        cfg.phase_c.strengths,
+        vec_meta["thirds"],
+        np.random.default_rng(cfg.data.seed + seed_offset),
+        prefix,
+        cfg.data.steering,
+        bins=magnitude_options(cfg.phase_c.strengths),
+    )
+
+
 def training_rows(
     cfg: IntrospectionParams, contexts: list[Row], questions: dict[str, Any], vec_meta: dict
 ) -> list[Row]:
     """Return localization training rows (answer as the assistant turn) on training contexts."""
-    rng = np.random.default_rng(cfg.data.seed + 300)
     per_q = max(1, cfg.phase_c.n_train // 3)
-    trials = localization_trials(
-        per_q,
-        contexts,
-        list(range(*vec_meta["splits"]["train"])),
-        cfg.eval.b7.strengths,
-        vec_meta["thirds"],
-        rng,
-        "phase_c_train",
-        cfg.data.steering,
-    )
+    trials = phase_c_trials(cfg, contexts, vec_meta, per_q, 300, "phase_c_train")
     return [
         {
             "id": t["id"],
@@ -93,7 +128,6 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/introspection")
     ap.add_argument("--vectors", default="data/introspection/vectors")
-    ap.add_argument("--eval-sets", default="data/introspection/eval_sets")
     ap.add_argument("--eval-dir", default="data/introspection/eval")
     ap.add_argument("--adapter-out", default="models/introspection/phase_c")
     args = ap.parse_args()
@@ -110,7 +144,9 @@ def main() -> None:
     lora = cfg.train.lora.model_copy(update={"rank": cfg.phase_c.rank, "alpha": cfg.phase_c.alpha})
     seed_everything(lora.seed)
     data = Path(args.data)
-    questions = load_b7_questions(data / "b7_questions.json")
+    questions = phase_c_questions(
+        load_b7_questions(data / "b7_questions.json"), cfg.phase_c.strengths
+    )
     contexts = load_contexts(data / "context_prompts.jsonl")
     d = cfg.data
     pools = split_pool(
@@ -121,7 +157,10 @@ def main() -> None:
     by_id = {c["id"]: c for c in contexts}
     vec_meta = read_json(Path(args.vectors) / "vectors.json")
     rows = training_rows(cfg, [by_id[i] for i in pools["train"]], questions, vec_meta)
-    trials = read_rows(Path(args.eval_sets) / "b7.jsonl", required=("id", "context", "answer"))
+    trials = phase_c_trials(
+        cfg, [by_id[i] for i in pools["eval"]], vec_meta, cfg.phase_c.n_eval_per_question, 301,
+        "phase_c_eval",
+    )  # fmt: skip
     loaded = load_model(params, for_training=True)
     bank = load_vectors(args.vectors, loaded)
     result = train_lora(

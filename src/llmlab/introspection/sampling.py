@@ -245,14 +245,19 @@ def localization_trials(
     rng: np.random.Generator,
     prefix: str,
     mode: str = "single_layer",
+    bins: Sequence[str] = STRENGTH_BINS,
 ) -> list[Row]:
     """Return steered trials for the three localization questions, with their true answers.
 
     layer_third: third balanced, moderate strength; strength: bin balanced, middle third;
     sentence: one sentence of the context steered (moderate, middle third), position balanced.
+    `bins` names the strengths in order (B7: slight/moderate/strong; Phase C: four
+    magnitudes); the moderate strength is the second.
     """
-    if len(strengths) != len(STRENGTH_BINS):
-        raise DataError(f"localization needs {len(STRENGTH_BINS)} strengths, got {list(strengths)}")
+    if len(strengths) != len(bins):
+        raise DataError(
+            f"localization needs {len(bins)} strengths ({list(bins)}), got {list(strengths)}"
+        )
     rows: list[Row] = []
     moderate = strengths[1]
     multi = [c for c in contexts if len(c.get("sentences") or []) >= 2]
@@ -261,7 +266,7 @@ def localization_trials(
         pool = multi if q == "sentence" else list(contexts)
         ctx = cycle_sample(pool, n_per_question, rng)
         thirds_seq = balanced(THIRDS, n_per_question, rng)
-        bins_seq = balanced(list(range(len(STRENGTH_BINS))), n_per_question, rng)
+        bins_seq = balanced(list(range(len(bins))), n_per_question, rng)
         for i in range(n_per_question):
             c = ctx[i]
             row: Row = {
@@ -276,7 +281,7 @@ def localization_trials(
             elif q == "strength":
                 b = bins_seq[i]
                 spec = steer_spec("random", vecs[i], "middle", strengths[b], thirds, rng, mode)
-                row["answer"] = STRENGTH_BINS[b]
+                row["answer"] = bins[b]
             else:
                 spans = sentence_chars(c["text"], c["sentences"], f"context {c['id']}")
                 k = int(rng.integers(len(spans)))
