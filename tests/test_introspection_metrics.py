@@ -206,3 +206,44 @@ def test_b1_d_prime_has_a_bootstrap_interval():
     wide = detection_summary(recs(6, 2, n=8))["d_prime"]
     narrow = detection_summary(recs(60, 20, n=80))["d_prime"]
     assert narrow["hi"] - narrow["lo"] < wide["hi"] - wide["lo"]
+
+
+def test_b2_reads_absolute_and_renormalised_p_yes_on_self_and_control_questions():
+    from pathlib import Path
+
+    from llmlab.introspection.eval_logprobs import load_behavioural, p_yes_summary
+    from llmlab.introspection.report import category_shift, p_yes_shift
+
+    root = Path(__file__).resolve().parents[1]
+    questions = load_behavioural(root / "data/introspection/behavioural_questions.jsonl")
+    cats = {q["category"] for q in questions}
+    assert {"negative_self", "absurd", "other_minds", "philosophical"} <= cats
+
+    def record(i: int, control: bool, p_yes: float, p_abs: float) -> dict:
+        return {
+            "id": f"q{i}", "category": "absurd" if control else "negative_self",
+            "control": control, "expected_answer": "no" if control else None,
+            "p_yes": p_yes, "p_yes_absolute": p_abs, "p_no_absolute": p_abs * (1 - p_yes) / p_yes,
+            "choice_mass": p_abs / p_yes,
+        }  # fmt: skip
+
+    base = [record(i, i % 2 == 1, 0.4, 0.04) for i in range(8)]
+    # A self-attribution bias: yes rises on the self questions only, and the mass on yes/no
+    # stays small (absolute P(yes) 0.08 while renormalised P(yes) is 0.8).
+    tuned = [
+        record(i, i % 2 == 1, 0.4 if i % 2 else 0.8, 0.04 if i % 2 else 0.08) for i in range(8)
+    ]
+    s = p_yes_summary(tuned, seed=0)
+    assert s["self_referential_p_yes"]["value"] == pytest.approx(0.8)
+    assert s["self_referential_p_yes_absolute"]["value"] == pytest.approx(0.08)
+    assert s["control_p_yes"]["value"] == pytest.approx(0.4)
+    assert s["control_accuracy"] == 1.0  # P(yes) 0.4 < 0.5 on "no" controls
+    assert s["p_yes_absolute_by_category"] == pytest.approx({"absurd": 0.04, "negative_self": 0.08})
+    by_id = {r["id"]: r for r in tuned}
+    base_id = {r["id"]: r for r in base}
+    assert p_yes_shift(by_id, base_id, True, 0)["value"] == pytest.approx(0.4)
+    assert p_yes_shift(by_id, base_id, False, 0)["value"] == pytest.approx(0.0)
+    assert p_yes_shift(by_id, base_id, True, 0, "p_yes_absolute")["value"] == pytest.approx(0.04)
+    assert category_shift(by_id, base_id, "p_yes") == pytest.approx(
+        {"absurd": 0.0, "negative_self": 0.4}
+    )

@@ -114,17 +114,22 @@ def render_report(m: dict[str, Any]) -> str:
     lines += [
         "## B2 self-attribution bias (P(yes), shift vs base [95% bootstrap CI])",
         "",
-        "| model | P(yes) self-referential | shift self | shift world control | "
-        "world-control accuracy |",
-        "|---|---|---|---|---|",
+        "| model | P(yes) self-referential | shift self | shift control | "
+        "absolute P(yes) self / control | shift absolute self / control | "
+        "factual-control accuracy |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model in MODELS:
         b = m["b2_p_yes"][model]
         lines.append(
             f"| {model} | {_ci(b['self_referential_p_yes'])} | "
             f"{_ci(b.get('self_shift_vs_base'), True, 3)} | "
-            f"{_ci(b.get('world_shift_vs_base'), True, 3)} | "
-            f"{b['world_control_accuracy']:.2f} |"
+            f"{_ci(b.get('control_shift_vs_base'), True, 3)} | "
+            f"{b['self_referential_p_yes_absolute']['value']:.3f} / "
+            f"{b['control_p_yes_absolute']['value']:.3f} | "
+            f"{_ci(b.get('self_shift_absolute_vs_base'), True, 3)} / "
+            f"{_ci(b.get('control_shift_absolute_vs_base'), True, 3)} | "
+            f"{b['control_accuracy']:.2f} |"
         )
     k = m["b2_p_yes"]["key_comparisons"]
     lines += [

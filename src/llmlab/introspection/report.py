@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmlab.headline import estimate, get, write_headline
 from llmlab.introspection.config import VARIANT_NAMES
 from llmlab.introspection.judging import judge_counts_by_model, low_coverage
@@ -102,18 +104,27 @@ def yes_no_intrusion(eval_dir: Path, model: str) -> dict[str, Any]:
     }
 
 
-def p_yes_by_question(eval_dir: Path, model: str) -> dict[str, tuple[str, float]]:
-    """Return {question id: (category, P(yes))} of a model's B2 records."""
-    rows = read_jsonl(eval_dir / model / "b2_logprobs.jsonl", id_field="id")
-    return {r["id"]: (r["category"], r["p_yes"]) for r in rows}
+def p_yes_by_question(eval_dir: Path, model: str) -> dict[str, dict[str, Any]]:
+    """Return {question id: B2 record} of a model."""
+    return {r["id"]: r for r in read_jsonl(eval_dir / model / "b2_logprobs.jsonl", id_field="id")}
 
 
-def p_yes_shift(a: dict, b: dict, self_ref: bool, seed: int) -> dict[str, Any]:
-    """Return mean P(yes)(a) - P(yes)(b), paired by question, on self or world questions."""
-    keys = [k for k in a if (a[k][0] != "world_control") == self_ref and k in b]
+def p_yes_shift(a: dict, b: dict, self_ref: bool, seed: int, key: str = "p_yes") -> dict[str, Any]:
+    """Return mean P(yes)(a) - P(yes)(b), paired by question, on self-referential or control
+    questions; key: "p_yes" (renormalised over yes + no) or "p_yes_absolute"."""
+    keys = [k for k in a if a[k]["control"] is not self_ref and k in b]
     return bootstrap_diff(
-        {k: [a[k][1]] for k in keys}, {k: [b[k][1]] for k in keys}, seed=seed
+        {k: [a[k][key]] for k in keys}, {k: [b[k][key]] for k in keys}, seed=seed
     ).to_dict()
+
+
+def category_shift(a: dict, b: dict, key: str) -> dict[str, float]:
+    """Return the mean P(yes) shift a - b per question category (paired by question)."""
+    diffs: dict[str, list[float]] = {}
+    for k, r in a.items():
+        if k in b:
+            diffs.setdefault(r["category"], []).append(r[key] - b[k][key])
+    return {c: float(np.mean(v)) for c, v in sorted(diffs.items())}
 
 
 def kl_diff(eval_dir: Path, model: str, ref: str, seed: int) -> dict[str, Any] | None:
@@ -147,12 +158,23 @@ def collect(eval_dir: Path, adapters: Path, seed: int = 0) -> dict[str, Any]:
         s = ev[m]["b2_logprobs"]
         b2[m] = {
             "self_referential_p_yes": s["self_referential_p_yes"],
-            "world_control_p_yes": s["world_control_p_yes"],
-            "world_control_accuracy": s["world_control_accuracy"],
+            "control_p_yes": s["control_p_yes"],
+            "self_referential_p_yes_absolute": s["self_referential_p_yes_absolute"],
+            "control_p_yes_absolute": s["control_p_yes_absolute"],
+            "control_accuracy": s["control_accuracy"],
         }
         if m != "base":
             b2[m]["self_shift_vs_base"] = p_yes_shift(py[m], py["base"], True, seed)
-            b2[m]["world_shift_vs_base"] = p_yes_shift(py[m], py["base"], False, seed)
+            b2[m]["control_shift_vs_base"] = p_yes_shift(py[m], py["base"], False, seed)
+            for ref in (True, False):
+                name = "self" if ref else "control"
+                b2[m][f"{name}_shift_absolute_vs_base"] = p_yes_shift(
+                    py[m], py["base"], ref, seed, "p_yes_absolute"
+                )
+            b2[m]["category_shift_vs_base"] = category_shift(py[m], py["base"], "p_yes")
+            b2[m]["category_shift_absolute_vs_base"] = category_shift(
+                py[m], py["base"], "p_yes_absolute"
+            )
     b2["key_comparisons"] = {
         "vague_minus_original_self": p_yes_shift(py["vague"], py["original"], True, seed),
         "food_control_minus_original_self": p_yes_shift(
@@ -255,7 +277,7 @@ def category_series(metrics: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         for v in VARIANT_NAMES
         for group, key in (
             ("self-referential", "self_shift_vs_base"),
-            ("world control", "world_shift_vs_base"),
+            ("control", "control_shift_vs_base"),
         )
     ]
     kl = [
@@ -299,7 +321,7 @@ def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Pa
         variants,
         {
             "self-referential": [_est(b2[v]["self_shift_vs_base"]) for v in variants],
-            "world control": [_est(b2[v]["world_shift_vs_base"]) for v in variants],
+            "control": [_est(b2[v]["control_shift_vs_base"]) for v in variants],
         },
         "B2 P(yes) shift against the base model (95% bootstrap CI)",
         "P(yes) minus base",
