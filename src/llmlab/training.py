@@ -5,6 +5,15 @@ assistant tokens only (labels are -100 on the prompt and on padding), validation
 family hook every `eval_every` steps, a NaN / divergence guard, and an output directory that
 appears by rename only when complete (adapter safetensors, `llmlab_adapter.json`, `curve.json`).
 
+By default (`packing`) each micro-batch's examples, taken in random order, are packed into rows
+of at most max_length tokens with per-example position ids (attention stays within each
+example) and the loss runs on the labelled positions only, in chunks (PackedCollator,
+labelled_nll): no compute on padding and no full-vocabulary fp32 logits, so large micro-batches
+fit without gradient checkpointing. Each example's loss equals the padded path's within
+floating-point noise. The share of each data group (TrainExample.group) in every optimizer step
+is recorded as `batch_mix` in the adapter metadata. For the fastest GPU runs, also compile the
+norms and MLP first (`llmlab.fused.compile_elementwise`; benchmarks/RESULTS.md).
+
 Every `save_every` optimizer steps a resumable checkpoint (adapter safetensors, optimizer,
 scheduler, RNG states, trainer state and the curve / guard state) goes to
 `<out_dir>.partial/checkpoint-<step>`; only the newest complete one is kept. A re-run with the
