@@ -167,7 +167,11 @@ def test_candidates_build_goes_through_judge_cache_and_budget(tmp_path) -> None:
 
     cfg = CandidatesParams(n_requests=12, per_request=2, temperature=0.9)
     backend = CountingGenerator()
-    judge = Judge(backend, cache=ResponseCache(tmp_path), budget=Budget(max_requests=8))
+    # one request at a time: which 8 of 12 requests the budget pays for is then fixed (the
+    # first 8), where concurrent workers would reserve it in thread-timing order
+    judge = Judge(
+        backend, cache=ResponseCache(tmp_path), budget=Budget(max_requests=8), max_concurrency=1
+    )
     rows, stats = build(judge, cfg, "Someone")
     # the budget stops generation after 8 paid requests; the rest are counted, not sent
     assert backend.calls == 8 and stats["requests"] == 8 and stats["budget_stop"]
@@ -175,7 +179,9 @@ def test_candidates_build_goes_through_judge_cache_and_budget(tmp_path) -> None:
     # 8 distinct questions plus the shared "Q1?" counted once; the others are duplicates
     assert len(rows) == 8 and stats["duplicates"] == 8
     # a re-run (say after a crash) is served from the cache: nothing is paid twice
-    again = Judge(backend, cache=ResponseCache(tmp_path), budget=Budget(max_requests=8))
+    again = Judge(
+        backend, cache=ResponseCache(tmp_path), budget=Budget(max_requests=8), max_concurrency=1
+    )
     rows2, stats2 = build(again, cfg, "Someone")
     assert backend.calls == 12 and len(rows2) == 12  # only the 4 requests beyond the cached 8
     assert rows2[:8] == rows and again.summary()["cache_hits"] == 8
