@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from llmlab.inoculation.preset import flatten, preset_flags
+from llmlab.preset import flatten, preset_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs/cpu_full.yaml"

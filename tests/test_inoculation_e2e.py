@@ -114,12 +114,12 @@ def test_family_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_dirs) -> None:
 def test_paper_preset_gives_valid_overrides() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from llmlab.inoculation.preset import preset_flags
+    from llmlab.preset import preset_flags
 
     flags = preset_flags(ROOT / "configs/inoculation_paper.yaml", ROOT / "params.yaml")
     pairs = [f.removeprefix("-S ").strip("'") for f in flags]
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(pairs)}
-    assert parsed["model"] == "qwen2.5-7b-instruct"
+    assert parsed["inoculation.model"] == "qwen2.5-7b-instruct"
     assert parsed["inoculation.finetune.seeds"] == [0, 1, 2]
     assert parsed["inoculation.alignment.layers"] == "all"
     preset = yaml.safe_load((ROOT / "configs/inoculation_paper.yaml").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab.inoculation.preset import flatten, merge, unflatten
+from llmlab.preset import flatten, merge, unflatten
 from llmlab.io import DataError, read_yaml
 from llmlab.params import Params, parse_params
 from llmlab.persona.distill import aligned_prompts
@@ -42,7 +42,7 @@ def test_preset_judge_is_not_the_model_under_test() -> None:
     params = preset_params()
     judge = params.section("persona").judge
     assert params.section("judge").backend != "local" or (
-        judge.local_model is not None and judge.local_model != params.model
+        judge.local_model is not None and judge.local_model != params.family_model("persona")
     )
 
 
