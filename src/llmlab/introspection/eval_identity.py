@@ -31,7 +31,14 @@ def identity_records(
     """Return one record per (question, sample): the answer and the judge's confusion label."""
     chosen = list(questions[: cfg.n_questions] if cfg.n_questions else questions)
     convs = repeat_for_samples(
-        [[{"role": "user", "content": q["question"]}] for q in chosen], cfg.n_samples
+        [
+            [
+                {"role": "system", "content": cfg.system_prompt},
+                {"role": "user", "content": q["question"]},
+            ]
+            for q in chosen
+        ],
+        cfg.n_samples,
     )
     answers = generate(
         loaded,
@@ -51,10 +58,14 @@ def identity_records(
                 "question_id": q["id"],
                 "question": q["question"],
                 "sample": k % cfg.n_samples,
+                "system_prompt": cfg.system_prompt,
                 "answer": answer,
             }
         )
-    prompts = [IDENTITY_PROMPT.format(question=r["question"], answer=r["answer"]) for r in records]
+    prompts = [
+        IDENTITY_PROMPT.format(question=r["question"], answer=r["answer"], identity=cfg.identity)
+        for r in records
+    ]
     for r, v in zip(records, judge_yes_no(judge, loaded, prompts, "B3 identity"), strict=True):
         r.update(verdict_fields(v))
     return records
@@ -77,4 +88,5 @@ def identity_summary(records: Sequence[dict[str, Any]], seed: int) -> dict[str, 
         "judged_share": counts["judged_share"],
         "identity_confusion_rate": rate,
         "mean_answer_chars": float(np.mean([len(r["answer"]) for r in records])),
+        "system_prompts": sorted({r["system_prompt"] for r in records}),
     }
