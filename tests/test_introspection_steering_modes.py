@@ -173,3 +173,8 @@ def test_paper_preset_steers_as_the_anchor():
     assert cfg.data.steering == "layer_range"
     assert cfg.data.strengths == [5.0, 10.0, 20.0, 30.0]
     assert cfg.data.answer_prefix == "The answer is"
+    # The anchor's recipe: 8 examples per step, attention projections only.
+    lora = cfg.train.lora
+    assert lora.effective_batch_size == 8 and lora.epochs == 3.0
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.phase_c.strengths == [5.0, 10.0, 20.0, 30.0]
