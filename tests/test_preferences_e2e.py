@@ -13,6 +13,8 @@ TINY = {
     "train": {"n_tasks": 60, "batch_size": 40, "edge_budget": 0.4},
     "eval": {"n_tasks": 36, "batch_size": 30, "edge_budget": 0.5},
     "fit": {"reliability_splits": 2},
+    # A tiny random model spreads its next token over the vocabulary: no A/B mass to speak of.
+    "elicitation": {"min_mass": 0.0},
     "activations": {"layers": [0.5, 0.9]},
     "probes": {"alpha_sweep_size": 5, "n_boot": 100},
     "ood": {
@@ -51,6 +53,7 @@ def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Pa
     assert m["measure"]["train"]["n_edges"] >= 60
     assert m["measure"]["train"]["n_random_pairs"] == 40
     assert m["measure"]["eval"]["random_pair_accuracy"] is not None
+    assert m["measure"]["train"]["n_low_mass"] == 0
     assert 0 <= m["measure"]["eval"]["sample_agreement"] <= 1
     assert set(m["hoo"]) == {"instruct", "base", "content"}
     assert m["hoo"]["content"]["label"] == "all-MiniLM-L6-v2"

@@ -150,7 +150,7 @@ class ElicitationSection(StrictModel):
     temperature: float = Field(1.0, gt=0, description="Sampling backend temperature")
     max_new_tokens: int = Field(6, gt=0, description="Sampling backend answer length")
     min_mass: float = Field(
-        0.05,
+        0.01,
         ge=0,
         lt=1,
         description="Logprob backend: a pair-order whose p(A) + p(B) is below this counts "
