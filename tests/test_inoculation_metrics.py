@@ -12,7 +12,7 @@ import torch
 from llmlab.chat import collate
 from llmlab.hooks import forward_hooks, layer_output
 from llmlab.inoculation.common import caps_fraction, conversation, to_caps
-from llmlab.inoculation.control import build_table, select_loss_matched
+from llmlab.inoculation.control import build_table, cross_fit, select_loss_matched, split_halves
 from llmlab.inoculation.criteria import criterion_predicts_drift, verdict
 from llmlab.inoculation.gradalign import encode_targets, measure_alignment
 from llmlab.inoculation.specificity import (
@@ -135,8 +135,50 @@ def test_build_table_picks_the_closest_mean_loss() -> None:
     loss = np.stack([base + 0.5, base, base + 0.3, base - 0.05])
     table = build_table(info, [f"e{i}" for i in range(12)], {"loss": loss}, seed=0)
     assert table["chosen"] == "control_02"
-    assert table["chosen_gap"] == pytest.approx(0.05)
+    # Constant offsets: every half shows the same gaps, so both recorded gaps equal 0.05.
+    assert table["selection_gap"] == pytest.approx(0.05)
+    assert table["held_out_gap"] == pytest.approx(0.05)
+    assert table["same_batch_choice"] == "control_02"
     assert [c["name"] for c in table["candidates"]] == ["control_02", "control_01"]
+    sel, ev = set(table["selection_ids"]), set(table["evaluation_ids"])
+    assert not sel & ev and len(sel) == len(ev) == 6
+
+
+def test_split_halves_are_disjoint_and_need_two_examples_each() -> None:
+    sel, ev = split_halves(9, seed=3)
+    assert sorted([*sel, *ev]) == list(range(9)) and len(sel) == 4
+    with pytest.raises(DataError, match="3 calibration examples; cross-fitted selection"):
+        split_halves(3, seed=0)
+
+
+def test_cross_fitting_removes_the_same_batch_winners_curse() -> None:
+    """Ten candidates whose true loss equals inoculation's, differing only by example noise.
+
+    The true gap of every candidate is 0 and its sampling gap is the same for all, so an
+    unbiased measure of the chosen one's gap matches a fixed candidate's; the same-batch
+    gap of the winner is far smaller (it was chosen for its luck).
+    """
+    rng = np.random.default_rng(0)
+    n_cand, n_ex, reps = 10, 32, 400
+    same_batch, held_out, fixed = [], [], []
+    for r in range(reps):
+        inoc = rng.normal(0, 1, n_ex)
+        controls = inoc + rng.normal(0, 0.5, (n_cand, n_ex))
+        gaps = np.abs(controls.mean(axis=1) - inoc.mean())
+        same_batch.append(gaps.min())
+        sel, ev = split_halves(n_ex, seed=r)
+        fit = cross_fit(controls, inoc, sel, ev)
+        held_out.append(fit["held_out_gap"])
+        fixed.append(abs(controls[0, ev].mean() - inoc[ev].mean()))
+        assert fit["selection_gap"] == pytest.approx(
+            np.abs(controls[:, sel].mean(axis=1) - inoc[sel].mean()).min()
+        )
+    # E|mean of 16 N(0, .25)| = .5 / 4 * sqrt(2 / pi) ~ .0998 on a half.
+    expected = 0.5 / np.sqrt(n_ex // 2) * np.sqrt(2 / np.pi)
+    assert np.mean(held_out) == pytest.approx(expected, rel=0.15)
+    assert np.mean(held_out) == pytest.approx(np.mean(fixed), rel=0.15)
+    # The same-batch winner's gap is biased towards 0: well under the full-batch sampling gap.
+    assert np.mean(same_batch) < 0.4 * 0.5 / np.sqrt(n_ex) * np.sqrt(2 / np.pi)
 
 
 def test_percentile_rank() -> None:

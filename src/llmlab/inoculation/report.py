@@ -142,7 +142,9 @@ def main() -> None:
     neu, ino, ctl = names.index("neutral"), names.index("inoculation"), names.index(table["chosen"])
     boot = {"n_boot": rc.n_boot, "ci": rc.ci, "seed": cfg.seed}
     d_ino_neu = paired(align[ino], align[neu], ids, **boot)
-    d_ino_ctl = paired(align[ino], align[ctl], ids, **boot)
+    # Criterion 2 on the half the control was not chosen on (see inoculation.control).
+    held = [ids.index(i) for i in table["evaluation_ids"]]
+    d_ino_ctl = paired(align[ino][held], align[ctl][held], table["evaluation_ids"], **boot)
     d_ctl_neu = paired(align[ctl], align[neu], ids, **boot)
     d_loss = paired(loss[ino], loss[neu], ids, **boot)
     d_loss_ctl = paired(loss[ctl], loss[ino], ids, **boot)
@@ -246,6 +248,9 @@ def main() -> None:
             "chosen": table["chosen"],
             "text": table["chosen_text"],
             "gap": table["chosen_gap"],
+            "selection_gap": table["selection_gap"],
+            "held_out_gap": table["held_out_gap"],
+            "same_batch_choice": table["same_batch_choice"],
             "n_candidates": len(table["candidates"]),
         },
         "specificity": {
@@ -368,7 +373,10 @@ def render_report(
         )
     lines += [
         "",
-        f'Chosen: **{table["chosen"]}** ("{table["chosen_text"]}").',
+        f'Chosen: **{table["chosen"]}** ("{table["chosen_text"]}") on '
+        f"{len(table['selection_ids'])} examples (gap {table['selection_gap']:.4f}); gap on the "
+        f"{len(table['evaluation_ids'])} held-out examples {table['held_out_gap']:.4f}, where "
+        f"criterion 2 is measured. Same-batch choice: {table['same_batch_choice']}.",
         "",
         "## Prompts and positions",
         "",
