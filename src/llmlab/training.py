@@ -136,6 +136,10 @@ class TrainExample:
     # Train on the first k assistant tokens only (e.g. a one-token label); the rest of the
     # sequence is cut, which under causal attention leaves those k tokens' loss unchanged.
     loss_tokens: int | None = None
+    # The first n tokens carry no gradient, as if they had filled a KV cache under no_grad
+    # before the rest was read with gradient (the outputs of every LoRA module there are
+    # detached; the forward values are unchanged). Must not reach the labelled tokens.
+    no_grad_prefix: int | None = None
     # Forced-choice loss: only the last kept token is labelled, and it is scored against these
     # token ids alone (softmax over them, not the vocabulary), e.g. yes vs no after an answer
     # prefix. Requires loss_tokens; the labelled token must be one of the ids.
@@ -206,6 +210,13 @@ def prepare_examples(
             "steer": spec,
             "group": ex.group,
         }
+        if ex.no_grad_prefix is not None:
+            if not 0 < ex.no_grad_prefix <= enc.prompt_len:
+                raise TrainingError(
+                    f"{what} example {i}: no_grad_prefix {ex.no_grad_prefix} must be in "
+                    f"1..{enc.prompt_len} (the prompt)"
+                )
+            feature["no_grad_prefix"] = ex.no_grad_prefix
         if ex.loss_choices is not None:
             if ex.loss_tokens is None or not ex.loss_choices:
                 raise TrainingError(
@@ -266,6 +277,8 @@ def examples_sha256(examples: Sequence[TrainExample]) -> str:
             row["loss_tokens"] = ex.loss_tokens
         if ex.loss_choices is not None:
             row["loss_choices"] = list(ex.loss_choices)
+        if ex.no_grad_prefix is not None:
+            row["no_grad_prefix"] = ex.no_grad_prefix
         if ex.group is not None:
             row["group"] = ex.group
         if ex.steer is not None:
@@ -316,6 +329,11 @@ class LoraCollator:
         choices = [f.get("choices") for f in features]
         if any(c is not None for c in choices):
             out["choice_ids"] = _choice_tensor(choices)
+        if any(f.get("no_grad_prefix") for f in features):
+            mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+            for row, f in enumerate(features):
+                mask[row, : f.get("no_grad_prefix") or 0] = True  # right padding: column = index
+            out["no_grad_mask"] = mask
         groups: dict[tuple[int, ...], list[int]] = {}
         for row, f in enumerate(features):
             if f["steer"] is not None:
@@ -393,6 +411,7 @@ class PackedCollator:
         slots: dict[tuple[tuple[int, ...], int], list[tuple[int, int, int]]] = {}
         # Forced-choice ids per labelled position, in the row-major order of the labels.
         choices: list[list[int] | None] = []
+        no_grad = torch.zeros((len(rows), width), dtype=torch.bool)
         for r, row in enumerate(rows):
             offset = 0
             per_layers: dict[tuple[int, ...], int] = {}
@@ -403,6 +422,7 @@ class PackedCollator:
                 start = max(f["prompt_len"], 1)
                 labels[r, offset + start : offset + n] = ids[r, offset + start : offset + n]
                 choices.extend([f.get("choices")] * (n - start))
+                no_grad[r, offset : offset + (f.get("no_grad_prefix") or 0)] = True
                 if f["steer"] is not None:
                     key = f["steer"].layers
                     k = per_layers.get(key, 0)
@@ -418,6 +438,8 @@ class PackedCollator:
         }
         if any(c is not None for c in choices):
             out["choice_ids"] = _choice_tensor(choices)
+        if bool(no_grad.any()):
+            out["no_grad_mask"] = no_grad
         if slots:
             out["steer"] = [
                 self._slot(layers, members, features, len(rows), width)
@@ -540,6 +562,35 @@ def forced_choice_nll(
     label = targets[rows.cpu(), pos.cpu()].to(logits.device)
     target = (ids == label.unsqueeze(1)).float().argmax(dim=1)
     return F.cross_entropy(choice_logits, target, reduction="sum")
+
+
+@contextlib.contextmanager
+def no_grad_positions(model: Any, mask: torch.Tensor | None) -> Iterator[None]:
+    """Detach the outputs of every LoRA module at the masked positions while the block runs.
+
+    Frozen base weights carry no gradient, so this stops all gradient through those positions:
+    when they are a prefix, the result equals filling a KV cache with them under no_grad (LoRA
+    active) and reading the rest with gradient, in one pass. None: nothing is hooked.
+    """
+    if mask is None:
+        yield
+        return
+    keep = mask.to(next(model.parameters()).device).unsqueeze(-1)
+
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 3 or output.shape[:2] != keep.shape[:2]:
+            raise TrainingError(
+                f"no_grad_mask {tuple(keep.shape[:2])} does not fit a LoRA output "
+                f"{tuple(output.shape)}"
+            )
+        return torch.where(keep, output.detach(), output)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "lora_A")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -721,11 +772,12 @@ def _make_trainer_class() -> type:
         ) -> Any:
             groups = inputs.pop("steer", None)
             choice_ids = inputs.pop("choice_ids", None)
+            cached = inputs.pop("no_grad_mask", None)
             if inputs.pop("num_tokens", None) is not None:
                 # Packed batch: labelled positions only, chunked (labelled_nll). Normalised as
                 # the parent does: over the whole accumulated batch through num_items_in_batch
                 # (times the processes, whose gradients DDP averages), else over this one.
-                with steering_groups(self.steer_layers, groups):
+                with steering_groups(self.steer_layers, groups), no_grad_positions(model, cached):
                     total = labelled_nll(model, inputs, choice_ids=choice_ids)
                 if num_items_in_batch is None:
                     n = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
@@ -738,7 +790,7 @@ def _make_trainer_class() -> type:
                 # Forced choice (one labelled token per row, scored against its choices only),
                 # normalised like the packed path.
                 labels = inputs.pop("labels")
-                with steering_groups(self.steer_layers, groups):
+                with steering_groups(self.steer_layers, groups), no_grad_positions(model, cached):
                     logits = model(**inputs, use_cache=False).logits
                 total = forced_choice_nll(logits, labels, choice_ids)
                 if num_items_in_batch is None:
@@ -749,7 +801,7 @@ def _make_trainer_class() -> type:
                 return loss
             # The parent computes the model's own token-weighted loss, normalised over the
             # whole accumulated (and all-device) batch through num_items_in_batch.
-            with steering_groups(self.steer_layers, groups):
+            with steering_groups(self.steer_layers, groups), no_grad_positions(model, cached):
                 return super().compute_loss(
                     model,
                     inputs,

@@ -151,6 +151,12 @@ class TrainConfig(StrictModel):
         description="LoRA optimiser settings shared by the variants (rank/alpha: per variant)",
     )
     val_batch_size: int = Field(16, gt=0, description="Rows per validation forward pass")
+    context_gradient: bool = Field(
+        True,
+        description="true: one pass trains through the whole conversation, the steered "
+        "context's keys and values included; false (the anchor's): the context and the fixed "
+        "reply act as a KV cache filled without gradient, only the question and answer train",
+    )
 
     @model_validator(mode="after")
     def _check_rank(self) -> TrainConfig:

@@ -91,7 +91,11 @@ def row_steer(
 
 
 def training_examples(
-    loaded: LoadedModel, bank: VectorBank, rows: Sequence[Row], one_token: bool = True
+    loaded: LoadedModel,
+    bank: VectorBank,
+    rows: Sequence[Row],
+    one_token: bool = True,
+    context_gradient: bool = True,
 ) -> list[TrainExample]:
     """Return TrainExamples whose loss covers only the answer's tokens, end of turn excluded.
 
@@ -99,6 +103,8 @@ def training_examples(
     label token after the prefix is trained, scored against the other label's token alone
     (yes vs no, not against the vocabulary); with an empty prefix the answer is the bare label,
     one token, trained against the full vocabulary. one_token=False trains every answer token.
+    context_gradient=False runs the context turn and the fixed reply without gradient (the
+    anchor's KV cache filled under no_grad).
     Tokens after the answer are cut from the sequence: under causal attention they cannot
     change the answer's loss, and leaving them out keeps them out of the loss.
     """
@@ -118,5 +124,12 @@ def training_examples(
         steer = None
         if spec is not None:
             steer = SteerSpec(spec.vector, spec.magnitude, spec.layers, spec.span)
-        out.append(TrainExample(messages, steer=steer, loss_tokens=n, loss_choices=choices))
+        no_grad = None
+        if not context_gradient:
+            no_grad = reply_token_span(loaded.tokenizer, messages, chat=loaded.chat)[1]
+        out.append(
+            TrainExample(
+                messages, steer=steer, loss_tokens=n, loss_choices=choices, no_grad_prefix=no_grad
+            )
+        )
     return out

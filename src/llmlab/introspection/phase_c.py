@@ -165,7 +165,9 @@ def main() -> None:
     bank = load_vectors(args.vectors, loaded)
     result = train_lora(
         loaded,
-        training_examples(loaded, bank, rows, one_token=False),
+        training_examples(
+            loaded, bank, rows, one_token=False, context_gradient=cfg.train.context_gradient
+        ),
         lora,
         adapter_dir,
         metadata={

@@ -98,7 +98,7 @@ def main() -> None:
     val_rows = read_rows(data_dir / "val.jsonl", required=("id", "messages", "label", "true_label"))
     loaded = load_model(params, for_training=True)
     bank = load_vectors(args.vectors, loaded)
-    train = training_examples(loaded, bank, train_rows)
+    train = training_examples(loaded, bank, train_rows, context_gradient=cfg.train.context_gradient)
 
     def hook(model: Any, step: int) -> dict[str, float]:
         view = dataclasses.replace(loaded, model=model)
