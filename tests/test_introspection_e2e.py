@@ -91,7 +91,10 @@ def test_dvc_repro_runs_the_family(tmp_path, tiny_dirs):
     }
     assert metrics["training"]["r1_minimal"]["rank"] == 1
     assert metrics["training"]["r1_minimal"]["alpha"] == 2.0
-    assert metrics["b2_p_yes"]["key_comparisons"]["vague_minus_original_self"]["n_groups"] >= 75
+    # The anchor's 75 questions: 46 about the model, 29 controls.
+    assert metrics["b2_p_yes"]["key_comparisons"]["vague_minus_original_self"]["n_groups"] == 46
+    assert metrics["b2_p_yes"]["original"]["control_shift_vs_base"]["n_groups"] == 29
+    assert "self_referential_p_yes_absolute" in metrics["b2_p_yes"]["base"]
     assert set(metrics["b6_concepts"]) == {"base", "original"}
     assert metrics["b3_yes_no_intrusion"]["base"]["n"] == 4  # 2 questions x 2 samples
     assert metrics["phase_c"]["trained"] is True
@@ -100,8 +103,13 @@ def test_dvc_repro_runs_the_family(tmp_path, tiny_dirs):
     for model in ("base", "food_control"):
         b5 = metrics["b5_calibration"][model]
         assert b5["n_parsed"] + b5["n_unparseable"] == 5
+        assert b5["kl"] is not None  # unparseable reports are scored as failures
+    d = metrics["b1_detection"]["original"]["heldout"]["d_prime"]
+    assert d["lo"] <= d["d_prime"] <= d["hi"]
+    assert metrics["model"] == "tiny"
     report = (repo / "metrics" / "introspection_report.md").read_text()
     assert "What success looks like" in report and "Flipped-labels variant learned" in report
+    assert "Model: `tiny`." in report
     for png in ("detection", "p_yes_shift", "selfpred", "kl", "val_accuracy"):
         assert (repo / "plots" / "introspection" / f"{png}.png").stat().st_size > 0
     curve = json.loads((repo / "models/introspection/flipped_labels/curve.json").read_text())

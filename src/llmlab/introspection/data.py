@@ -267,7 +267,9 @@ def main() -> None:
     ap.add_argument("--out", default="data/introspection/datasets")
     ap.add_argument("--eval-out", default="data/introspection/eval_sets")
     args = ap.parse_args()
-    cfg: IntrospectionParams = load_params(args.params, family="introspection").section("introspection")
+    cfg: IntrospectionParams = load_params(args.params, family="introspection").section(
+        "introspection"
+    )
     src = Path(args.data)
     vec_meta = read_json(Path(args.vectors) / "vectors.json")
     contexts = load_contexts(src / "context_prompts.jsonl")

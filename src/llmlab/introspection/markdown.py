@@ -55,9 +55,25 @@ def judge_count_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+# What a model of this size can and cannot show, written under the report's title.
+SCALE_NOTES = {
+    "smollm2-135m-instruct": (
+        "Model: SmolLM2-135M-Instruct on CPU, a smoke test of the pipeline at small sizes. It "
+        "can show that every stage runs, that the detection variants move validation accuracy "
+        "on their labels while the flipped-labels variant does not, and whether the adapters "
+        "keep answering free text (the yes/no leak rate). It cannot show the plan's effects: "
+        "with tens of examples a detector stays near chance, and a 135M model has no reliable "
+        "self-report, identity or calibration behaviour for B2-B7 to shift. Read the success "
+        "items as checks of the machinery, not as findings."
+    ),
+}
+
+
 def render_report(m: dict[str, Any]) -> str:
     """Return the markdown report of the metrics tree."""
     lines = ["# Introspection finetuning: detection of steering, five variants, B1-B7", ""]
+    note = SCALE_NOTES.get(m["model"])
+    lines += [f"Model: `{m['model']}`.", ""] if note is None else [note, ""]
     lines += [
         "## What success looks like (decided from the numbers)",
         "",

@@ -434,7 +434,9 @@ def main() -> None:
     eval_dir, adapters = Path(args.eval_dir), Path(args.adapters)
     metrics = collect(eval_dir, adapters)
     metrics["datasets"] = read_json(Path(args.datasets) / "summary.json")["variants"]
-    cfg = load_params(args.params, family="introspection").section("introspection")
+    params = load_params(args.params, family="introspection")
+    cfg = params.section("introspection")
+    metrics["model"] = params.model
     metrics["success"] = success_list(metrics, cfg.max_leak_rate)
     metrics["max_leak_rate"] = cfg.max_leak_rate
     write_plots(metrics, eval_dir, adapters, Path(args.plots))
