@@ -45,6 +45,8 @@ TINY = {
         "positions": ["pre_assistant", "user_end", "assistant_1", "assistant_2", "assistant_3"],
         "max_target_tokens": 12,
         "batch_size": 8,
+        # A random tiny model has no stable alignment profile; the chain runs past the gate.
+        "gate_override": True,
     },
     "specificity": {"n_random": 10, "percentile_threshold": 5.0},
     "finetune": {

@@ -11,6 +11,7 @@ import torch
 
 from llmlab.chat import collate
 from llmlab.hooks import forward_hooks, layer_output
+from llmlab.inoculation.alignment import check_gate, loss_shift_halves, summarise
 from llmlab.inoculation.common import caps_fraction, conversation, to_caps
 from llmlab.inoculation.control import build_table, cross_fit, select_loss_matched, split_halves
 from llmlab.inoculation.criteria import criterion_predicts_drift, verdict
@@ -267,3 +268,69 @@ def test_drift_criterion_uses_a_correlation_from_four_runs() -> None:
         {"value": -0.4, "lo": -0.5, "hi": -0.3},
     )
     assert few["basis"].startswith("ordering") and few["pass"]
+
+
+def _gate_arrays(profile: float, loss_shift: float, n: int = 24, layers: int = 6):
+    """Arrays for summarise: neutral, inoculation, one control; one position.
+
+    profile scales a fixed per-layer alignment shape shared by all examples (0: pure noise);
+    loss_shift is the inoculation - neutral loss shift on top of per-example noise.
+    """
+    rng = np.random.default_rng(5)
+    shape = np.linspace(-1, 1, layers)
+    cos = -(profile * shape[None, None, :] + 0.1 * rng.standard_normal((3, n, layers)))
+    base = rng.uniform(1, 2, n)
+    loss = np.stack([base, base + loss_shift + 0.05 * rng.standard_normal(n), base + 0.1])
+    return {
+        "cos": cos[..., None],
+        "loss": loss,
+        "grad_norm": np.ones((3, n, layers, 1)),
+        "dot": cos[..., None],
+    }
+
+
+def _gate(arrays) -> dict:
+    n, layers = arrays["loss"].shape[1], arrays["cos"].shape[2]
+    names = ["neutral", "inoculation", "control_01"]
+    return summarise(
+        arrays, names, ["neutral", "inoculation", "control"], names,
+        [f"e{i}" for i in range(n)], list(range(layers)), ["pre_assistant"], seed=0,
+    )["gate"]  # fmt: skip
+
+
+def test_phase3_gate_passes_a_stable_profile_and_loss_shift() -> None:
+    gate = _gate(_gate_arrays(profile=0.2, loss_shift=-0.3))
+    assert gate["cosine_computable"] and gate["finite_cosine_fraction"] == 1.0
+    assert gate["neutral_split_half_reliability"]["r"] > 0.9
+    assert gate["alignment_not_noise"] and gate["loss_shift_measurable"]
+    assert gate["loss_shift_stable"] and all(h < 0 for h in gate["loss_shift_halves"])
+    assert gate["failed"] == [] and check_gate(gate, override=False) == []
+
+
+def test_phase3_gate_stops_on_noise_an_unmeasurable_shift_and_undefined_cosines() -> None:
+    arrays = _gate_arrays(profile=0.0, loss_shift=0.0)
+    arrays["cos"][0, 3, 2, 0] = np.nan
+    gate = _gate(arrays)
+    assert not gate["cosine_computable"] and gate["finite_cosine_fraction"] < 1.0
+    assert not gate["alignment_not_noise"]
+    assert not gate["loss_shift_measurable"]
+    assert {"cosine_computable", "alignment_not_noise", "loss_shift_measurable"} <= set(
+        gate["failed"]
+    )
+    with pytest.raises(DataError, match=r"alignment\.json: phase-3 decision gate fails: "
+                       r"cosine_computable .*gate_override: true"):  # fmt: skip
+        check_gate(gate, override=False)
+    assert check_gate(gate, override=True) == gate["failed"]
+
+
+def test_loss_shift_that_flips_sign_between_halves_is_unstable() -> None:
+    """A shift of +0.4 on one half and -0.2 on the other: its mean is not 0, but not stable."""
+    arrays = _gate_arrays(profile=0.2, loss_shift=0.0)
+    order = np.random.default_rng(0).permutation(24)
+    arrays["loss"][1, order[:12]] = arrays["loss"][0, order[:12]] + 0.4
+    arrays["loss"][1, order[12:]] = arrays["loss"][0, order[12:]] - 0.2
+    gate = _gate(arrays)
+    assert gate["loss_shift_halves"] == pytest.approx([0.4, -0.2])
+    assert not gate["loss_shift_stable"]
+    assert "loss_shift_stable" in gate["failed"]
+    assert loss_shift_halves(np.full(12, -0.2), seed=3) == pytest.approx([-0.2, -0.2])

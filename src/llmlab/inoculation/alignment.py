@@ -31,7 +31,7 @@ from llmlab.inoculation.common import (
 )
 from llmlab.inoculation.config import CANONICAL_POSITION
 from llmlab.inoculation.gradalign import encode_targets, measure_alignment
-from llmlab.io import atomic_path, write_json, write_jsonl
+from llmlab.io import DataError, atomic_path, write_json, write_jsonl
 from llmlab.layers import resolve_layers
 from llmlab.models import load_model
 from llmlab.params import load_params
@@ -69,6 +69,36 @@ def _layer_mean(a: np.ndarray) -> np.ndarray:
     ok = np.isfinite(a)
     n = ok.sum(axis=1)
     return np.where(n > 0, np.where(ok, a, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
+
+
+def loss_shift_halves(shift: np.ndarray, seed: int) -> list[float]:
+    """Return the mean per-example loss shift on two disjoint seeded halves of the examples.
+
+    A stable shift has the same sign on both; one that flips is sampling noise.
+    """
+    order = np.random.default_rng(seed).permutation(len(shift))
+    half = len(shift) // 2
+    return [float(shift[order[:half]].mean()), float(shift[order[half:]].mean())]
+
+
+GATE_CONDITIONS = {
+    "cosine_computable": "a cosine at pre_assistant is undefined (zero gradient or direction)",
+    "alignment_not_noise": "the neutral alignment profile's split-half reliability CI is not above 0",
+    "loss_shift_measurable": "the inoculation - neutral loss shift's CI covers 0",
+    "loss_shift_stable": "the inoculation - neutral loss shift changes sign between halves",
+}
+
+
+def check_gate(gate: dict[str, Any], override: bool) -> list[str]:
+    """Return the failed phase-3 gate conditions; raise naming them unless override is set."""
+    failed = [k for k in GATE_CONDITIONS if not gate[k]]
+    if failed and not override:
+        raise DataError(
+            f"{ALIGNMENT_DIR / SUMMARY_FILE}: phase-3 decision gate fails: "
+            + "; ".join(f"{k} ({GATE_CONDITIONS[k]})" for k in failed)
+            + " (inoculation.alignment.gate_override: true runs on)"
+        )
+    return failed
 
 
 def split_half_reliability(align: np.ndarray, seed: int) -> dict[str, Any]:
@@ -155,13 +185,21 @@ def summarise(
         if row["lo"] > 0 or row["hi"] < 0
     )
     reliability = split_half_reliability(align[neu, :, :, canon], seed)
+    canon_cos = arrays["cos"][:, :, :, canon]
+    finite = float(np.isfinite(canon_cos).mean())
+    halves = loss_shift_halves(arrays["loss"][ino] - arrays["loss"][neu], seed)
     gate = {
         "cells_with_ci_excluding_zero": nonzero,
         "cells": len(names) * len(layers),
+        "finite_cosine_fraction": finite,
+        "cosine_computable": finite == 1.0,
         "neutral_split_half_reliability": reliability,
         "alignment_not_noise": bool(reliability.get("r") is not None and reliability["lo"] > 0),
         "loss_shift_measurable": bool(deltas["loss"]["lo"] > 0 or deltas["loss"]["hi"] < 0),
+        "loss_shift_halves": halves,
+        "loss_shift_stable": bool(halves[0] * halves[1] > 0),
     }
+    gate["failed"] = [k for k in GATE_CONDITIONS if not gate[k]]
     return {"conditions": out_conditions, "inoculation_minus_neutral": deltas, "gate": gate}
 
 
@@ -221,6 +259,7 @@ def main() -> None:
         "grads_shape": [len(conds), len(ids), len(layers), loaded.hidden_size],
         "sign_convention": "align = cos(-g, v) = -cos(g, v); g = dL/dh on the CAPS target",
     }
+    summary["gate"]["override"] = ac.gate_override
     write_json(ALIGNMENT_DIR / SUMMARY_FILE, {**meta, **summary})
     canon = positions.index(CANONICAL_POSITION)
     write_jsonl(
@@ -239,6 +278,10 @@ def main() -> None:
         ],
     )
     write_plots(summary, layers, loaded.name)
+    # Checked after writing so the figures behind a stop are on disk to read.
+    failed = check_gate(summary["gate"], ac.gate_override)
+    if failed:
+        print(f"alignment: phase-3 gate overridden; failing: {', '.join(failed)}")
 
 
 def write_plots(summary: dict[str, Any], layers: list[int], model: str) -> None:

@@ -140,6 +140,10 @@ class AlignmentConfig(StrictModel):
         description="Score only the first N tokens of the CAPS completion (null: all of it)",
     )
     batch_size: int = Field(8, gt=0, description="Rows per forward/backward pass")
+    gate_override: bool = Field(
+        False,
+        description="Run on when the phase-3 decision gate fails (the failures are recorded)",
+    )
 
     @field_validator("positions")
     @classmethod

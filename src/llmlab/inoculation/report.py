@@ -347,7 +347,10 @@ def render_report(
         + ".",
         f"- Phase-3 gate: split-half reliability of the neutral alignment profile r = "
         f"{_num(m['alignment']['gate']['neutral_split_half_reliability'].get('r'))}, loss shift "
-        f"measurable: {m['alignment']['gate']['loss_shift_measurable']}.",
+        f"measurable: {m['alignment']['gate']['loss_shift_measurable']}, stable across halves: "
+        f"{m['alignment']['gate']['loss_shift_stable']}; failing: "
+        f"{', '.join(m['alignment']['gate']['failed']) or 'none'}"
+        f"{' (overridden)' if m['alignment']['gate']['failed'] else ''}.",
         f"- Drift (neutral system prompt, {drift['n_prompts']} held-out prompts, base caps fraction "
         f"{_num(m['drift']['base_caps_mean'])}): "
         + "; ".join(
