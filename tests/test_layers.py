@@ -91,7 +91,7 @@ def test_params_refuse_a_malformed_spec_even_when_the_depth_is_unknown(layers, b
     raw = {
         # A hub entry without n_layers: the depth is unknown until the weights load.
         "model": "hub",
-        "models": {"hub": {"source": "hub", "repo_id": "org/model"}},
+        "models": {"hub": {"source": "hub", "repo_id": "org/model", "revision": "0" * 40}},
         "foundation": {"layers": layers},
     }
     with pytest.raises(ParamsError, match=rf"foundation\.layers.*{bad}") as err:

@@ -1121,7 +1121,7 @@ def _hub_unreachable(d: Path, ctx: Any) -> None:
     from llmlab.models import load_model
     from llmlab.params import parse_params
 
-    entry = {"source": "hub", "repo_id": "nobody-org/no-such-model"}
+    entry = {"source": "hub", "repo_id": "nobody-org/no-such-model", "revision": "0" * 40}
     load_model(parse_params({"model": "m", "models": {"m": entry}, "runtime": {"device": "cpu"}}))
 
 

@@ -33,6 +33,9 @@ class ParamsError(ValueError):
     """params.yaml is invalid; the message is one line naming the key."""
 
 
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
 class ModelEntry(StrictModel):
     """One entry of the model registry."""
 
@@ -41,7 +44,11 @@ class ModelEntry(StrictModel):
         "local: a HF-format directory or a .gguf file on disk"
     )
     repo_id: str | None = Field(None, description="Hub repo id (org/name), for source=hub")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    revision: str | None = Field(
+        None,
+        description="Commit sha (40 hex digits) the hub model is pinned to, for source=hub: "
+        "`huggingface_hub.HfApi().model_info(repo_id).sha`, or the repo's commit history",
+    )
     package: str | None = Field(None, description="Importable package holding the GGUF")
     gguf_file: str | None = Field(None, description="GGUF file name inside the package")
     path: str | None = Field(None, description="Local HF directory or .gguf file, for source=local")
@@ -63,6 +70,12 @@ class ModelEntry(StrictModel):
         if self.source == "hub":
             if not self.repo_id or not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
                 raise ValueError(f"repo_id must look like 'org/name', got {self.repo_id!r}")
+            # A branch or tag moves; a commit keeps every run on the same weights and template.
+            if not self.revision or not _COMMIT_SHA.fullmatch(self.revision):
+                raise ValueError(
+                    "revision: a hub model is pinned to a commit of its repo (40 hex digits: "
+                    f"HfApi().model_info({self.repo_id!r}).sha), got {self.revision!r}"
+                )
         elif self.source == "pypi_gguf":
             if not (self.package and self.gguf_file):
                 raise ValueError("source=pypi_gguf needs package and gguf_file")
