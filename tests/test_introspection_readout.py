@@ -184,3 +184,45 @@ def test_success_items_are_not_judged_for_a_leaking_model():
     assert "original: 0.50 of B3 answers are only yes/no words" in leaking[1]["evidence"]
     food = success_list(_metrics({**clean, "food_control": 0.3}), max_leak_rate=0.2)
     assert food[0]["met"] is None and food[1]["met"] is True
+
+
+def test_b2_records_read_absolute_and_renormalised_p_yes(tiny_models):
+    from llmlab.introspection.eval_logprobs import load_behavioural, p_yes_records, p_yes_summary
+
+    root = Path(__file__).resolve().parents[1]
+    questions = load_behavioural(root / "data/introspection/behavioural_questions.jsonl")
+    records = p_yes_records(tiny_models["qwen2"], questions[:4] + questions[-4:], 8)
+    for r in records:
+        assert r["p_yes_absolute"] + r["p_no_absolute"] == pytest.approx(r["choice_mass"])
+        assert r["p_yes"] == pytest.approx(r["p_yes_absolute"] / r["choice_mass"])
+        assert 0 < r["p_yes_absolute"] < r["p_yes"] < 1  # a random model spreads its mass
+    s = p_yes_summary(records, seed=0)
+    assert s["self_referential_p_yes"]["n_groups"] == 4 and s["control_p_yes"]["n_groups"] == 4
+
+
+def test_detection_trials_read_after_the_prefix_with_layer_range_steering(tiny_models):
+    from llmlab.introspection.eval_detection import detection_summary, yes_no_trials
+    from llmlab.introspection.vectors import VectorBank
+    from llmlab.steering import unit
+
+    loaded = tiny_models["llama"]
+    bank = VectorBank(
+        random=unit(torch.randn(2, loaded.hidden_size, generator=torch.Generator().manual_seed(0))),
+        concept=unit(torch.randn(1, loaded.n_layers, loaded.hidden_size)),
+        residual_norm=torch.ones(loaded.n_layers),
+        meta={"concept_layers": list(range(loaded.n_layers))},
+    )
+    steer = {"set": "random", "index": 0, "mode": "layer_range", "layers": [0, 1], "layer": 1}
+    trials = [
+        {"id": f"t{i}", "context": "Rivers run to the sea.", "steered": i % 2 == 0,
+         "steer": {**steer, "strength": 30.0} if i % 2 == 0 else None}
+        for i in range(4)
+    ]  # fmt: skip
+    records = yes_no_trials(loaded, bank, trials, [QUESTION], "Thank you.", 4, PREFIX)
+    bare = yes_no_trials(loaded, bank, trials, [QUESTION], "Thank you.", 4, "")
+    assert [r["p_yes"] for r in records] != pytest.approx([r["p_yes"] for r in bare])
+    # Steering changes the read-out; the unsteered trials are identical to each other.
+    assert records[0]["p_yes"] != pytest.approx(records[1]["p_yes"])
+    assert records[1]["p_yes"] == pytest.approx(records[3]["p_yes"])
+    summary = detection_summary(records)
+    assert summary["n"] == 4 and "lo" in summary["d_prime"]
