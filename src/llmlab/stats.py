@@ -318,6 +318,97 @@ def bootstrap_diff(
     )
 
 
+def _crossed_matrix(values: Sequence[Sequence[float]] | np.ndarray, name: str) -> np.ndarray:
+    """Return a [seeds, prompts] float matrix, or raise naming the input."""
+    y = np.asarray(values, dtype=float)
+    if y.ndim != 2 or y.shape[0] < 1 or y.shape[1] < 1:
+        raise ValueError(
+            f"{name}: crossed bootstrap needs a [seeds, prompts] matrix, got {y.shape}"
+        )
+    if not np.isfinite(y).any():
+        raise ValueError(f"{name}: no finite observation; nothing to estimate")
+    return y
+
+
+def _prompt_means(y: np.ndarray, seeds: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """Return, per replicate and resampled prompt, the NaN-skipping mean over resampled seeds."""
+    cells = y[seeds[:, :, None], prompts[:, None, :]]  # (n_rep, n_seeds, n_prompts)
+    ok = np.isfinite(cells)
+    n = ok.sum(axis=1)
+    return np.where(n > 0, np.where(ok, cells, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
+
+
+def _nanmean_rows(x: np.ndarray) -> np.ndarray:
+    """Return the mean of each row over its finite entries (NaN where none is finite)."""
+    ok = np.isfinite(x)
+    n = ok.sum(axis=-1)
+    return np.where(n > 0, np.where(ok, x, 0.0).sum(axis=-1) / np.maximum(n, 1), np.nan)
+
+
+def crossed_bootstrap_diff(
+    a: Sequence[Sequence[float]] | np.ndarray,
+    b: Sequence[Sequence[float]] | np.ndarray | None = None,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Return the mean over prompts of (seed-mean a - seed-mean b), seeds and prompts crossed.
+
+    a, b: [seeds, prompts] matrices (one row per training seed, one column per prompt, the
+    same prompts in the same order on both sides; NaN = unscorable). b=None estimates the
+    mean over prompts of a's seed means. Every replicate draws the prompts with replacement
+    once (shared by both sides: paired over prompts) and, independently for each side, its
+    seeds with replacement, then averages over the resampled cells. Nesting seeds inside
+    prompts instead lets every prompt draw its own seeds, so a seed's shift shared by all
+    prompts averages out and between-seed variance barely reaches the interval. With one
+    seed a side the seed draw is constant and the interval shows prompt variance only.
+
+    A prompt with no finite cell on either side is left out (so the difference stays paired).
+    `n_groups` is the number of prompts kept; `n_obs` and `n_dropped` count cells over both
+    sides. Replicates left with no prompt are left out of the percentile interval.
+    """
+    _check_args(n_boot, ci, "mean")
+    ya = _crossed_matrix(a, "a")
+    yb = None if b is None else _crossed_matrix(b, "b")
+    if yb is not None and yb.shape[1] != ya.shape[1]:
+        raise ValueError(
+            f"crossed bootstrap: a has {ya.shape[1]} prompts, b has {yb.shape[1]}; "
+            "the prompts must be the same"
+        )
+    keep = np.isfinite(ya).any(axis=0)
+    if yb is not None:
+        keep &= np.isfinite(yb).any(axis=0)
+    if not keep.any():
+        raise ValueError("crossed bootstrap: no prompt has a finite cell on both sides")
+    cells = ya.size + (0 if yb is None else yb.size)
+    ya = ya[:, keep]
+    yb = None if yb is None else yb[:, keep]
+    rng = np.random.default_rng(seed)
+    n_prompts = ya.shape[1]
+    reps = np.empty(n_boot)
+    step = _chunk_size(n_boot, cells)
+    for start in range(0, n_boot, step):
+        k = min(n_boot, start + step) - start
+        prompts = rng.integers(0, n_prompts, size=(k, n_prompts))
+        per_prompt = _prompt_means(ya, rng.integers(0, ya.shape[0], size=(k, ya.shape[0])), prompts)
+        if yb is not None:
+            per_prompt = per_prompt - _prompt_means(
+                yb, rng.integers(0, yb.shape[0], size=(k, yb.shape[0])), prompts
+            )
+        reps[start : start + k] = _nanmean_rows(per_prompt)
+    lo, hi = _interval(reps[np.isfinite(reps)], ci)
+    point = _nanmean_rows(ya.T) - (0.0 if yb is None else _nanmean_rows(yb.T))
+    finite = int(np.isfinite(ya).sum()) + (0 if yb is None else int(np.isfinite(yb).sum()))
+    return Estimate(
+        value=float(point.mean()),
+        lo=lo,
+        hi=hi,
+        n_groups=n_prompts,
+        n_obs=finite,
+        n_dropped=cells - finite,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Signal detection
 

@@ -40,7 +40,7 @@ from llmlab.models import LoadedModel, load_model
 from llmlab.params import load_params
 from llmlab.plots import bar_with_ci, line_plot, write_series
 from llmlab.stage import run_stage, seed_everything
-from llmlab.stats import hierarchical_bootstrap, proportion_ci
+from llmlab.stats import crossed_bootstrap_diff, proportion_ci
 
 DRIFT_FILE = "drift.json"
 
@@ -79,16 +79,21 @@ def evaluate(
 
 
 def shift_estimate(
-    pre: np.ndarray, posts: list[np.ndarray], ids: list[str], seed: int, n_boot: int
+    pre: np.ndarray, posts: list[np.ndarray], seed: int, n_boot: int
 ) -> dict[str, Any]:
-    """Return the mean post - pre shift with a bootstrap CI over prompts (seeds pooled per prompt).
+    """Return the mean post - pre shift with a CI resampling seeds and prompts crossed.
 
+    posts: one array over prompts per training seed (run). Between-seed variance enters the
+    interval (`llmlab.stats.crossed_bootstrap_diff`); with one run it reflects prompts only.
     Prompts whose answer has no letters (NaN caps fraction) drop out; with none left the
     value is None and `reason` says why.
     """
-    groups = {i: [float(p[k] - pre[k]) for p in posts] for k, i in enumerate(ids)}
+    shifts = np.stack([np.asarray(p, dtype=float) - pre for p in posts])  # [seeds, prompts]
     try:
-        return hierarchical_bootstrap(groups, n_boot=n_boot, seed=seed).to_dict()
+        return {
+            **crossed_bootstrap_diff(shifts, n_boot=n_boot, seed=seed).to_dict(),
+            "n_seeds": len(posts),
+        }
     except ValueError as e:
         return {"value": None, "lo": None, "hi": None, "reason": str(e)}
 
@@ -153,9 +158,9 @@ def main() -> None:
                 "seed": run["seed"],
                 "caps_mean": _nanmean(caps[name]),
                 "caps_share": caps_share(caps[name], dc.caps_threshold),
-                "caps_shift": shift_estimate(caps["base"], [caps[name]], ids, cfg.seed, n_boot),
+                "caps_shift": shift_estimate(caps["base"], [caps[name]], cfg.seed, n_boot),
                 "projection_shift_std_layer_mean": shift_estimate(
-                    np.zeros(len(ids)), [std_shift.mean(axis=1)], ids, cfg.seed, n_boot
+                    np.zeros(len(ids)), [std_shift.mean(axis=1)], cfg.seed, n_boot
                 ),
                 "projection_shift_by_layer": [
                     {
@@ -175,13 +180,13 @@ def main() -> None:
         std = [(proj[n] - proj["base"]) / base_sd for n in names]
         by_condition[cond] = {
             "runs": names,
-            "caps_shift": shift_estimate(caps["base"], [caps[n] for n in names], ids, cfg.seed, n_boot),
+            "caps_shift": shift_estimate(caps["base"], [caps[n] for n in names], cfg.seed, n_boot),
             "projection_shift_std_layer_mean": shift_estimate(
-                np.zeros(len(ids)), [s.mean(axis=1) for s in std], ids, cfg.seed, n_boot
+                np.zeros(len(ids)), [s.mean(axis=1) for s in std], cfg.seed, n_boot
             ),
             "projection_shift_by_layer": [
                 {"layer": layer, **shift_estimate(
-                    np.zeros(len(ids)), [s[:, li] for s in std], ids, cfg.seed, n_boot
+                    np.zeros(len(ids)), [s[:, li] for s in std], cfg.seed, n_boot
                 )}
                 for li, layer in enumerate(layers)
             ],

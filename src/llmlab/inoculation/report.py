@@ -44,7 +44,7 @@ from llmlab.io import read_json, read_jsonl, write_text
 from llmlab.params import load_params
 from llmlab.plots import scatter_plot, write_series
 from llmlab.stage import run_stage
-from llmlab.stats import bootstrap_diff
+from llmlab.stats import bootstrap_diff, crossed_bootstrap_diff
 
 
 def paired(
@@ -78,15 +78,18 @@ def drift_difference(
     ci: float,
     seed: int,
 ) -> dict[str, Any] | None:
-    """Return the paired (prompts) bootstrap of caps(a runs) - caps(b runs), seeds pooled per prompt."""
+    """Return caps(a runs) - caps(b runs), paired over prompts, seeds and prompts resampled crossed.
+
+    Resampling the runs (training seeds) of each side as well as the prompts puts
+    between-seed variance in the interval (see `llmlab.stats.crossed_bootstrap_diff`).
+    """
     if not a_runs or not b_runs:
         return None
     ids = sorted(caps[a_runs[0]])
     try:
-        return bootstrap_diff(
-            {i: [caps[r][i] for r in a_runs] for i in ids},
-            {i: [caps[r][i] for r in b_runs] for i in ids},
-            paired=True,
+        return crossed_bootstrap_diff(
+            [[caps[r][i] for i in ids] for r in a_runs],
+            [[caps[r][i] for i in ids] for r in b_runs],
             n_boot=n_boot,
             ci=ci,
             seed=seed,
