@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from llmlab.preset import flatten, merge, unflatten
 from llmlab.io import DataError, read_yaml
 from llmlab.params import Params, parse_params
 from llmlab.persona.distill import aligned_prompts
 from llmlab.persona.train import load_mix
+from llmlab.preset import flatten, merge, unflatten
 from llmlab.training import batch_mix, gradient_accumulation_steps
 
 ROOT = Path(__file__).resolve().parents[1]
