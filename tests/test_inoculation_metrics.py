@@ -334,3 +334,18 @@ def test_loss_shift_that_flips_sign_between_halves_is_unstable() -> None:
     assert not gate["loss_shift_stable"]
     assert "loss_shift_stable" in gate["failed"]
     assert loss_shift_halves(np.full(12, -0.2), seed=3) == pytest.approx([-0.2, -0.2])
+
+
+def test_fp32_option_loads_the_stage_model_in_float32(tiny_dirs) -> None:
+    from conftest import make_params
+
+    from llmlab.inoculation.common import at_precision, precision
+    from llmlab.models import load_model
+
+    params = make_params(tiny_dirs["llama"])
+    params.runtime = params.runtime.model_copy(update={"dtype": "bfloat16"})
+    assert at_precision(params, fp32=False) is params
+    fp32 = at_precision(params, fp32=True)
+    assert fp32.runtime.dtype == "float32" and params.runtime.dtype == "bfloat16"
+    assert precision(load_model(fp32)) == {"dtype": "float32", "device": "cpu"}
+    assert precision(load_model(params))["dtype"] == "bfloat16"

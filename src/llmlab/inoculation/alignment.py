@@ -21,10 +21,12 @@ from llmlab.inoculation.common import (
     DIRECTION_DIR,
     EXAMPLES,
     PLOTS_DIR,
+    at_precision,
     calibration_examples,
     conditions,
     conversation,
     load_direction,
+    precision,
     read_examples,
     resolve_prompts,
     section,
@@ -215,7 +217,7 @@ def main() -> None:
     conds = conditions(prompts)
     calib = calibration_examples(read_examples(EXAMPLES))
     ids = [r["id"] for r in calib]
-    loaded = load_model(params)
+    loaded = load_model(at_precision(params, ac.fp32))
     layers = resolve_layers(ac.layers, loaded.n_layers)
     direction = load_direction(DIRECTION_DIR, loaded.hidden_size, layers, model=loaded.name)
     dirs = np.stack([direction.at(layer) for layer in layers])
@@ -254,6 +256,7 @@ def main() -> None:
         "layers": layers,
         "positions": positions,
         "canonical_position": CANONICAL_POSITION,
+        "precision": precision(loaded),
         "max_target_tokens": ac.max_target_tokens,
         "arrays": {k: list(v.shape) for k, v in arrays.items()},
         "grads_shape": [len(conds), len(ids), len(layers), loaded.hidden_size],

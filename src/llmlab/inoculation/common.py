@@ -9,6 +9,7 @@ cos(g_l, v_l) of the plan's formula is stored beside it.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,24 @@ def section(params: Params) -> InoculationParams:
 
 
 # ---- the caps metric -------------------------------------------------------------------------
+
+
+def at_precision(params: Params, fp32: bool) -> Params:
+    """Return params whose runtime loads the model in float32 when fp32 is set, else params.
+
+    A stage-level switch: on GPU the runtime default (bfloat16) moves single gradient cosines
+    by a few thousandths, the size of the effect measured on small models.
+    """
+    if not fp32:
+        return params
+    out = copy.copy(params)
+    out.runtime = params.runtime.model_copy(update={"dtype": "float32"})
+    return out
+
+
+def precision(loaded: Any) -> dict[str, str]:
+    """Return the dtype and device type the model's forward and backward passes ran in."""
+    return {"dtype": str(loaded.dtype).removeprefix("torch."), "device": loaded.device.type}
 
 
 def caps_fraction(text: str) -> float:

@@ -144,6 +144,10 @@ class AlignmentConfig(StrictModel):
         False,
         description="Run on when the phase-3 decision gate fails (the failures are recorded)",
     )
+    fp32: bool = Field(
+        False,
+        description="Load the model in float32 for this stage's gradients (runtime dtype: off)",
+    )
 
     @field_validator("positions")
     @classmethod

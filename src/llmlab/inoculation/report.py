@@ -239,6 +239,7 @@ def main() -> None:
             "control_minus_neutral": d_ctl_neu,
             "robustness_positions": by_pos,
             "gate": summary["gate"],
+            "precision": summary["precision"],
         },
         "loss": {
             "neutral": float(loss[neu].mean()),
@@ -348,6 +349,8 @@ def render_report(
             else "undefined"
         )
         + ".",
+        f"- Gradients computed in {m['alignment']['precision']['dtype']} on "
+        f"{m['alignment']['precision']['device']}.",
         f"- Phase-3 gate: split-half reliability of the neutral alignment profile r = "
         f"{_num(m['alignment']['gate']['neutral_split_half_reliability'].get('r'))}, loss shift "
         f"measurable: {m['alignment']['gate']['loss_shift_measurable']}, stable across halves: "
