@@ -11,6 +11,7 @@ import yaml
 from dvc_repo import ROOT, make_repo, repro
 
 TINY = {
+    "model": None,
     "seed": 0,
     "prompts": {
         "neutral": None,
