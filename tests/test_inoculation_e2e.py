@@ -97,6 +97,11 @@ def test_family_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_dirs) -> None:
         assert isinstance(m["criteria"][key]["pass"], bool)
     assert m["criteria"]["c3_specific"]["n_random"] == 10
     assert m["control"]["chosen"].startswith("control_")
+    # Cross-fitted: chosen on 3 calibration examples, criterion 2 measured on the other 3.
+    assert m["control"]["held_out_gap"] >= 0 and m["control"]["selection_gap"] >= 0
+    assert m["criteria"]["c2_beyond_control"]["estimate"]["n_groups"] == 3
+    assert m["alignment"]["precision"] == {"dtype": "float32", "device": "cpu"}
+    assert isinstance(m["alignment"]["gate"]["failed"], list)
     assert m["data"]["n_calibration"] == 6
     assert {r["condition"] for r in m["runs"]} == {"neutral", "inoculation", "loss_matched"}
     with np.load(repo / "data/inoculation/alignment/alignment.npz") as z:
