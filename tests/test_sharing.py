@@ -141,7 +141,7 @@ def world(s3, tmp_path_factory):  # noqa: F811
     a = top / "a" / "llmlab"
     a.mkdir(parents=True)
     spec = stand_in_pipeline()
-    for rel in sorted(shipped_inputs(spec) | {"src"}):
+    for rel in sorted(shipped_inputs(spec) | {"src", "configs"}):  # configs: the presets
         src = ROOT / rel
         if src.is_dir():
             shutil.copytree(src, a / rel, ignore=shutil.ignore_patterns("__pycache__"))
