@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmlab import gpu
+from llmlab.stage import HINT
 
 # A stage entry point that reports the GPUs it was given, then holds them until stdin closes.
 HOLDER = """
@@ -215,7 +216,7 @@ def test_bad_setting_fails_the_stage_in_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "error: LLMLAB_GPUS_PER_STAGE='two': expected a whole number >= 0"
+        f"error: LLMLAB_GPUS_PER_STAGE='two': expected a whole number >= 0; {HINT}"
     ]
 
 
