@@ -113,6 +113,7 @@ def test_paper_preset_is_valid_params() -> None:
             base[key] = value
     params = parse_params(base)
     cfg = params.section("preferences")
-    assert params.model_entry.base_model == "gemma-3-27b-pt"
+    assert params.family_model("preferences") == "gemma-3-27b-it"
+    assert params.for_family("preferences").model_entry.base_model == "gemma-3-27b-pt"
     assert (cfg.train.n_tasks, cfg.eval.n_tasks) == (10000, 3000)
     assert cfg.train.convergence_threshold == 0.995 and cfg.eval.convergence_threshold == 0.99
