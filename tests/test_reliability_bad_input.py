@@ -1051,7 +1051,11 @@ def _vectors_stage_with(name: str) -> Callable[[Path, Any], None]:
 
 
 def _phase_c_without_b7_trials(d: Path, ctx: Any) -> None:
-    """Phase C's evaluation trials are read before its model loads and trains, not after."""
+    """Phase C builds its training and evaluation trials before its model loads, not after.
+
+    The trials are drawn from the context prompts; with those missing (the B7 questions and
+    the vectors' metadata present) the stage must stop on the missing file, not on a model.
+    """
     from unittest import mock
 
     from llmlab.introspection import phase_c
@@ -1062,14 +1066,11 @@ def _phase_c_without_b7_trials(d: Path, ctx: Any) -> None:
     (d / "vectors").mkdir()
     meta = {"splits": {"train": [0, 4]}, "thirds": {"early": [0], "middle": [1], "late": [2]}}
     (d / "vectors" / "vectors.json").write_text(json.dumps(meta))
-    argv = [
-        "phase_c",
-        "--params",
-        str(d / "params.yaml"),
-        "--data",
-        str(ROOT / "data/introspection"),
-    ]
-    argv += ["--vectors", str(d / "vectors"), "--eval-sets", str(d / "no_eval_sets")]
+    data = d / "no_contexts"
+    data.mkdir()
+    shutil.copy(ROOT / "data/introspection/b7_questions.json", data / "b7_questions.json")
+    argv = ["phase_c", "--params", str(d / "params.yaml"), "--data", str(data)]
+    argv += ["--vectors", str(d / "vectors")]
     argv += ["--eval-dir", str(d / "eval"), "--adapter-out", str(d / "adapter")]
     with mock.patch.object(sys, "argv", argv), _no_model_load():
         phase_c.main()
@@ -1257,7 +1258,7 @@ CORE_CASES: list[tuple[str, Callable[[Path, Any], None], tuple[str, ...]]] = [
     (
         "phase-c-trials-missing-before-model",
         _phase_c_without_b7_trials,
-        ("no_eval_sets/b7.jsonl", "file not found"),
+        ("no_contexts/context_prompts.jsonl", "file not found"),
     ),
     (
         "drift-direction-missing-before-model",
