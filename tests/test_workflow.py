@@ -100,7 +100,8 @@ def test_report_stage_reads_every_family_metric_and_declares_what_it_reads() -> 
         assert f"metrics/{family}.json" in deps
         # The page prints each family's params section: it must re-run when they change.
         assert family in params, f"report shows {family} params but does not declare them"
-    assert out_entries(report, "outs") == {"metrics/report.md": {"cache": False}}
+    # Git-tracked (not cached) and persisted, so a failed repro leaves the last page in place.
+    assert out_entries(report, "outs") == {"metrics/report.md": {"cache": False, "persist": True}}
 
 
 def test_exp_show_csv_has_every_family_and_the_params(tmp_path: Path) -> None:
