@@ -180,6 +180,14 @@ def world(s3, tmp_path_factory):  # noqa: F811
     return {"top": top, "a": a, "env": env, "subst": subst, "origin": origin}
 
 
+def set_dotted(tree: dict, dotted: str, value: object) -> None:
+    """Set the value at a dotted params path of a nested mapping, as `-S key=value` does."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
+
+
 def stage_log(output: str) -> tuple[set[str], set[str], set[str]]:
     """Return (stages run, restored from the run-cache, unchanged) in a `dvc repro`/`exp` log.
 
@@ -252,10 +260,15 @@ def test_readme_routines_share_results_sweeps_and_run_cache(world) -> None:
     comments = [ln.strip() for ln in params_before.splitlines() if ln.strip().startswith("#")]
     after = (c_repo / "params.yaml").read_text()
     assert [ln.strip() for ln in after.splitlines() if ln.strip().startswith("#")] == comments
+    # Values: params.yaml with the README's preset (dotted keys, leaves only) and the seed.
     before_tree, after_tree = yaml.safe_load(params_before), yaml.safe_load(after)
     assert list(before_tree) == list(after_tree)
-    after_tree["persona"]["train"]["seed"] = before_tree["persona"]["train"]["seed"]
-    assert after_tree == before_tree
+    preset = re.search(r"python -m llmlab\.preset (\S+)", gpu).group(1)
+    expected = before_tree
+    for dotted, value in yaml.safe_load((c_repo / preset).read_text()).items():
+        set_dotted(expected, dotted, value)
+    set_dotted(expected, "persona.train.seed", seed)
+    assert after_tree == expected
 
 
 @pytest.mark.slow
