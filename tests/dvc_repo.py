@@ -18,7 +18,8 @@ def make_repo(tmp: Path, model_dir: Path, overrides: dict[str, Any] | None = Non
     """Return a new DVC repo (no git) with the project's dvc.yaml, src/ and data/.
 
     params.yaml selects the model directory `model_dir` as model `tiny`, CPU fp32; `overrides`
-    replaces whole top-level sections (e.g. {"persona": {...}}).
+    replaces whole top-level sections (e.g. {"persona": {...}}); a family section without
+    `model` keeps the project's.
     """
     repo = tmp / "repo"
     repo.mkdir()
@@ -29,7 +30,13 @@ def make_repo(tmp: Path, model_dir: Path, overrides: dict[str, Any] | None = Non
     params["models"]["tiny"] = {"source": "local", "path": str(model_dir), "chat": True}
     params["model"] = "tiny"
     params["runtime"] = {"device": "cpu", "dtype": "float32", "attn_implementation": "eager"}
-    params.update(overrides or {})
+    for name, section in (overrides or {}).items():
+        # dvc.yaml declares `<family>.model` a param of the family's stages, so a replaced
+        # section keeps the project's (null: the top-level model) unless it names its own.
+        base = params.get(name)
+        if isinstance(base, dict) and "model" in base and isinstance(section, dict):
+            section = {"model": base["model"], **section}
+        params[name] = section
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "init", "--no-scm", "-q"], repo)
     return repo
