@@ -31,7 +31,8 @@ if str(TESTS) not in sys.path:  # run as a stage script
 
 JUDGE_MODEL = "smollm2-135m"
 CUSTOM_KEY_ENV = "LLMLAB_JUDGE_API_KEY"
-FOUNDATION = {"n_prompts": 24, "layers": [0.5, -1], "batch_size": 12, "seed": 0}
+# `model: null` (the top-level model): dvc.yaml declares `foundation.model` a stage param.
+FOUNDATION = {"model": None, "n_prompts": 24, "layers": [0.5, -1], "batch_size": 12, "seed": 0}
 
 
 # ---------------------------------------------------------------- the judge stage
