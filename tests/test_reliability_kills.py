@@ -478,8 +478,9 @@ def test_training_survives_sigkill_long(server, tiny_dirs, train_reference, tmp_
 
 # ---------------------------------------------------------------- generation (persona_generate)
 
-# 4 items x 2 (trigger on/off) x 2 conditions x 2 samples = 32 rows per model variant, 4 rows
-# a batch: 8 batches for the finetuned model and 8 for the base model, sampled at temperature 1.
+# 4 items x (2 system prompts x trigger on/off + params.yaml's 2 triggered-only conditions)
+# x 2 samples = 48 rows per model variant, 4 rows a batch: 12 batches for the finetuned model
+# and 12 for the base model, sampled at temperature 1.
 PERSONA_EVAL = {
     "n_questions": 3,
     "n_heldout_facts": 1,
@@ -490,20 +491,26 @@ PERSONA_EVAL = {
     "system_prompts": {"none": None, "ai_assistant": "You are an AI assistant."},
     "seed": 5,
 }
-GEN_ROWS = 2 * 4 * 2 * 2 * 2
+GEN_ROWS = 2 * 4 * (2 * 2 + 2) * 2
 GEN_DELAY_S = 0.05
 
 
 def persona_generate_worker(params: str, adapter: str, out: str, rows_log: str) -> None:
-    """Run the persona_generate stage as `python -m` does, logging each batch it starts."""
+    """Run the persona_generate stage as `python -m` does, logging each grid batch it starts.
+
+    Only the resumable grid generation (a `work_dir`) is watched: the stage's other forward
+    passes (the judge-free NLL probes, the first-sample look-ahead, which is sampled afresh
+    on every run) are not rows a kill can lose or a re-run can reuse.
+    """
     import runpy
 
-    import llmlab.models
+    import llmlab.generation
 
-    load_model = llmlab.models.load_model
+    generate = llmlab.generation.generate
 
-    def load_and_watch(*args: Any, **kwargs: Any) -> Any:
-        loaded = load_model(*args, **kwargs)
+    def generate_and_watch(loaded: Any, conversations: Any, **kwargs: Any) -> list[str]:
+        if kwargs.get("work_dir") is None:
+            return generate(loaded, conversations, **kwargs)
 
         def on_forward(_module: Any, _inputs: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
@@ -512,10 +519,13 @@ def persona_generate_worker(params: str, adapter: str, out: str, rows_log: str) 
                     fh.write(f"{hidden.shape[0]}\n")
                 time.sleep(GEN_DELAY_S)
 
-        loaded.layers[0].register_forward_hook(on_forward)
-        return loaded
+        handle = loaded.layers[0].register_forward_hook(on_forward)
+        try:
+            return generate(loaded, conversations, **kwargs)
+        finally:
+            handle.remove()
 
-    llmlab.models.load_model = load_and_watch  # the stage module imports it when run below
+    llmlab.generation.generate = generate_and_watch  # the stage module imports it when run below
     sys.argv = [
         "llmlab.persona.generate",
         *("--params", params, "--adapter", adapter, "--out", out),
