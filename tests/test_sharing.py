@@ -204,7 +204,7 @@ def stage_names(repo: Path) -> set[str]:
     from dvc.repo import Repo
 
     with Repo(os.fspath(repo)) as r:
-        return {s.addressing for s in r.index.stages}
+        return {s.name for s in r.index.stages}  # addressing is relative to the cwd
 
 
 def model_loading_stages(repo: Path) -> set[str]:
@@ -213,7 +213,7 @@ def model_loading_stages(repo: Path) -> set[str]:
 
     with Repo(os.fspath(repo)) as r:
         return {
-            s.addressing
+            s.name
             for s in r.index.stages
             if any(
                 MODEL_LOADING_PARAM in d.params for d in s.deps if isinstance(d, ParamsDependency)
