@@ -119,6 +119,7 @@ def training_rows(
 
 
 def main() -> None:
+    from llmlab.live import live_dir
     from llmlab.models import load_model
     from llmlab.params import load_params
     from llmlab.stage import seed_everything
@@ -139,6 +140,10 @@ def main() -> None:
         status = {"trained": False, "reason": reason}
         write_json(adapter_dir / "status.json", status)
         write_json(out_dir / "summary.json", status)
+        # The stage's dvclive folder is a declared out: it says why it holds no curve.
+        live = live_dir(adapter_dir)
+        if live is not None:
+            write_json(live / "status.json", status)
         return
     t0 = time.perf_counter()
     lora = cfg.train.lora.model_copy(update={"rank": cfg.phase_c.rank, "alpha": cfg.phase_c.alpha})
