@@ -445,25 +445,42 @@ def test_dvc_status_agrees_for_one_param_of_every_family(params_repo: Path, tmp_
 
 
 def test_dvc_plots_show_loads_every_plot(tmp_path: Path) -> None:
-    """`dvc plots show` in the workspace draws every plot; none "failed to load".
+    """`dvc plots show` draws every plot whose data this workspace holds; none "failed to load".
 
     A plot fails to load when a stage declares a series it did not write (or has not run
-    since it was declared): the failure names those files.
+    since it was declared): the failure names those files. The one legitimate gap is a
+    series inside a cached stage out that this checkout has not pulled (a fresh clone before
+    `make pull`): such a source must lie under an out that dvc.lock records and that is
+    absent from the workspace; anything else is a failure.
     """
-    import re
-
     proc = subprocess.run(
-        ["dvc", "plots", "show", "-v", "-o", str(tmp_path / "plots")],
+        ["dvc", "plots", "show", "--json"],
         cwd=ROOT,
         env=env_for(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    log = proc.stdout + proc.stderr
-    missing = sorted(
-        set(re.findall(r"FileNotFoundError: .*?No such file or directory: '([^']+)'", log))
-    )
-    assert proc.returncode == 0 and "failed to load" not in log, (
-        f"dvc plots show: failed to load {missing or log[-2000:]}"
-    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(proc.stdout)
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    cached_outs = {
+        out["path"]
+        for stage in lock.values()
+        for out in stage.get("outs", [])
+        if out.get("cache", True)
+    }
+
+    def not_pulled(source: str) -> bool:
+        return any(
+            (source == out or source.startswith(out.rstrip("/") + "/"))
+            and not (ROOT / out).exists()
+            for out in cached_outs
+        )
+
+    errors = shown.get("errors") or []
+    unexplained = sorted({e["source"] for e in errors if not not_pulled(e.get("source", ""))})
+    assert not unexplained, f"dvc plots show: failed to load {unexplained}"
+    drawn = [name for name, data in shown["data"].items() if data]
+    # Every family draws plots from files git holds, so a clean checkout still draws many.
+    assert len(drawn) >= 20, f"only {len(drawn)} plots drawn: {drawn}"
