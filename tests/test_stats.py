@@ -307,3 +307,77 @@ def test_proportion_ci_wilson_reference_values() -> None:
     assert proportion_ci(10, 10).hi == 1.0
     with pytest.raises(ValueError):
         proportion_ci(3, 0)
+
+
+# --- library-backed statistics against independent formulas ---------------------------------
+
+
+def _wilson_by_hand(k: int, n: int, ci: float) -> tuple[float, float]:
+    """Wilson (1927) score interval from its closed form, independent of scipy's code path."""
+    z = float(sps.norm.ppf(0.5 + ci / 2.0))
+    phat = k / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 1), (3, 7), (0, 25), (25, 25), (40, 97)])
+@pytest.mark.parametrize("ci", [0.9, 0.95, 0.99])
+def test_proportion_ci_equals_the_wilson_closed_form(k: int, n: int, ci: float) -> None:
+    est = proportion_ci(k, n, ci=ci)
+    lo, hi = _wilson_by_hand(k, n, ci)
+    assert (est.lo, est.hi) == pytest.approx((lo, hi), abs=1e-12)
+    assert est.value == k / n and est.n_obs == est.n_groups == n
+    if k == 0:
+        assert est.lo == 0.0
+    if k == n:
+        assert est.hi == 1.0
+
+
+def test_proportion_ci_takes_integral_floats_and_rejects_fractions() -> None:
+    assert proportion_ci(3.0, 7) == proportion_ci(3, 7)
+    assert proportion_ci(np.int64(3), np.int64(7)) == proportion_ci(3, 7)
+    with pytest.raises(ValueError, match="whole number"):
+        proportion_ci(2.5, 7)
+    with pytest.raises(ValueError, match=r"k must be in \[0, n\]"):
+        proportion_ci(8, 7)
+
+
+@pytest.mark.parametrize("n", [4, 5, 12, 200])
+def test_pearson_interval_equals_fisher_z_by_hand(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n)
+    y = 0.3 * x + rng.normal(size=n)
+    res = pearson_ci(x, y, ci=0.9)
+    r = float(np.corrcoef(x, y)[0, 1])
+    crit = float(sps.norm.ppf(0.95))
+    se = 1.0 / math.sqrt(n - 3)
+    assert res.r == pytest.approx(r, abs=1e-12)
+    assert res.lo == pytest.approx(math.tanh(math.atanh(r) - crit * se), abs=1e-12)
+    assert res.hi == pytest.approx(math.tanh(math.atanh(r) + crit * se), abs=1e-12)
+
+
+def test_pearson_needs_four_pairs_and_keeps_perfect_correlation_finite() -> None:
+    with pytest.raises(ValueError, match="at least 4 finite pairs, got 3"):
+        pearson_ci([1, 2, 3, math.nan], [3, 1, 2, 4])
+    neg = pearson_ci([1, 2, 3, 4], [8, 6, 4, 2])
+    assert (neg.r, neg.lo, neg.hi) == pytest.approx((-1.0, -1.0, -1.0))
+
+
+def test_kl_divergence_equals_the_sum_by_hand_with_smoothing() -> None:
+    rng = np.random.default_rng(3)
+    keys = [f"k{i}" for i in range(8)]
+    p = dict(zip(keys, rng.random(8) * (rng.random(8) > 0.3), strict=True))
+    p["k0"] = 0.7  # at least one key with mass
+    q = dict(zip(keys[2:], rng.random(6) * (rng.random(6) > 0.3), strict=True))  # k0, k1 missing
+    eps = 1e-4
+    pa = np.array([p[k] for k in keys])
+    qa = np.array([q.get(k, 0.0) for k in keys])
+    qa = np.where(qa > 0, qa, eps)
+    pa, qa = pa / pa.sum(), qa / qa.sum()
+    want = sum(pi * math.log(pi / qi) for pi, qi in zip(pa, qa, strict=True) if pi > 0)
+    assert kl_divergence(p, q, eps=eps) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="no probability mass"):
+        kl_divergence({"a": 0.0}, {"a": 1.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        kl_divergence({"a": 1.0}, {"a": -1.0})

@@ -475,7 +475,11 @@ def _paired_finite(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, 
 
 
 def _fisher_interval(r: float, se: float, ci: float) -> tuple[float, float]:
-    """Return the interval tanh(atanh(r) +/- z * se)."""
+    """Return the interval tanh(atanh(r) +/- z * se).
+
+    Used for Spearman's rho only: scipy's spearmanr result has no confidence interval, and
+    the Bonett-Wright variance below is not among its options (Pearson's uses scipy's).
+    """
     if abs(r) >= 1.0:
         return float(r), float(r)
     z = math.atanh(r)
@@ -494,16 +498,22 @@ def _check_corr_input(xa: np.ndarray, ya: np.ndarray, ci: float) -> None:
 
 
 def pearson_ci(x: Sequence[float], y: Sequence[float], ci: float = 0.95) -> Correlation:
-    """Return Pearson's r with its Fisher-z interval (SE 1/sqrt(n-3)) and scipy's p-value.
+    """Return Pearson's r with scipy's Fisher-z interval (SE 1/sqrt(n-3)) and p-value.
 
     Pairs where either value is NaN or infinite are dropped first; `n` counts the rest.
+    Fewer than 4 pairs (the interval's SE is undefined) or a constant side raise ValueError.
     """
     xa, ya = _paired_finite(x, y)
     _check_corr_input(xa, ya, ci)
     res = sps.pearsonr(xa, ya)
-    r, p = float(res.statistic), float(res.pvalue)
-    lo, hi = _fisher_interval(r, 1.0 / math.sqrt(xa.size - 3), ci)
-    return Correlation(r=r, lo=lo, hi=hi, p=p, n=int(xa.size))
+    interval = res.confidence_interval(confidence_level=ci)
+    return Correlation(
+        r=float(res.statistic),
+        lo=float(interval.low),
+        hi=float(interval.high),
+        p=float(res.pvalue),
+        n=int(xa.size),
+    )
 
 
 def spearman_ci(x: Sequence[float], y: Sequence[float], ci: float = 0.95) -> Correlation:
@@ -585,10 +595,8 @@ def kl_divergence(p: Mapping[str, float], q: Mapping[str, float], eps: float = 1
     if pa.sum() <= 0:
         raise ValueError("p has no probability mass")
     qa = np.where(qa > 0, qa, eps)
-    pa = pa / pa.sum()
-    qa = qa / qa.sum()
-    mask = pa > 0
-    return float(np.sum(pa[mask] * np.log(pa[mask] / qa[mask])))
+    # scipy renormalises both sides and takes 0 * log(0 / q) as 0.
+    return float(sps.entropy(pa, qa))
 
 
 def sign_agreement(a: Sequence[float], b: Sequence[float]) -> float:
@@ -603,23 +611,32 @@ def sign_agreement(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.mean(np.sign(aa) == np.sign(bb)))
 
 
+def _count(value: float, name: str) -> int:
+    """Return a count as int (scipy's binomtest takes integers only); raise on a fraction."""
+    if not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number of trials, got {value!r}")
+    return int(value)
+
+
 def proportion_ci(k: int, n: int, ci: float = 0.95) -> Estimate:
-    """Return k/n with its Wilson score interval.
+    """Return k/n with scipy's Wilson score interval.
 
     Each trial is treated as its own group, so the Estimate has n_groups = n_obs = n.
+    Counts may be integral floats (3.0); anything else raises ValueError.
     """
+    k, n = _count(k, "k"), _count(n, "n")
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
-    z = float(sps.norm.ppf(0.5 + ci / 2.0))
-    phat = k / n
-    denom = 1.0 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    # Clamp floating-point spill so k = 0 gives lo = 0 and k = n gives hi = 1 exactly.
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return Estimate(value=float(phat), lo=float(lo), hi=float(hi), n_groups=int(n), n_obs=int(n))
+    interval = sps.binomtest(k, n).proportion_ci(confidence_level=ci, method="wilson")
+    # scipy returns exactly 0 for k = 0 and exactly 1 for k = n.
+    return Estimate(
+        value=k / n,
+        lo=float(interval.low),
+        hi=float(interval.high),
+        n_groups=int(n),
+        n_obs=int(n),
+    )
