@@ -19,7 +19,7 @@ def test_direction_file_of_another_width(tmp_path: Path) -> None:
     d = tmp_path / "direction"
     save_direction(d, [0, 1], np.ones((2, 32), dtype=np.float32) / np.sqrt(32), {"model": "other"})
     with pytest.raises(
-        DataError, match=r"directions\.npy: direction width 32 does not match .* 64"
+        DataError, match=r"directions\.safetensors: direction width 32 does not match .* 64"
     ):
         load_direction(d, hidden_size=64)
     ok = load_direction(d, hidden_size=32, layers=[1])

@@ -124,15 +124,22 @@ def test_probe_roundtrip_without_pickle(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(30, 6)), rng.normal(size=30)
     probe = RidgePath(x, y).probe(2.0, layer=3, target="raw", model="m", note="x")
-    save_probe(tmp_path / "p.json", probe)
-    back = load_probe(tmp_path / "p.json")
+    save_probe(tmp_path / "p.safetensors", probe)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
+    back = load_probe(tmp_path / "p.safetensors")
     assert isinstance(back, Probe) and back.layer == 3 and back.meta == {"note": "x"}
-    assert np.allclose(back.score(x), probe.score(x))
+    # float64 on disk: the saved probe scores exactly as the fitted one
+    assert np.array_equal(back.score(x), probe.score(x))
+    # readable without llmlab: the weights in raw activation space from safetensors alone
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(tmp_path / "p.safetensors"))
+    assert np.array_equal(raw["coef"] / raw["scale"], probe.direction())
     with pytest.raises(DataError, match=r"\[n, 6\]"):
         back.score(x[:, :5])
-    (tmp_path / "bad.json").write_text('{"format": "other"}')
-    with pytest.raises(DataError, match="not a probe file"):
-        load_probe(tmp_path / "bad.json")
+    (tmp_path / "p.json").write_text('{"kind": "other"}')
+    with pytest.raises(DataError, match=r"p\.json: kind 'other', expected"):
+        load_probe(tmp_path / "p.safetensors")
 
 
 def test_probes_stage_recovers_signal_and_shuffled_is_null(tmp_path, monkeypatch) -> None:

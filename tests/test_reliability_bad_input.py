@@ -1150,7 +1150,7 @@ def _direction_meta_without_layers(d: Path, ctx: Any) -> None:
     from llmlab.inoculation.common import DIRECTION_FILE, DIRECTION_META, load_direction
 
     shutil.copy(BAD_DATA / "direction_meta_without_layers.json", d / DIRECTION_META)
-    np.save(d / DIRECTION_FILE, np.zeros((0, 64), dtype=np.float32))
+    (d / DIRECTION_FILE).write_bytes(b"")
     load_direction(d, hidden_size=64)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from llmlab.chat import Message
 from llmlab.inoculation.config import InoculationParams, PromptTexts
-from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json
+from llmlab.io import DataError, numbered, read_json, read_jsonl
 from llmlab.params import Params
 
 DATA_DIR = Path("data/inoculation")
@@ -41,7 +41,8 @@ PLOTS_DIR = Path("plots/inoculation")
 METRICS = Path("metrics/inoculation.json")
 REPORT = Path("metrics/inoculation_report.md")
 
-DIRECTION_FILE = "directions.npy"
+DIRECTION_FILE = "directions.safetensors"
+DIRECTION_KIND = "llmlab.inoculation.direction"
 DIRECTION_META = "direction.json"
 FINETUNE_CONDITIONS = ("neutral", "inoculation", "loss_matched")
 
@@ -233,14 +234,15 @@ class Direction:
 def save_direction(
     out_dir: Path, layers: list[int], vectors: np.ndarray, meta: dict[str, Any]
 ) -> None:
-    """Write directions.npy and direction.json (model, width, layers)."""
-    from llmlab.io import atomic_path
+    """Write directions.safetensors ([layers, hidden]) and its sidecar direction.json."""
+    from llmlab.tensorfile import save_tensors
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / DIRECTION_FILE, suffix=".npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, vectors.astype(np.float32))
-    write_json(
-        out_dir / DIRECTION_META, {**meta, "layers": layers, "hidden_size": int(vectors.shape[1])}
+    save_tensors(
+        out_dir / DIRECTION_FILE,
+        {"directions": vectors},
+        {**meta, "layers": layers, "hidden_size": int(vectors.shape[1])},
+        kind=DIRECTION_KIND,
+        meta_path=out_dir / DIRECTION_META,
     )
 
 
@@ -248,11 +250,17 @@ def load_direction(
     directory: Path, hidden_size: int, layers: list[int] | None = None, model: str | None = None
 ) -> Direction:
     """Return the saved direction after checking its width (and layers) against the model."""
-    meta = read_json(directory / DIRECTION_META)
+    from llmlab.tensorfile import load_tensors
+
+    meta_file = directory / DIRECTION_META
+    meta = read_json(meta_file)
+    if not isinstance(meta, dict) or "layers" not in meta:
+        raise DataError(f"{meta_file}: missing key 'layers'")
     f = directory / DIRECTION_FILE
-    if not f.is_file():
-        raise DataError(f"{f}: file not found")
-    vectors = np.load(f, allow_pickle=False)
+    arrays, meta = load_tensors(
+        f, kind=DIRECTION_KIND, required=["directions"], meta_path=meta_file
+    )
+    vectors = arrays["directions"]
     if vectors.ndim != 2 or vectors.shape[0] != len(meta.get("layers", [])):
         raise DataError(f"{f}: shape {vectors.shape} does not match {DIRECTION_META}'s layers")
     if vectors.shape[1] != hidden_size:

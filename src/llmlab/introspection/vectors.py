@@ -21,13 +21,14 @@ from llmlab.activations import capture_batch
 from llmlab.chat import collate, encode_chat
 from llmlab.hooks import record_layers
 from llmlab.introspection.config import VectorsConfig
-from llmlab.io import DataError, read_json, write_json
+from llmlab.io import DataError, read_json
 from llmlab.layers import resolve_layers
 from llmlab.models import LoadedModel
 from llmlab.steering import SteeringError, unit
 
 VECTORS_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
+VECTORS_KIND = "llmlab.introspection.vectors"
 THIRDS = ("early", "middle", "late")
 
 
@@ -159,35 +160,34 @@ class VectorBank:
 
 
 def save_vectors(out_dir: Path, bank: VectorBank) -> None:
-    """Write the tensors (safetensors) and the metadata (JSON) atomically."""
-    from safetensors.torch import save_file
+    """Write the tensors (safetensors) and the metadata (JSON sidecar) atomically."""
+    from llmlab.tensorfile import save_tensors
 
-    from llmlab.io import atomic_path
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
-        "random": bank.random.contiguous(),
-        "concept": bank.concept.contiguous(),
-        "residual_norm": bank.residual_norm.contiguous(),
+        "random": bank.random,
+        "concept": bank.concept,
+        "residual_norm": bank.residual_norm,
     }
-    with atomic_path(out_dir / VECTORS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"model": str(bank.meta["model"])})
-    write_json(out_dir / META_FILE, bank.meta)
+    save_tensors(
+        out_dir / VECTORS_FILE, tensors, bank.meta, kind=VECTORS_KIND, meta_path=out_dir / META_FILE
+    )
 
 
 def load_vectors(vec_dir: str | Path, loaded: LoadedModel | None = None) -> VectorBank:
     """Return the saved vectors; a width or depth that does not match `loaded` is an error."""
-    from safetensors.torch import load_file
+    from llmlab.tensorfile import load_tensors
 
     d = Path(vec_dir)
     path = d / VECTORS_FILE
     if not path.is_file():
         raise DataError(f"{path}: file not found (run the introspection_vectors stage)")
-    meta = read_json(d / META_FILE)
-    tensors = load_file(str(path))
-    for key in ("random", "concept", "residual_norm"):
-        if key not in tensors:
-            raise DataError(f"{path}: tensor {key!r} missing")
+    arrays, meta = load_tensors(
+        path,
+        kind=VECTORS_KIND,
+        required=("random", "concept", "residual_norm"),
+        meta_path=d / META_FILE,
+    )
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     bank = VectorBank(tensors["random"], tensors["concept"], tensors["residual_norm"], meta)
     width = bank.random.shape[-1]
     if bank.concept.shape[-1] != width:

@@ -1,11 +1,12 @@
 """Standardised Ridge probes: fitting along an alpha path, saving without pickle, scoring.
 
-A probe is `score(x) = ((x - mean) / scale) @ coef + intercept`. It is saved as one JSON file
-holding coef, intercept, the scaler and its provenance (model, layer, target, alpha), so it
-loads anywhere without pickle:
+A probe is `score(x) = ((x - mean) / scale) @ coef + intercept`. It is saved in the project's
+one tensor format (`llmlab.tensorfile`): coef, mean and scale in `raw_L015.safetensors`, the
+intercept and provenance (model, layer, target, alpha) in the `raw_L015.json` sidecar, so it
+loads anywhere without pickle or llmlab:
 
     from llmlab.preferences.probe import load_probe
-    probe = load_probe("models/preferences/probes/raw_L015.json")
+    probe = load_probe("models/preferences/probes/raw_L015.safetensors")
     utilities = probe.score(activations)          # [n, hidden] -> [n]
 """
 
@@ -20,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from llmlab.io import DataError, read_json, write_json
+from llmlab.io import DataError
 
-FORMAT = "llmlab.preferences.probe/v1"
+FORMAT = "llmlab.preferences.probe/v2"
+ARRAYS = ("coef", "mean", "scale")
+SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -57,23 +60,26 @@ def score(probe: Probe, x: np.ndarray) -> np.ndarray:
 
 
 def save_probe(path: str | Path, probe: Probe) -> None:
-    """Write the probe as JSON atomically."""
-    doc = asdict(probe)
-    for key in ("coef", "mean", "scale"):
-        doc[key] = [float(v) for v in getattr(probe, key)]
-    doc["format"] = FORMAT
-    write_json(path, doc, indent=None)  # type: ignore[arg-type]
+    """Write the probe: coef/mean/scale as safetensors (float64), the rest as its JSON sidecar."""
+    from llmlab.tensorfile import save_tensors
+
+    meta = {k: v for k, v in asdict(probe).items() if k not in ARRAYS}
+    save_tensors(
+        Path(path).with_suffix(SUFFIX),
+        {k: getattr(probe, k) for k in ARRAYS},
+        meta,
+        kind=FORMAT,
+        dtype=np.float64,
+    )
 
 
 def load_probe(path: str | Path) -> Probe:
-    """Return a saved probe; DataError naming the file on a wrong format or shape."""
-    doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise DataError(f"{path}: not a probe file (format {FORMAT!r} expected)")
+    """Return a saved probe (either of its two files); DataError naming the file on a mismatch."""
+    from llmlab.tensorfile import load_tensors
+
+    arrays, doc = load_tensors(Path(path).with_suffix(SUFFIX), kind=FORMAT, required=ARRAYS)
     try:
-        coef = np.asarray(doc["coef"], dtype=np.float64)
-        mean = np.asarray(doc["mean"], dtype=np.float64)
-        scale = np.asarray(doc["scale"], dtype=np.float64)
+        coef, mean, scale = (np.asarray(arrays[k], dtype=np.float64) for k in ARRAYS)
         probe = Probe(
             coef,
             float(doc["intercept"]),

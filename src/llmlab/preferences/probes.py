@@ -137,7 +137,7 @@ def main() -> None:
                 (variant, layer, path.probe(alpha, layer, variant, params.model, r_sweep=r_sweep))
             )
     for variant, layer, probe in probes:
-        save_probe(c.PROBES / f"{variant}_L{layer:03d}.json", probe)
+        save_probe(c.PROBES / f"{variant}_L{layer:03d}.safetensors", probe)
     best = {}
     for variant in VARIANTS:
         cand = [r for r in rows if r["variant"] == variant]
@@ -156,7 +156,7 @@ def main() -> None:
         "n_score": int(sc.size),
         "alphas": alphas,
         "best_layer": head["layer"],
-        "best_probe": str(c.PROBES / f"raw_L{head['layer']:03d}.json"),
+        "best_probe": str(c.PROBES / f"raw_L{head['layer']:03d}.safetensors"),
         "headline": {
             "raw": best["raw"],
             "topic_demeaned": best["topic_demeaned"],
