@@ -2,8 +2,9 @@
 
 Every topic is one fold: the probe trains on the train-run tasks of all other topics and
 predicts the held-out topic's utilities (Pearson r and pairwise accuracy within the topic).
-Alpha is chosen by the closed-form leave-one-out error on the fold's training rows, and the
-same leave-one-out predictions give the in-distribution r, so no training task is held back.
+Alpha is chosen by the closed-form leave-one-out error on the fold's training rows (sklearn's
+RidgeCV after standardising), and the same leave-one-out predictions give the in-distribution r,
+so no training task is held back.
 Features with identical splits and targets: the model's activations, its base model's
 activations (captured at the same token position) and all-MiniLM-L6-v2 sentence embeddings.
 Per feature set the layer is chosen by mean in-distribution r. Output: per-fold held-out r and
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from llmlab.activations import INDEX_FILE, read_index
 from llmlab.io import DataError, write_json
@@ -27,7 +31,7 @@ from llmlab.params import load_params
 from llmlab.plots import bar_with_ci, write_series
 from llmlab.preferences import common as c
 from llmlab.preferences.config import PreferencesParams
-from llmlab.preferences.probe import RidgePath, alpha_grid
+from llmlab.preferences.probe import alpha_grid
 from llmlab.preferences.probes import safe_r
 from llmlab.preferences.tasks import load_topic_names, load_topics
 from llmlab.stage import run_stage
@@ -69,24 +73,55 @@ def safe_acc(pred: np.ndarray, y: np.ndarray) -> float:
         return math.nan
 
 
+@dataclass(frozen=True)
+class FoldProbe:
+    """A fold's ridge probe: alpha chosen by leave-one-out error, and its LOO predictions."""
+
+    model: Pipeline
+    alpha: float
+    loo: np.ndarray  # leave-one-out prediction of every training row at `alpha`
+
+
+def fit_loo_ridge(x: np.ndarray, y: np.ndarray, alphas: list[float]) -> FoldProbe:
+    """Return the standardised ridge with the smallest closed-form leave-one-out error.
+
+    sklearn's RidgeCV with gcv_mode="svd" takes one SVD of the centred, standardised design
+    for the whole alpha path and computes the exact leave-one-out residuals (intercept
+    unpenalised); scoring by MSE stores the LOO predictions themselves. As in the closed
+    form, the scaler stays fitted on all rows (its effect on a left-out row is of order 1/n).
+    """
+    if x.shape[0] < 3:
+        raise ValueError(f"a probe needs at least 3 training rows, got {x.shape[0]}")
+    x = np.asarray(x, dtype=np.float64)  # float16/32 captures: standardise in float64 too
+    ridge = RidgeCV(
+        alphas=alphas,
+        gcv_mode="svd",
+        scoring="neg_mean_squared_error",
+        store_cv_results=True,
+    )
+    model = make_pipeline(StandardScaler(), ridge).fit(x, y)
+    alpha = float(ridge.alpha_)
+    loo = ridge.cv_results_[:, int(np.flatnonzero(np.asarray(alphas) == alpha)[0])]
+    return FoldProbe(model, alpha, np.asarray(loo, dtype=np.float64))
+
+
 def run_features(
     x: np.ndarray, y: np.ndarray, folds: list[Fold], alphas: list[float]
 ) -> list[dict[str, Any]]:
     """Return per-fold held-out r and accuracy and in-distribution r for one feature matrix."""
     out = []
     for f in folds:
-        path = RidgePath(x[f.fit], y[f.fit])
-        alpha = path.gcv_alpha(alphas)
-        held = path.predict(x[f.held], alpha)
+        probe = fit_loo_ridge(x[f.fit], y[f.fit], alphas)
+        held = probe.model.predict(np.asarray(x[f.held], dtype=np.float64))
         out.append(
             {
                 "topic": f.topic,
                 "n_held": int(f.held.size),
                 "n_fit": int(f.fit.size),
-                "alpha": alpha,
+                "alpha": probe.alpha,
                 "held_r": safe_r(held, y[f.held]),
                 "held_acc": safe_acc(held, y[f.held]),
-                "in_dist_r": safe_r(path.loo_predictions(alpha), y[f.fit]),
+                "in_dist_r": safe_r(probe.loo, y[f.fit]),
                 "_pred": held,
             }
         )
