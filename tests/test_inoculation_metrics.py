@@ -14,7 +14,7 @@ from llmlab.hooks import forward_hooks, layer_output
 from llmlab.inoculation.alignment import check_gate, loss_shift_halves, summarise
 from llmlab.inoculation.common import caps_fraction, conversation, to_caps
 from llmlab.inoculation.control import build_table, cross_fit, select_loss_matched, split_halves
-from llmlab.inoculation.criteria import criterion_predicts_drift, verdict
+from llmlab.inoculation.criteria import verdict
 from llmlab.inoculation.gradalign import encode_targets, measure_alignment
 from llmlab.inoculation.specificity import (
     percentile_rank,
@@ -250,24 +250,6 @@ def test_verdict_claims_only_when_the_first_three_pass() -> None:
     crits["c2_beyond_control"] = _crit(False)
     label, line = verdict(crits, loss)
     assert label == "null" and "criteria 2 fail" in line and "loss reduction" in line
-
-
-def test_drift_criterion_uses_a_correlation_from_four_runs() -> None:
-    runs = [
-        {"name": f"r{i}", "align": a, "drift": d}
-        for i, (a, d) in enumerate(
-            [(0.1, 0.5), (0.05, 0.3), (0.02, 0.1), (0.08, 0.45), (0.0, 0.02)]
-        )
-    ]
-    out = criterion_predicts_drift(runs, {}, {}, None)
-    assert out["basis"] == "pearson across runs" and out["pass"]
-    few = criterion_predicts_drift(
-        runs[:3],
-        {"neutral": 0.1, "inoculation": 0.02},
-        {"neutral": 0.5, "inoculation": 0.1},
-        {"value": -0.4, "lo": -0.5, "hi": -0.3},
-    )
-    assert few["basis"].startswith("ordering") and few["pass"]
 
 
 def _gate_arrays(profile: float, loss_shift: float, n: int = 24, layers: int = 6):

@@ -98,6 +98,18 @@ def shift_estimate(
         return {"value": None, "lo": None, "hi": None, "reason": str(e)}
 
 
+def base_sd(base_proj: np.ndarray) -> np.ndarray:
+    """Return the base model's SD across prompts per layer [L] (1 where it is 0)."""
+    sd = base_proj.std(axis=0, ddof=1)
+    sd[sd == 0] = 1.0
+    return sd
+
+
+def standardised_shift(proj: np.ndarray, base_proj: np.ndarray) -> np.ndarray:
+    """Return the per-prompt, per-layer projection shift post - pre in base-SD units [P, L]."""
+    return (proj - base_proj) / base_sd(base_proj)
+
+
 def caps_share(caps: np.ndarray, threshold: float) -> dict[str, Any]:
     """Return the share of scorable answers whose caps fraction reaches the threshold (Wilson CI)."""
     ok = caps[np.isfinite(caps)]
@@ -145,12 +157,10 @@ def main() -> None:
             model, items, layers, dirs, acts_root / name, dc, cfg.seed
         )
         del model
-    base_sd = proj["base"].std(axis=0, ddof=1)
-    base_sd[base_sd == 0] = 1.0
     run_out = []
     for run in runs:
         name = run["name"]
-        std_shift = (proj[name] - proj["base"]) / base_sd  # [P, L]
+        std_shift = standardised_shift(proj[name], proj["base"])  # [P, L]
         run_out.append(
             {
                 "name": name,
@@ -177,7 +187,7 @@ def main() -> None:
         names = [r["name"] for r in runs if r["condition"] == cond]
         if not names:
             continue
-        std = [(proj[n] - proj["base"]) / base_sd for n in names]
+        std = [standardised_shift(proj[n], proj["base"]) for n in names]
         by_condition[cond] = {
             "runs": names,
             "caps_shift": shift_estimate(caps["base"], [caps[n] for n in names], cfg.seed, n_boot),

@@ -38,7 +38,7 @@ from llmlab.inoculation.criteria import (
     fmt_est,
     verdict,
 )
-from llmlab.inoculation.drift import DRIFT_FILE
+from llmlab.inoculation.drift import DRIFT_FILE, standardised_shift
 from llmlab.inoculation.finetune import RUNS_FILE
 from llmlab.io import read_json, read_jsonl, write_text
 from llmlab.params import load_params
@@ -98,6 +98,37 @@ def drift_difference(
         return None
 
 
+def per_layer_paired(
+    a: np.ndarray, b: np.ndarray, ids: list[str], layers: list[int], **boot: Any
+) -> list[dict[str, Any]]:
+    """Return the paired (a - b) estimate per layer; a, b: [N, L] alignments over the same ids."""
+    return [
+        {"layer": layer, **paired(a[:, li], b[:, li], ids, **boot)}
+        for li, layer in enumerate(layers)
+    ]
+
+
+def projection_shifts(path: Any, runs: list[str]) -> dict[str, np.ndarray]:
+    """Return {run: per-prompt layer-mean projection shift onto v_l in base-SD units [P]}."""
+    with np.load(path) as z:
+        base = z["base"]
+        return {r: standardised_shift(z[r], base).mean(axis=1) for r in runs}
+
+
+def run_difference(
+    per_run: dict[str, np.ndarray], a_runs: list[str], b_runs: list[str], **boot: Any
+) -> dict[str, Any] | None:
+    """Return mean(a runs) - mean(b runs) over prompts, seeds and prompts resampled crossed."""
+    if not a_runs or not b_runs:
+        return None
+    try:
+        return crossed_bootstrap_diff(
+            [per_run[r] for r in a_runs], [per_run[r] for r in b_runs], **boot
+        ).to_dict()
+    except ValueError:
+        return None
+
+
 def headline(m: dict[str, Any]) -> dict[str, Any]:
     """Return the numbers compared across runs (the rest stays in the results file)."""
     crit, align = m["criteria"], m["alignment"]
@@ -111,6 +142,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "loss_inoculation_minus_neutral": estimate(m["loss"]["inoculation_minus_neutral"]),
         "drift_inoculation_minus_neutral_caps": estimate(
             m["drift"]["inoculation_minus_neutral_caps"]
+        ),
+        "drift_inoculation_minus_control_projection": estimate(
+            crit["c4_predicts_drift"]["projection_inoculation_minus_control"]
         ),
         "specificity_percentile": m["specificity"]["layer_mean_percentile"],
         "trait_delta": crit["c3_specific"]["trait_delta"],
@@ -145,6 +179,8 @@ def main() -> None:
     neu, ino, ctl = names.index("neutral"), names.index("inoculation"), names.index(table["chosen"])
     boot = {"n_boot": rc.n_boot, "ci": rc.ci, "seed": cfg.seed}
     d_ino_neu = paired(align[ino], align[neu], ids, **boot)
+    layer_align = -cos[:, :, :, canon]  # [C, N, L]
+    layers = [int(x) for x in summary["layers"]]
     # Criterion 2 on the half the control was not chosen on (see inoculation.control).
     held = [ids.index(i) for i in table["evaluation_ids"]]
     d_ino_ctl = paired(align[ino][held], align[ctl][held], table["evaluation_ids"], **boot)
@@ -167,28 +203,38 @@ def main() -> None:
         }
         for r in runs
     ]
-    cond_align: dict[str, float] = {}
-    cond_drift: dict[str, float | None] = {}
-    for cond, v in drift["by_condition"].items():
-        cond_align[cond] = float(
-            np.mean([p["align"] for p in run_points if p["condition"] == cond])
-        )
-        cond_drift[cond] = v["caps_shift"].get("value")
-    runs_of = {c: [r["name"] for r in runs if r["condition"] == c] for c in cond_align}
+    runs_of = {c: [r["name"] for r in runs if r["condition"] == c] for c in drift["by_condition"]}
+    proj_shift = projection_shifts(DRIFT_DIR / "projections.npz", [r["name"] for r in runs])
     inoc_vs_neu_drift = drift_difference(
         caps, runs_of.get("inoculation", []), runs_of.get("neutral", []), **boot
     )
+    held_ids = table["evaluation_ids"]
     criteria = {
-        "c1_decrease": criterion_decrease(d_ino_neu),
-        "c2_beyond_control": criterion_beyond_control(d_ino_ctl, table["chosen"]),
+        "c1_decrease": criterion_decrease(
+            d_ino_neu, per_layer_paired(layer_align[ino], layer_align[neu], ids, layers, **boot)
+        ),
+        "c2_beyond_control": criterion_beyond_control(
+            d_ino_ctl,
+            table["chosen"],
+            per_layer_paired(
+                layer_align[ino][held], layer_align[ctl][held], held_ids, layers, **boot
+            ),
+        ),
         "c3_specific": criterion_specific(
             spec["neutral_to_inoculation"]["layer_mean"],
             spec["percentile_threshold"],
             spec["n_random"],
         ),
         "c4_predicts_drift": criterion_predicts_drift(
-            run_points, cond_align, cond_drift, inoc_vs_neu_drift
-        ),
+            run_points,
+            run_difference(
+                proj_shift, runs_of.get("inoculation", []), runs_of.get("loss_matched", []), **boot
+            ),
+            drift_difference(
+                caps, runs_of.get("inoculation", []), runs_of.get("loss_matched", []), **boot
+            ),
+            rc.ci,
+        ),  # fmt: skip
     }
     label, line = verdict(criteria, d_loss)
     caveats = []
@@ -200,6 +246,16 @@ def main() -> None:
         caveats.append(
             "the chosen control's loss differs from inoculation's (paired CI excludes 0)"
         )
+    for key, what in (
+        ("c1_decrease", "inoculation - neutral"),
+        ("c2_beyond_control", "inoculation - control"),
+    ):
+        opp = criteria[key]["opposite_signed_layers"]
+        if opp:
+            caveats.append(
+                f"{what} alignment has layers of the opposite sign to the layer mean "
+                f"(CI excludes 0): {opp}"
+            )
     if len(ids) < 16:
         caveats.append(f"only {len(ids)} calibration examples")
 
@@ -328,7 +384,7 @@ def render_report(
         f"| 1. alignment decreases, inoculation vs neutral | {fmt_est(c['c1_decrease']['estimate'])} | {_yes(c['c1_decrease']['pass'])} |",
         f"| 2. more than loss-matched control ({c['c2_beyond_control']['control']}) | inoculation - control {fmt_est(c['c2_beyond_control']['estimate'])} | {_yes(c['c2_beyond_control']['pass'])} |",
         f"| 3. specific vs {c['c3_specific']['n_random']} random directions | percentile {c['c3_specific']['percentile']:.1f} (trait delta {c['c3_specific']['trait_delta']:+.5f}, random 5th pct {c['c3_specific']['random_p05']:+.5f}) | {_yes(c['c3_specific']['pass'])} |",
-        f"| 4. alignment predicts drift | {c['c4_predicts_drift']['basis']} | "
+        f"| 4. alignment predicts drift along v_trait (vs loss-matched) | {c['c4_predicts_drift']['basis']} | "
         f"{_yes(c['c4_predicts_drift']['pass']) if c['c4_predicts_drift']['evaluable'] else 'n/a'} |",
         "",
         "## Numbers",
@@ -365,6 +421,15 @@ def render_report(
             for cond, v in m["drift"]["by_condition"].items()
         )
         + f"; inoculation - neutral caps drift {fmt_est(m['drift']['inoculation_minus_neutral_caps'], 3)}.",
+        "- Criteria 1-2 per layer (paired 95% CI excludes 0): inoculation - neutral below 0 at "
+        f"{c['c1_decrease']['layers_below_zero']}, above 0 at {c['c1_decrease']['layers_above_zero']}; "
+        f"inoculation - control below 0 at {c['c2_beyond_control']['layers_below_zero']}, above 0 at "
+        f"{c['c2_beyond_control']['layers_above_zero']}.",
+        "- Criterion 4 correlation over runs (alignment vs projection shift), cluster-aware: "
+        f"within-condition r = {_num(c['c4_predicts_drift']['correlation']['within'].get('r'))} "
+        f"({c['c4_predicts_drift']['correlation']['within']['dof']} dof), conditions ordered alike: "
+        f"{c['c4_predicts_drift']['same_order']}; caps companion inoculation - control "
+        f"{fmt_est(c['c4_predicts_drift']['caps_inoculation_minus_control'], 3)}.",
         "- Runs (mean training alignment -> caps shift): "
         + "; ".join(f"{p['name']} {p['align']:+.4f} -> {_num(p['drift'])}" for p in m["runs"])
         + ".",
