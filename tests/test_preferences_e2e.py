@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from dvc_repo import ROOT, make_repo, repro
 
@@ -59,9 +60,17 @@ def test_preferences_pipeline_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Pa
     assert m["hoo"]["content"]["label"] == "all-MiniLM-L6-v2"
     assert m["hoo"]["instruct"]["held_r"]["n_folds"] == 12
     assert -1 <= m["probes"]["heldout_r"]["value"] <= 1 and m["probes"]["shuffled_r"] is not None
-    assert m["ood"]["n_groups"] == 12 + 16  # category groups + two per competing prompt
-    assert m["ood"]["n_tasks"] == 2 * 28  # one target and one off-target task per group
-    assert m["ood"]["competing_flip_sign_agreement"] is not None
+    ood = m["ood"]
+    assert ood["all_prompts"]["n_groups"] == 12 + 16  # category groups + two per competing prompt
+    assert ood["all_prompts"]["n_tasks"] == 2 * 28  # one target and one off-target per group
+    # Half of each kind's prompts (a competing pair counted once) choose the layer.
+    assert ood["heldout"]["n_groups"] == ood["select"]["n_groups"] == 6 + 8
+    assert ood["heldout"]["competing_flip_sign_agreement"] is not None
+    assert ood["layer_choice"] == "select"
+    headline = json.loads((repo / "metrics/preferences.json").read_text())
+    assert headline["ood_pearson"]["value"] == pytest.approx(
+        ood["heldout"]["pearson"]["r"], abs=1e-4
+    )
     for f in ("hoo.png", "ood.png", "probes_layers.png"):
         assert (repo / "plots/preferences" / f).stat().st_size > 1000
     train = (repo / "data/preferences/split/train_ids.txt").read_text().split()

@@ -249,6 +249,18 @@ class OodSection(StrictModel):
     )
     n_samples: int = Field(10, gt=0, description="Samples per pair-order on the sampling backend")
     n_boot: int = Field(1000, gt=0, description="Bootstrap replicates for intervals")
+    select_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of each kind's system prompts (a competing pair counts once) used to "
+        "choose the OOD probe layer; the rest are held out and give the reported OOD numbers",
+    )
+    layer: Literal["select", "probes"] = Field(
+        "select",
+        description="OOD probe layer: 'select' = best targeted r on the selection prompts, "
+        "'probes' = the probes stage's layer (chosen on preference data only)",
+    )
 
 
 class PreferencesParams(StrictModel):

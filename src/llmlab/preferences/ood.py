@@ -5,14 +5,18 @@ the prompt does not name), is paired with its own `n_comparisons` utility-matche
 tasks (measured tasks of other topics, nearest to that task's utility, taken round-robin across
 topics for diversity); every pair is asked in both orders with and without the system prompt.
 Behavioural delta of a task = mean P(choose it | prompt) - P(choose it | baseline); probe
-delta = the headline raw probe's score with the prompt minus without.
-Reported: the targeted correlation (one point per group: its target tasks' mean deltas), the
-overall correlation (one point per group and task, off-target tasks included), each with
-Pearson and Spearman r, CIs and sign agreement, per manipulation kind (targeted), how often
-each delta has the intended sign, and specificity (on-target minus off-target absolute delta
-per group, behavioural and probe), the competing prompts' flips (ood.competing_flips) and a
-per-persona summary. Targets without a measured utility (novel-subject tasks
-outside both splits) are matched on the probe's baseline prediction, on the same scale.
+delta = a raw probe's score with the prompt minus without.
+The system prompts are split (ood_holdout) into selection prompts, which choose the probe
+layer, and held-out prompts, which give the reported numbers; each set is analysed apart.
+Reported per set: the targeted correlation (one point per group: its target tasks' mean
+deltas), the overall correlation (one point per group and task, off-target tasks included),
+each with Pearson and Spearman r, CIs and sign agreement, per manipulation kind (targeted), how
+often each delta has the intended sign, and specificity (on-target minus off-target absolute
+delta per group, behavioural and probe), the competing prompts' flips (ood.competing_flips) and
+a per-persona summary. Targets without a measured utility (novel-subject tasks outside both
+splits) are matched on the probes stage's baseline prediction, on the same scale.
+Only cached outputs, so a pushed run-cache restores this stage elsewhere; the plot is drawn
+by preferences_report.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import numpy as np
 from llmlab.io import DataError, read_json, write_json, write_jsonl
 from llmlab.models import load_model
 from llmlab.params import load_params
-from llmlab.plots import scatter_plot, write_series
 from llmlab.preferences import common as c
 from llmlab.preferences.config import PreferencesParams
 from llmlab.preferences.elicit import PairOrder
 from llmlab.preferences.measure import make_chooser
+from llmlab.preferences.ood_holdout import HELDOUT, SELECT, choose_layer, split_prompts
 from llmlab.preferences.ood_plan import BASELINE, Group, build_groups
 from llmlab.preferences.probe import load_probe
 from llmlab.preferences.tasks import Task, load_ood_prompts, load_topics
@@ -183,21 +187,37 @@ def main() -> None:
         u = c.load_utilities(c.FIT / split / "utilities.csv", topics)
         utilities.update(zip(u.ids, u.mu.tolist(), strict=True))
     probes = read_json(c.RESULTS / "probes.json")
-    probe = load_probe(probes["best_probe"])
+    # Comparisons of tasks without a measured utility are matched on the probes stage's probe
+    # (chosen on preference data), so the behavioural measurement is fixed before any choice.
+    match_probe = load_probe(probes["best_probe"])
     act_dir = c.ACTS / "ood"
     keys = sorted(
         {f"{BASELINE}|{t}" for g in groups for t in (*g.target_ids, *g.off_target_ids)}
         | {f"{g.prompt.id}|{t}" for g in groups for t in (*g.target_ids, *g.off_target_ids)}
     )
-    x = c.features(act_dir, probe.layer, keys, "the OOD groups")
-    scores = dict(zip(keys, probe.score(x).tolist(), strict=True))
+    probed = sorted({r["layer"] for r in probes["layers"] if r["variant"] == "raw"})
+    layers = [layer for layer in probed if layer in set(c.captured_layers(act_dir))]
+    if match_probe.layer not in layers:
+        raise DataError(f"{act_dir}: no OOD activations at the probe's layer {match_probe.layer}")
+    scores = {
+        layer: dict(
+            zip(
+                keys,
+                load_probe(c.PROBES / f"raw_L{layer:03d}.json")
+                .score(c.features(act_dir, layer, keys, "the OOD groups"))
+                .tolist(),
+                strict=True,
+            )
+        )
+        for layer in layers
+    }
 
     # (group, role, task, comparisons): every task gets comparisons matched to its own utility.
     plan: list[tuple[Group, str, str, list[str]]] = []
     for g in groups:
         for role, tasks in (("target", g.target_ids), ("off_target", g.off_target_ids)):
             for t in tasks:
-                mu = utilities.get(t, scores[f"{BASELINE}|{t}"])
+                mu = utilities.get(t, scores[match_probe.layer][f"{BASELINE}|{t}"])
                 comps = pick_comparisons(mu, utilities, pool, g, oc.n_comparisons)
                 if not comps:
                     raise DataError(f"OOD group {g.id}: no comparison task left for {t}")
@@ -222,12 +242,14 @@ def main() -> None:
         for n, tr in enumerate(triples)
     }
 
-    task_rows, outcome_rows = [], []
+    behaviour: list[Behaviour] = []
+    outcome_rows = []
     for g, role, t, comps in plan:
-        deltas = []
+        deltas, bases = [], []
         for k in comps:
             base, manip = p_target[(None, t, k)], p_target[(g.prompt.system_prompt, t, k)]
             deltas.append(manip - base)
+            bases.append(base)
             outcome_rows.append(
                 {
                     "group": g.id,
@@ -238,72 +260,138 @@ def main() -> None:
                     "p_prompt": manip,
                 }
             )
-        task_rows.append(
+        behaviour.append((g, role, t, len(comps), float(np.mean(deltas)), float(np.mean(bases))))
+    side = split_prompts([g.prompt for g in groups], oc.select_share, cfg.seed)
+    result = {
+        "model": params.model,
+        "n_pair_orders": len(orders),
+        **analyse(groups, behaviour, scores, side, oc.layer, match_probe.layer),
+    }
+    result["probe"] = str(c.PROBES / f"raw_L{result['layer']:03d}.json")
+    result["layer_choice"]["select_share"] = oc.select_share
+    write_jsonl(c.RESULTS / "ood_outcomes.jsonl", outcome_rows)
+    write_json(c.RESULTS / "ood.json", c.clean_json(result))
+    if not math.isfinite(sum(r["behaviour_delta"] for r in result["groups"])):
+        log.warning("non-finite behavioural deltas")
+
+
+# One task's behavioural result: group, role, task, comparisons, mean delta, mean P(baseline).
+Behaviour = tuple[Group, str, str, int, float, float]
+
+
+def analyse(
+    groups: Sequence[Group],
+    behaviour: Sequence[Behaviour],
+    scores: dict[int, dict[str, float]],
+    side: dict[str, str],
+    method: str,
+    probes_layer: int,
+) -> dict[str, Any]:
+    """Return the OOD analysis: the layer chosen on the selection prompts (or the probes
+    stage's layer), then the held-out prompts, the selection prompts and all prompts apart.
+
+    `scores[layer]["<prompt id>|<task>"]` is that layer's probe score (`baseline|<task>`
+    without a system prompt); `side[prompt id]` is "select" or "heldout".
+    """
+
+    def task_rows_at(layer: int) -> list[dict[str, Any]]:
+        return [
             {
                 "group": g.id,
                 "kind": g.kind,
+                "prompt_set": side[g.prompt.id],
                 "role": role,
                 "task": t,
-                "n_comparisons": len(comps),
-                "behaviour_delta": float(np.mean(deltas)),
-                "probe_delta": scores[f"{g.prompt.id}|{t}"] - scores[f"{BASELINE}|{t}"],
-                "p_baseline": float(
-                    np.mean([o["p_baseline"] for o in outcome_rows[-len(comps) :]])
-                ),
+                "n_comparisons": n,
+                "behaviour_delta": delta,
+                "probe_delta": scores[layer][f"{g.prompt.id}|{t}"]
+                - scores[layer][f"{BASELINE}|{t}"],
+                "p_baseline": p_base,
             }
+            for g, role, t, n, delta, p_base in behaviour
+        ]
+
+    def group_rows_at(layer: int) -> list[dict[str, Any]]:
+        tasks = task_rows_at(layer)
+        return [
+            {
+                **group_row(g, [r for r in tasks if r["group"] == g.id]),
+                "prompt_set": side[g.prompt.id],
+            }
+            for g in groups
+        ]
+
+    # The choice sees the selection prompts only: the held-out ones never inform it.
+    selection_r = {}
+    for layer in sorted(scores):
+        chosen_from = [r for r in group_rows_at(layer) if r["prompt_set"] == SELECT]
+        pearson = correlation(*_deltas(chosen_from))["pearson"]
+        selection_r[layer] = pearson["r"] if pearson else None
+    layer = choose_layer(selection_r) if method == "select" else probes_layer
+    task_rows, rows = task_rows_at(layer), group_rows_at(layer)
+
+    def subset(name: str) -> dict[str, Any]:
+        return summarise(
+            [r for r in rows if r["prompt_set"] == name],
+            [r for r in task_rows if r["prompt_set"] == name],
         )
-    rows = [group_row(g, [r for r in task_rows if r["group"] == g.id]) for g in groups]
-    beh = [r["behaviour_delta"] for r in rows]
-    prb = [r["probe_delta"] for r in rows]
-    dirs = [r["direction"] for r in rows]
-    result: dict[str, Any] = {
-        "model": params.model,
-        "probe": probes["best_probe"],
-        "layer": probe.layer,
+
+    return {
+        "layer": layer,
+        "layer_choice": {
+            "method": method,
+            "selection_pearson_by_layer": {str(k): v for k, v in selection_r.items()},
+            "probes_stage_layer": probes_layer,
+        },
+        "prompt_sets": {s: sorted(p for p, v in side.items() if v == s) for s in (SELECT, HELDOUT)},
         "n_groups": len(rows),
-        "n_pair_orders": len(orders),
-        "targeted": correlation(beh, prb),
-        "overall": correlation(
-            [r["behaviour_delta"] for r in task_rows], [r["probe_delta"] for r in task_rows]
-        ),
-        "by_kind": {
-            kind: correlation(
-                [r["behaviour_delta"] for r in rows if r["kind"] == kind],
-                [r["probe_delta"] for r in rows if r["kind"] == kind],
-            )
-            for kind in sorted({r["kind"] for r in rows})
-        },
-        "behaviour_matches_intent": sign_agreement(beh, dirs),
-        "probe_matches_intent": sign_agreement(prb, dirs),
-        "specificity": {
-            "behaviour": float(np.mean([r["behaviour_specificity"] for r in rows])),
-            "probe": float(np.mean([r["probe_specificity"] for r in rows])),
-            "behaviour_share_on_target_larger": float(
-                np.mean([r["behaviour_specificity"] > 0 for r in rows])
-            ),
-            "probe_share_on_target_larger": float(
-                np.mean([r["probe_specificity"] > 0 for r in rows])
-            ),
-        },
-        "competing": competing_flips(rows),
-        "personas": persona_summary(rows),
+        # The reported OOD generalisation: the held-out prompts, which chose nothing.
+        HELDOUT: subset(HELDOUT),
+        SELECT: subset(SELECT),
+        "all_prompts": summarise(rows, task_rows),
         "groups": rows,
         "tasks": task_rows,
     }
-    write_jsonl(c.RESULTS / "ood_outcomes.jsonl", outcome_rows)
-    write_json(c.RESULTS / "ood.json", c.clean_json(result))
-    write_series(c.PLOTS / "ood.json", rows)
-    scatter_plot(
-        c.PLOTS / "ood.png",
-        beh,
-        prb,
-        labels=[r["label"][:10] + ("+" if r["direction"] > 0 else "-") for r in rows],
-        title=f"OOD system prompts: probe vs behaviour ({params.model}, L{probe.layer})",
-        xlabel="behavioural delta P(choose target)",
-        ylabel="probe delta (utility units)",
-    )
-    if not math.isfinite(sum(beh)):
-        log.warning("non-finite behavioural deltas")
+
+
+def _deltas(rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    return [r["behaviour_delta"] for r in rows], [r["probe_delta"] for r in rows]
+
+
+def summarise(
+    rows: Sequence[dict[str, Any]], task_rows: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Return the OOD analysis of a set of groups (and their tasks): correlations, intent,
+    specificity, competing flips and personas; empty sets give n 0 and no correlation."""
+    beh, prb = _deltas(rows)
+    dirs = [r["direction"] for r in rows]
+
+    def share(key: str) -> float | None:
+        return float(np.mean([r[key] > 0 for r in rows])) if rows else None
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([r[key] for r in rows])) if rows else None
+
+    return {
+        "n_groups": len(rows),
+        "prompts": sorted({r["prompt"] for r in rows}),
+        "targeted": correlation(beh, prb),
+        "overall": correlation(*_deltas(task_rows)),
+        "by_kind": {
+            kind: correlation(*_deltas([r for r in rows if r["kind"] == kind]))
+            for kind in sorted({r["kind"] for r in rows})
+        },
+        "behaviour_matches_intent": sign_agreement(beh, dirs) if rows else None,
+        "probe_matches_intent": sign_agreement(prb, dirs) if rows else None,
+        "specificity": {
+            "behaviour": mean("behaviour_specificity"),
+            "probe": mean("probe_specificity"),
+            "behaviour_share_on_target_larger": share("behaviour_specificity"),
+            "probe_share_on_target_larger": share("probe_specificity"),
+        },
+        "competing": competing_flips(rows),
+        "personas": persona_summary(rows),
+    }
 
 
 if __name__ == "__main__":

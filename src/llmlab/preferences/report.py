@@ -1,7 +1,9 @@
 """Stage preferences_report: results, the headline numbers and a short report.
 
 Reads the measurement fits, the probe, HOO and OOD results; writes the whole results tree to
-data/preferences/results.json, the headline to metrics/preferences.json and the markdown report.
+data/preferences/results.json, the headline to metrics/preferences.json, the markdown report
+and the OOD plot (plots/preferences/ood.json, ood.png: git-tracked files the model-loading OOD
+stage leaves to this CPU stage, so that stage restores from a pushed run-cache).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any
 from llmlab.headline import estimate, get, write_headline, write_results
 from llmlab.io import read_json, write_text
 from llmlab.params import load_params
+from llmlab.plots import scatter_plot, write_series
 from llmlab.preferences import common as c
+from llmlab.preferences.ood_holdout import HELDOUT, SELECT
 from llmlab.stage import run_stage
 
 
@@ -46,6 +50,30 @@ def _ci(d: dict[str, Any] | None, key: str = "value", lo: str = "lo", hi: str = 
     if d.get(lo) is None:
         return f"{d[key]:.3f}"
     return f"{d[key]:.3f} [{d[lo]:.3f}, {d[hi]:.3f}]"
+
+
+def _ood_set(o: dict[str, Any]) -> dict[str, Any]:
+    """Return the reported numbers of one OOD prompt set (held-out, selection or all)."""
+    return {
+        "n_groups": o["n_groups"],
+        "n_prompts": len(o["prompts"]),
+        "pearson": o["targeted"]["pearson"],
+        "spearman": o["targeted"]["spearman"],
+        "sign_agreement": o["targeted"]["sign_agreement"],
+        "overall_pearson": o["overall"]["pearson"],
+        "overall_spearman": o["overall"]["spearman"],
+        "overall_sign_agreement": o["overall"]["sign_agreement"],
+        "n_tasks": o["overall"]["n"],
+        "specificity": o["specificity"],
+        "competing_flip_pearson": o["competing"].get("pearson"),
+        "competing_flip_sign_agreement": o["competing"].get("sign_agreement"),
+        "competing_behaviour_flips_positive": o["competing"].get("behaviour_positive"),
+        "competing_probe_flips_positive": o["competing"].get("probe_positive"),
+        "personas": o["personas"],
+        "by_kind_pearson": {k: v["pearson"] for k, v in o["by_kind"].items()},
+        "behaviour_matches_intent": o["behaviour_matches_intent"],
+        "probe_matches_intent": o["probe_matches_intent"],
+    }
 
 
 def build_metrics() -> dict[str, Any]:
@@ -82,23 +110,11 @@ def build_metrics() -> dict[str, Any]:
                 for key, s in hoo["feature_sets"].items()
             },
             "ood": {
-                "n_groups": ood["n_groups"],
-                "pearson": ood["targeted"]["pearson"],
-                "spearman": ood["targeted"]["spearman"],
-                "sign_agreement": ood["targeted"]["sign_agreement"],
-                "overall_pearson": ood["overall"]["pearson"],
-                "overall_spearman": ood["overall"]["spearman"],
-                "overall_sign_agreement": ood["overall"]["sign_agreement"],
-                "n_tasks": ood["overall"]["n"],
-                "specificity": ood["specificity"],
-                "competing_flip_pearson": ood["competing"].get("pearson"),
-                "competing_flip_sign_agreement": ood["competing"].get("sign_agreement"),
-                "competing_behaviour_flips_positive": ood["competing"].get("behaviour_positive"),
-                "competing_probe_flips_positive": ood["competing"].get("probe_positive"),
-                "personas": ood["personas"],
-                "by_kind_pearson": {k: v["pearson"] for k, v in ood["by_kind"].items()},
-                "behaviour_matches_intent": ood["behaviour_matches_intent"],
-                "probe_matches_intent": ood["probe_matches_intent"],
+                "layer": ood["layer"],
+                "layer_choice": ood["layer_choice"]["method"],
+                "heldout": _ood_set(ood[HELDOUT]),
+                "select": _ood_set(ood[SELECT]),
+                "all_prompts": _ood_set(ood["all_prompts"]),
             },
         }
     )
@@ -108,9 +124,10 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
     """Return the numbers compared across runs (the rest stays in the results file).
 
     Intervals go with the numbers the family is judged on (held-out r, HOO r, targeted OOD r);
-    the secondary ones carry their value only, so the headline stays within MAX_LEAVES.
+    the secondary ones carry their value only, so the headline stays within MAX_LEAVES. The
+    OOD numbers are those of the held-out system prompts (the selection prompts chose the layer).
     """
-    p, o = m["probes"], m["ood"]
+    p, o = m["probes"], m["ood"]["heldout"]
     return {
         "probe_layer": p["layer"],
         "heldout_r": estimate(p["heldout_r"]),
@@ -167,14 +184,27 @@ def render(m: dict[str, Any]) -> str:
     o = m["ood"]
     lines += [
         "",
-        f"**OOD targeted ({o['n_groups']} groups):** Pearson r {_ci(o['pearson'], 'r')}, "
-        f"Spearman {_ci(o['spearman'], 'r')}, sign agreement {_f(o['sign_agreement'])}; behaviour "
-        f"moves as intended in {_f(o['behaviour_matches_intent'])} of groups, the probe in "
-        f"{_f(o['probe_matches_intent'])}. **Overall** ({o['n_tasks']} target and off-target "
-        f"tasks): Pearson r {_ci(o['overall_pearson'], 'r')}, sign agreement "
-        f"{_f(o['overall_sign_agreement'])}. Specificity (on-target minus off-target absolute "
-        f"delta, mean over groups): behaviour {_f(o['specificity']['behaviour'])}, probe "
-        f"{_f(o['specificity']['probe'])}.",
+        f"**OOD system prompts:** probe layer {o['layer']} ("
+        + (
+            "chosen on the selection prompts"
+            if o["layer_choice"] == "select"
+            else "the probes stage's, chosen on preference data"
+        )
+        + "); the held-out prompts chose nothing and give the reported numbers.",
+        "",
+        "| prompts | groups | targeted Pearson r [95% CI] | Spearman | sign agreement | overall r (target and off-target tasks) | overall sign agreement | behaviour / probe as intended | specificity behaviour / probe |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, label in (("heldout", "held-out"), ("select", "selection"), ("all_prompts", "all")):
+        s = o[name]
+        lines.append(
+            f"| {label} ({s['n_prompts']}) | {s['n_groups']} | {_ci(s['pearson'], 'r')} | "
+            f"{_ci(s['spearman'], 'r')} | {_f(s['sign_agreement'])} | "
+            f"{_ci(s['overall_pearson'], 'r')} | {_f(s['overall_sign_agreement'])} | "
+            f"{_f(s['behaviour_matches_intent'])} / {_f(s['probe_matches_intent'])} | "
+            f"{_f(s['specificity']['behaviour'])} / {_f(s['specificity']['probe'])} |"
+        )
+    lines += [
         "",
         "Plots: plots/preferences/probes_layers.png, hoo.png, ood.png.",
         "",
@@ -195,6 +225,27 @@ def main() -> None:
     write_results("preferences", m)
     write_headline("metrics/preferences.json", headline(m))
     write_text("metrics/preferences_report.md", render(m))
+    write_ood_plot(read_json(c.RESULTS / "ood.json"), m["model"])
+
+
+def write_ood_plot(ood: dict[str, Any], model: str) -> None:
+    """Write the OOD plot series and scatter (git-tracked) from the cached OOD result.
+
+    Drawn here, not in preferences_ood, so the model-loading stage has only cached outputs and
+    restores from a pushed run-cache on another machine.
+    """
+    rows = ood["groups"]
+    write_series(c.PLOTS / "ood.json", rows)
+    held = [r for r in rows if r["prompt_set"] == HELDOUT]
+    scatter_plot(
+        c.PLOTS / "ood.png",
+        [r["behaviour_delta"] for r in held],
+        [r["probe_delta"] for r in held],
+        labels=[r["label"][:10] + ("+" if r["direction"] > 0 else "-") for r in held],
+        title=f"OOD held-out system prompts: probe vs behaviour ({model}, L{ood['layer']})",
+        xlabel="behavioural delta P(choose target)",
+        ylabel="probe delta (utility units)",
+    )
 
 
 if __name__ == "__main__":
