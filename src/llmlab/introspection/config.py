@@ -108,6 +108,20 @@ class DataConfig(StrictModel):
         return self
 
 
+class HubAdapterConfig(StrictModel):
+    """A published LoRA adapter imported as a variant instead of training it."""
+
+    repo_id: str = Field(..., min_length=3, description="Hub repository id, e.g. org/name")
+    revision: str = Field(
+        ...,
+        pattern=r"^[0-9a-f]{40}$",
+        description="The commit sha the import is pinned to (a branch name would move)",
+    )
+    subfolder: str | None = Field(
+        None, description="Folder of the repository holding the adapter (None: its root)"
+    )
+
+
 class VariantConfig(StrictModel):
     """One trained variant of the plan's table."""
 
@@ -120,6 +134,11 @@ class VariantConfig(StrictModel):
     rank: int = Field(16, gt=0, description="LoRA rank r")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (alpha / r is the update scale)")
     flip_labels: bool = Field(False, description="Swap flip_fraction of the labels (seeded)")
+    hub_adapter: HubAdapterConfig | None = Field(
+        None,
+        description="Import this published adapter (safetensors only, at a pinned commit) "
+        "instead of training the variant; its rank and alpha must match the variant's",
+    )
 
 
 def _default_variants() -> dict[str, VariantConfig]:
@@ -151,6 +170,13 @@ class TrainConfig(StrictModel):
         description="LoRA optimiser settings shared by the variants (rank/alpha: per variant)",
     )
     val_batch_size: int = Field(16, gt=0, description="Rows per validation forward pass")
+    select_checkpoint: Literal["last", "best_val_accuracy"] = Field(
+        "last",
+        description="Adapter written by a training: last (after the final step), or "
+        "best_val_accuracy (the anchor's: the evaluation after step 0 with the highest "
+        "validation accuracy on the training labels, earliest on ties; every eval_every steps "
+        "and at the end); the adapter's metadata and the report name the selected step",
+    )
     context_gradient: bool = Field(
         True,
         description="true: one pass trains through the whole conversation, the steered "

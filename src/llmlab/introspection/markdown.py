@@ -105,6 +105,7 @@ def render_report(m: dict[str, Any]) -> str:
             if first is not None and t["final_train_loss"] is not None
             else f"| {v} | {t['rank']} / {t['alpha']:g} | {t['steps']} | — | — | — | — |"
         )
+    lines += ["", *adapter_origin_lines(m["training"])]
     flip = next(s for s in m["success"] if "flipped" in s["criterion"])
     lines += [
         "",
@@ -236,3 +237,23 @@ def render_report(m: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def adapter_origin_lines(training: dict[str, Any]) -> list[str]:
+    """Return one line per variant saying which adapter is evaluated: selected, last or imported."""
+    lines = []
+    for v, t in training.items():
+        imported = t.get("imported_from")
+        if imported:
+            lines.append(
+                f"- {v}: imported from {imported['repo_id']} at commit {imported['commit']} "
+                f"(not trained here); val accuracy {_ci(t['val_accuracy_end'])}"
+            )
+        elif t.get("selected_step") is not None:
+            lines.append(
+                f"- {v}: the checkpoint of step {t['selected_step']} of {t['steps']} "
+                "(highest validation accuracy) is the adapter evaluated"
+            )
+        else:
+            lines.append(f"- {v}: the adapter after the last step ({t['steps']}) is evaluated")
+    return lines

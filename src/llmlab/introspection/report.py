@@ -41,7 +41,13 @@ def training_summary(adapters: Path) -> dict[str, Any]:
         evals = [r for r in curve if "val_accuracy" in r]
         losses = [r["loss"] for r in curve if r.get("loss") is not None]
         n_val = int(meta.get("n_val_rows") or 0)
-        end = evals[-1] if evals else {}
+        selected = meta.get("selected_checkpoint")
+        # The adapter evaluated is the selected checkpoint's when one was selected.
+        end = (
+            next((r for r in evals if r["step"] == selected["step"]), {})
+            if selected
+            else (evals[-1] if evals else {})
+        )
         acc_end = end.get("val_accuracy")
         out[v] = {
             "rank": meta["config"]["rank"],
@@ -62,8 +68,39 @@ def training_summary(adapters: Path) -> dict[str, Any]:
             "val_label_nll_end": end.get("val_label_nll"),
             "train_time_s": meta.get("train_time_s"),
             "wall_time_s": meta.get("wall_time_s"),
+            "selected_step": selected["step"] if selected else None,
+            "imported_from": meta.get("imported_from"),
         }
     return out
+
+
+def write_training_series(adapters: Path, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Write plots/introspection/train_<variant>.json from each adapter's curve; return the curves.
+
+    Written here, by the CPU-only report, not by the training stage: that stage then has only
+    cached outs, which DVC can restore from a pushed run-cache on another machine.
+    """
+    curves = {v: read_json(adapters / v / "curve.json") for v in VARIANT_NAMES}
+    for v, c in curves.items():
+        write_series(out / f"train_{v}.json", curve_rows(c, v))
+    return curves
+
+
+def curve_rows(curve: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    """Return flat plot rows of a training curve, tagged with the variant (trained steps only)."""
+    keys = (
+        "step",
+        "loss",
+        "val_accuracy",
+        "val_accuracy_true_labels",
+        "val_label_nll",
+        "val_p_yes",
+    )
+    return [
+        {"variant": variant, **{k: row.get(k) for k in keys}}
+        for row in curve
+        if row.get("step") is not None
+    ]
 
 
 YES_NO_WORDS = frozenset({"yes", "no"})
@@ -353,8 +390,16 @@ def write_plots(metrics: dict[str, Any], eval_dir: Path, adapters: Path, out: Pa
         xlabel="model",
     )
     write_series(out / "kl.json", series["kl"])
-    curves = {v: read_json(adapters / v / "curve.json") for v in VARIANT_NAMES}
-    steps = [r["step"] for r in curves["original"] if "val_accuracy" in r]
+    curves = write_training_series(adapters, out)
+    # An imported adapter's one evaluation has no step (step None): it has no curve to draw.
+    steps = sorted(
+        {
+            r["step"]
+            for c in curves.values()
+            for r in c
+            if "val_accuracy" in r and r["step"] is not None
+        }
+    )
     accuracy = {}
     for v, c in curves.items():
         by_step = {r["step"]: r.get("val_accuracy") for r in c if "val_accuracy" in r}

@@ -4,6 +4,9 @@ Every variant shares the seed, learning rate, warmup, gradient accumulation and 
 clipping; rank and alpha come from the variant. The loss covers only the one-token answer.
 Validation accuracy (against the training labels and against the true labels) and the label
 NLL are recorded in the curve before the first step, every `eval_every` steps and at the end.
+With `train.select_checkpoint: best_val_accuracy` the adapter written is the evaluation's with
+the highest validation accuracy (checkpoint.py). A variant with `hub_adapter` is imported, not
+trained (hub_adapter.py).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.introspection.checkpoint import BestCheckpoint
 from llmlab.introspection.examples import Row, read_rows, row_steer, training_examples
 from llmlab.introspection.scoring import choice_scores, yes_no_choices
 from llmlab.introspection.vectors import VectorBank, load_vectors
 from llmlab.io import DataError
 from llmlab.models import LoadedModel
-from llmlab.plots import write_series
 from llmlab.training import LoraTrainConfig, train_lora
 
 
@@ -57,19 +60,6 @@ def variant_config(lora: LoraTrainConfig, rank: int, alpha: float) -> LoraTrainC
     return lora.model_copy(update={"rank": rank, "alpha": alpha})
 
 
-def curve_rows(curve: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
-    """Return flat plot rows of a training curve, tagged with the variant."""
-    keys = (
-        "step",
-        "loss",
-        "val_accuracy",
-        "val_accuracy_true_labels",
-        "val_label_nll",
-        "val_p_yes",
-    )
-    return [{"variant": variant, **{k: row.get(k) for k in keys}} for row in curve]
-
-
 def main() -> None:
     from llmlab.models import load_model
     from llmlab.params import ParamsError, load_params
@@ -81,7 +71,6 @@ def main() -> None:
     ap.add_argument("--datasets", default="data/introspection/datasets")
     ap.add_argument("--vectors", default="data/introspection/vectors")
     ap.add_argument("--out", default="models/introspection")
-    ap.add_argument("--plots", default="plots/introspection")
     args = ap.parse_args()
     params = load_params(args.params, family="introspection")
     cfg = params.section("introspection")
@@ -96,34 +85,73 @@ def main() -> None:
     data_dir = Path(args.datasets) / args.variant
     train_rows = read_rows(data_dir / "train.jsonl", required=("id", "messages", "label"))
     val_rows = read_rows(data_dir / "val.jsonl", required=("id", "messages", "label", "true_label"))
+    out_dir = Path(args.out) / args.variant
+    metadata = {
+        "family": "introspection",
+        "variant": args.variant,
+        "variant_config": variant.model_dump(mode="json"),
+        "n_train_rows": len(train_rows),
+        "n_val_rows": len(val_rows),
+        "loss": "label token after the answer prefix, yes vs no"
+        if train_rows[0].get("answer_prefix")
+        else "first answer token only",
+    }
+    if variant.hub_adapter is not None:
+        import_variant(params, args.variant, out_dir, metadata, args.vectors, val_rows, cfg)
+        return
     loaded = load_model(params, for_training=True)
     bank = load_vectors(args.vectors, loaded)
     train = training_examples(loaded, bank, train_rows, context_gradient=cfg.train.context_gradient)
+    best = (
+        BestCheckpoint(out_dir, "val_accuracy")
+        if cfg.train.select_checkpoint == "best_val_accuracy"
+        else None
+    )
 
     def hook(model: Any, step: int) -> dict[str, float]:
         view = dataclasses.replace(loaded, model=model)
-        return val_metrics(view, bank, val_rows, cfg.train.val_batch_size)
+        values = val_metrics(view, bank, val_rows, cfg.train.val_batch_size)
+        if best is not None:
+            best.observe(model, step, values)
+        return values
 
-    result = train_lora(
-        loaded,
-        train,
-        lora,
-        Path(args.out) / args.variant,
-        eval_hook=hook,
-        metadata={
-            "family": "introspection",
-            "variant": args.variant,
-            "variant_config": variant.model_dump(mode="json"),
-            "n_train_rows": len(train_rows),
-            "n_val_rows": len(val_rows),
-            "loss": "label token after the answer prefix, yes vs no"
-            if train_rows[0].get("answer_prefix")
-            else "first answer token only",
-        },
-    )
-    write_series(
-        Path(args.plots) / f"train_{args.variant}.json", curve_rows(result.curve, args.variant)
-    )
+    result = train_lora(loaded, train, lora, out_dir, eval_hook=hook, metadata=metadata)
+    if best is not None and is_main_process():
+        best.apply(out_dir, result.steps)
+
+
+def is_main_process() -> bool:
+    """Return whether this is the process that writes outputs (the only one without a launcher)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def import_variant(
+    params: Any,
+    variant: str,
+    out_dir: Path,
+    metadata: dict[str, Any],
+    vectors: str,
+    val_rows: Sequence[Row],
+    cfg: Any,
+) -> None:
+    """Write a published adapter as the variant, scored on the variant's validation rows.
+
+    The stage's dvclive folder is a declared out: it says that no training ran.
+    """
+    from llmlab.introspection.hub_adapter import import_adapter
+    from llmlab.io import write_json
+    from llmlab.live import live_dir
+
+    def score(loaded: LoadedModel) -> dict[str, float]:
+        bank = load_vectors(vectors, loaded)
+        return val_metrics(loaded, bank, val_rows, cfg.train.val_batch_size)
+
+    meta = import_adapter(params, variant, out_dir, metadata, score)
+    live = live_dir(out_dir)
+    if live is not None:
+        write_json(live / "status.json", {"trained": False, "imported_from": meta["imported_from"]})
 
 
 if __name__ == "__main__":
