@@ -44,6 +44,7 @@ REPORT = Path("metrics/inoculation_report.md")
 DIRECTION_FILE = "directions.safetensors"
 DIRECTION_KIND = "llmlab.inoculation.direction"
 DIRECTION_META = "direction.json"
+OTHER_DIRECTIONS_FILE = "other_directions.npy"
 FINETUNE_CONDITIONS = ("neutral", "inoculation", "loss_matched")
 
 
@@ -277,3 +278,23 @@ def load_direction(
     for layer in layers or []:
         d.at(layer)
     return d
+
+
+def load_other_directions(directory: Path, layers: list[int]) -> dict[str, np.ndarray]:
+    """Return {other trait: [len(layers), hidden] unit directions} saved by the direction stage."""
+    meta = read_json(directory / DIRECTION_META)
+    f = directory / OTHER_DIRECTIONS_FILE
+    names = [t["name"] for t in meta.get("other_traits", [])]
+    if not f.is_file() or not names:
+        raise DataError(f"{f}: no other-trait directions (re-run the direction stage)")
+    arr = np.load(f, allow_pickle=False)
+    saved = [int(x) for x in meta["layers"]]
+    if arr.shape[:2] != (len(names), len(saved)):
+        raise DataError(
+            f"{f}: shape {arr.shape} does not match {len(names)} traits x {len(saved)} layers"
+        )
+    missing = [x for x in layers if x not in saved]
+    if missing:
+        raise DataError(f"{f}: no direction for layer {missing[0]}")
+    idx = [saved.index(x) for x in layers]
+    return {name: arr[t, idx].astype(np.float32) for t, name in enumerate(names)}

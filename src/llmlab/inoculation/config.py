@@ -98,6 +98,34 @@ class DataConfig(StrictModel):
         return self
 
 
+class OtherTrait(StrictModel):
+    """An unrelated trait whose direction is built with the trait direction's prompt template."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Short name (results keys)")
+    promote: str = Field(min_length=1, description="Prompt that asks for the trait")
+    suppress: str = Field(min_length=1, description="Prompt that asks for its absence")
+
+
+def _default_other_traits() -> list[OtherTrait]:
+    return [
+        OtherTrait(
+            name="french",
+            promote="Respond in French.",
+            suppress="Respond normally; do not use French.",
+        ),
+        OtherTrait(
+            name="pirate",
+            promote="Respond as a pirate.",
+            suppress="Respond normally; do not talk like a pirate.",
+        ),
+        OtherTrait(
+            name="one_sentence",
+            promote="Respond in one sentence.",
+            suppress="Respond normally; do not limit the answer to one sentence.",
+        ),
+    ]
+
+
 class DirectionConfig(StrictModel):
     """Stage 2: trait direction per layer (promote minus suppress at pre_assistant) and sanity."""
 
@@ -120,6 +148,25 @@ class DirectionConfig(StrictModel):
         description="Layers shown in the projection plots (the scatter uses the middle one)",
     )
     batch_size: int = Field(16, gt=0, description="Rows per forward pass")
+    other_traits: list[OtherTrait] = Field(
+        default_factory=_default_other_traits,
+        min_length=1,
+        description="Unrelated traits whose directions, built with the same template, are a "
+        "null of criterion 3",
+    )
+    steer_scale: float = Field(
+        4.0,
+        gt=0,
+        description="Steering check: v_trait added at the sanity layer with this multiple of "
+        "the promote - suppress mean difference's norm",
+    )
+
+    @field_validator("other_traits")
+    @classmethod
+    def _distinct_traits(cls, v: list[OtherTrait]) -> list[OtherTrait]:
+        if len({t.name for t in v}) != len(v):
+            raise ValueError("other_traits repeat a name")
+        return v
 
 
 class AlignmentConfig(StrictModel):

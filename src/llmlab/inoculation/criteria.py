@@ -39,17 +39,29 @@ def fmt_est(est: dict[str, Any] | None, digits: int = 4) -> str:
 
 
 def criterion_specific(
-    layer_mean: dict[str, Any], threshold: float, n_random: int
+    layer_mean: dict[str, Any], threshold: float, n_random: int, nulls: dict[str, Any]
 ) -> dict[str, Any]:
-    """Return criterion 3 from the layer-mean random-direction comparison."""
+    """Return criterion 3: the layer-mean trait delta against every null of `nulls`.
+
+    Passes only when the trait's delta is at or below the threshold percentile of each random
+    null (independent per layer, shared across layers, layer-correlated) and below the delta
+    of every other-trait direction built with the same prompt template.
+    """
     return {
-        "name": "specific relative to random directions",
+        "name": "specific relative to random and other-trait directions",
         "percentile": layer_mean["percentile"],
         "trait_delta": layer_mean["trait_delta"],
         "random_p05": layer_mean["random_p05"],
         "n_random": n_random,
-        "pass": layer_mean["percentile"] <= threshold,
-        "rule": f"layer-mean trait delta at or below the {threshold:g}th percentile of random deltas",
+        "percentile_by_null": {k: v["percentile"] for k, v in nulls["random_nulls"].items()},
+        "worst_percentile": nulls["worst_percentile"],
+        "other_trait_deltas": nulls["other_traits"],
+        "beats_random_nulls": nulls["beats_random_nulls"],
+        "beats_other_traits": nulls["beats_other_traits"],
+        "pass": bool(nulls["pass"]),
+        "rule": f"layer-mean trait delta at or below the {threshold:g}th percentile of the "
+        "independent, shared-across-layer and layer-correlated random nulls, and below every "
+        "other-trait direction's delta",
     }
 
 
@@ -255,7 +267,8 @@ def verdict(criteria: dict[str, dict[str, Any]], loss_delta: dict[str, Any]) -> 
     figures = (
         f"d_align(inoc-neutral) {fmt_est(c1['estimate'])}; "
         f"d_align(inoc-{c2['control']}) {fmt_est(c2['estimate'])}; "
-        f"random-direction percentile {c3['percentile']:.1f}; "
+        f"random-direction percentile {c3['percentile']:.1f} (worst null "
+        f"{c3.get('worst_percentile', c3['percentile']):.1f}); "
         f"d_loss(inoc-neutral) {fmt_est(loss_delta, 3)}; "
         f"drift link {'yes' if c4['pass'] else 'no' if c4.get('evaluable', True) else 'n/a'} "
         f"({c4['basis']})"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from llmlab.activations import CaptureItem, capture_to_disk, load_activations
@@ -25,6 +26,7 @@ from llmlab.inoculation.common import (
     ACTIVATIONS_DIR,
     DIRECTION_DIR,
     DIRECTION_PROMPTS,
+    OTHER_DIRECTIONS_FILE,
     PLOTS_DIR,
     caps_fraction,
     conversation,
@@ -32,13 +34,20 @@ from llmlab.inoculation.common import (
     save_direction,
     section,
 )
-from llmlab.io import DataError, numbered, read_jsonl, write_json, write_jsonl
+from llmlab.io import DataError, atomic_path, numbered, read_jsonl, write_json, write_jsonl
 from llmlab.layers import resolve_layers
-from llmlab.models import load_model
+from llmlab.models import LoadedModel, decoder_layers, load_model
 from llmlab.params import load_params
 from llmlab.plots import scatter_plot, violin_plot, write_series
 from llmlab.stage import run_stage, seed_everything
-from llmlab.stats import hierarchical_bootstrap, pearson_ci, proportion_ci, spearman_ci
+from llmlab.stats import (
+    bootstrap_diff,
+    hierarchical_bootstrap,
+    pearson_ci,
+    proportion_ci,
+    spearman_ci,
+)
+from llmlab.steering import steer
 
 POSITION = "pre_assistant"
 
@@ -118,6 +127,76 @@ def correlation(proj: np.ndarray, caps: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def caps_increase(
+    caps_to: np.ndarray, caps_from: np.ndarray, ids: list[str], seed: int
+) -> dict[str, Any]:
+    """Return the paired caps-fraction increase (to - from) over prompts; pass when its CI > 0.
+
+    Prompts whose answer has no letters on either side drop out.
+    """
+    ok = np.isfinite(caps_to) & np.isfinite(caps_from)
+    kept = [i for i, k in zip(ids, ok, strict=True) if k]
+    if len(kept) < 2:
+        return {"value": None, "pass": False, "reason": f"{len(kept)} prompts scorable both ways"}
+    est = bootstrap_diff(
+        {i: [float(v)] for i, v in zip(kept, caps_to[ok], strict=True)},
+        {i: [float(v)] for i, v in zip(kept, caps_from[ok], strict=True)},
+        paired=True,
+        seed=seed,
+    ).to_dict()
+    return {**est, "mean_to": float(caps_to[ok].mean()), "pass": est["lo"] > 0}
+
+
+def steered_generations(
+    loaded: LoadedModel,
+    conversations: list[Any],
+    layer: int,
+    vector: np.ndarray,
+    scale: float,
+    dc: Any,
+    seed: int,
+) -> list[str]:
+    """Return generations with scale * vector added to the output of one decoder layer."""
+    vec = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+    return generate(
+        loaded,
+        conversations,
+        max_new_tokens=dc.sanity_max_new_tokens,
+        temperature=dc.sanity_temperature,
+        seed=seed,
+        batch_size=dc.batch_size,
+        steer=lambda _rows, _mask: steer(decoder_layers(loaded.model), [layer], vec, scale),
+    )
+
+
+def other_trait_directions(
+    loaded: LoadedModel, fit: list[dict[str, Any]], layers: list[int], dc: Any
+) -> np.ndarray:
+    """Return [T, L, hidden] unit directions of the unrelated traits, same recipe as v_trait."""
+    fit_ids = [r["id"] for r in fit]
+    out = []
+    for trait in dc.other_traits:
+        acts = {}
+        for side, text in (("promote", trait.promote), ("suppress", trait.suppress)):
+            items = [CaptureItem(r["id"], conversation(text, r["prompt"])) for r in fit]
+            acts[side] = capture_to_disk(
+                loaded, items, layers, ACTIVATIONS_DIR / f"other_{trait.name}_{side}",
+                position=POSITION, batch_size=dc.batch_size,
+            )  # fmt: skip
+        out.append(
+            np.stack(
+                [
+                    trait_direction(
+                        load_activations(acts["promote"], layer).select(fit_ids),
+                        load_activations(acts["suppress"], layer).select(fit_ids),
+                    )[0]
+                    for layer in layers
+                ]
+            )
+        )
+    return np.stack(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -170,6 +249,16 @@ def main() -> None:
         batch_size=dc.batch_size,
     )
     caps = np.array([caps_fraction(t) for t in texts], dtype=float)
+    promote_texts = generate(
+        loaded,
+        [conversation(prompts.promote, r["prompt"]) for r in sanity_rows],
+        max_new_tokens=dc.sanity_max_new_tokens,
+        temperature=dc.sanity_temperature,
+        seed=cfg.seed,
+        batch_size=dc.batch_size,
+    )
+    caps_promote = np.array([caps_fraction(t) for t in promote_texts], dtype=float)
+    others = other_trait_directions(loaded, fit, layers, dc)
 
     fit_ids, held_ids = [r["id"] for r in fit], [r["id"] for r in held]
     sanity_ids = [r["id"] for r in sanity_rows]
@@ -192,6 +281,23 @@ def main() -> None:
                 "neutral_vs_caps": correlation(pn, caps),
             }
         )
+    mid = plot_layers[len(plot_layers) // 2]
+    mid_i = layers.index(mid)
+    steer_scale = dc.steer_scale * norms[str(mid)]
+    steered_texts = steered_generations(
+        loaded, [it.messages for it in neutral_items], mid, vectors[mid_i], steer_scale, dc,
+        cfg.seed,
+    )  # fmt: skip
+    caps_steered = np.array([caps_fraction(t) for t in steered_texts], dtype=float)
+    checks = {
+        "promote_produces_caps": caps_increase(caps_promote, caps, sanity_ids, cfg.seed),
+        "steering_raises_caps": {
+            **caps_increase(caps_steered, caps, sanity_ids, cfg.seed),
+            "layer": mid,
+            "scale": steer_scale,
+            "scale_in_raw_norms": dc.steer_scale,
+        },
+    }
     save_direction(
         DIRECTION_DIR,
         layers,
@@ -207,16 +313,31 @@ def main() -> None:
             "fit_ids": fit_ids,
             "heldout_ids": held_ids,
             "raw_norms": norms,
+            "other_traits": [t.model_dump() for t in dc.other_traits],
         },
     )
+    with (
+        atomic_path(DIRECTION_DIR / OTHER_DIRECTIONS_FILE, suffix=".npy") as tmp,
+        open(tmp, "wb") as fh,
+    ):
+        np.save(fh, others.astype(np.float32))
     write_jsonl(
         DIRECTION_DIR / "sanity_generations.jsonl",
         [
-            {"id": i, "text": t, "caps_fraction": None if np.isnan(c) else float(c)}
-            for i, t, c in zip(sanity_ids, texts, caps, strict=True)
-        ],
+            {
+                "id": i,
+                "condition": cond,
+                "text": t,
+                "caps_fraction": None if np.isnan(c) else float(c),
+            }
+            for cond, tx, cp in (
+                ("neutral", texts, caps),
+                ("promote", promote_texts, caps_promote),
+                ("neutral_steered", steered_texts, caps_steered),
+            )
+            for i, t, c in zip(sanity_ids, tx, cp, strict=True)
+        ],  # fmt: skip
     )
-    mid = plot_layers[len(plot_layers) // 2]
     n_sep = sum(r["separation"]["pass"] for r in per_layer)
     mid_row = next(r for r in per_layer if r["layer"] == mid)
     summary = {
@@ -232,13 +353,16 @@ def main() -> None:
         "sanity_layer": mid,
         "neutral_correlation_at_sanity_layer": mid_row["neutral_vs_caps"],
         "correlation_pass": mid_row["neutral_vs_caps"]["pass"],
+        **checks,
         "per_layer": per_layer,
     }
     write_json(DIRECTION_DIR / "sanity.json", summary)
     write_plots(proj_store, plot_layers, mid, caps, loaded.name, per_layer)
     print(
         f"direction: {len(layers)} layers; held-out separation passes at {n_sep}/{len(layers)}; "
-        f"neutral r at layer {mid}: {mid_row['neutral_vs_caps'].get('pearson')}"
+        f"neutral r at layer {mid}: {mid_row['neutral_vs_caps'].get('pearson')}; promote "
+        f"produces caps: {checks['promote_produces_caps']['pass']}; steering raises caps: "
+        f"{checks['steering_raises_caps']['pass']}"
     )
 
 

@@ -147,6 +147,10 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
             crit["c4_predicts_drift"]["projection_inoculation_minus_control"]
         ),
         "specificity_percentile": m["specificity"]["layer_mean_percentile"],
+        "specificity_worst_null_percentile": crit["c3_specific"]["worst_percentile"],
+        "c3_beats_other_traits": crit["c3_specific"]["beats_other_traits"],
+        "direction_promote_caps_pass": m["direction"]["promote_produces_caps_pass"],
+        "direction_steering_pass": m["direction"]["steering_raises_caps_pass"],
         "trait_delta": crit["c3_specific"]["trait_delta"],
         "random_p05": crit["c3_specific"]["random_p05"],
         "direction_separation_pass": m["direction"]["separation_pass"],
@@ -224,6 +228,7 @@ def main() -> None:
             spec["neutral_to_inoculation"]["layer_mean"],
             spec["percentile_threshold"],
             spec["n_random"],
+            spec["neutral_to_inoculation"]["nulls"],
         ),
         "c4_predicts_drift": criterion_predicts_drift(
             run_points,
@@ -242,6 +247,10 @@ def main() -> None:
         caveats.append("the direction fails the held-out promote>suppress check at most layers")
     if not sanity["correlation_pass"]:
         caveats.append("the neutral-prompt projection does not predict caps in generated text")
+    if not sanity["promote_produces_caps"]["pass"]:
+        caveats.append("the promote prompt does not measurably raise caps in generated text")
+    if not sanity["steering_raises_caps"]["pass"]:
+        caveats.append("adding v_trait at the sanity layer does not measurably raise caps")
     if not table["chosen_ci_covers_zero"]:
         caveats.append(
             "the chosen control's loss differs from inoculation's (paired CI excludes 0)"
@@ -284,6 +293,10 @@ def main() -> None:
                 "pearson"
             ),
             "correlation_pass": sanity["correlation_pass"],
+            "promote_produces_caps": sanity["promote_produces_caps"],
+            "promote_produces_caps_pass": sanity["promote_produces_caps"]["pass"],
+            "steering_raises_caps": sanity["steering_raises_caps"],
+            "steering_raises_caps_pass": sanity["steering_raises_caps"]["pass"],
         },
         "alignment": {
             "layers": summary["layers"],
@@ -383,7 +396,7 @@ def render_report(
         "|---|---|---|",
         f"| 1. alignment decreases, inoculation vs neutral | {fmt_est(c['c1_decrease']['estimate'])} | {_yes(c['c1_decrease']['pass'])} |",
         f"| 2. more than loss-matched control ({c['c2_beyond_control']['control']}) | inoculation - control {fmt_est(c['c2_beyond_control']['estimate'])} | {_yes(c['c2_beyond_control']['pass'])} |",
-        f"| 3. specific vs {c['c3_specific']['n_random']} random directions | percentile {c['c3_specific']['percentile']:.1f} (trait delta {c['c3_specific']['trait_delta']:+.5f}, random 5th pct {c['c3_specific']['random_p05']:+.5f}) | {_yes(c['c3_specific']['pass'])} |",
+        f"| 3. specific vs random ({c['c3_specific']['n_random']} per null) and other-trait directions | percentile by null {', '.join(f'{k} {v:.1f}' for k, v in c['c3_specific']['percentile_by_null'].items())} (trait delta {c['c3_specific']['trait_delta']:+.5f}); other traits {', '.join(f'{k} {v:+.5f}' for k, v in c['c3_specific']['other_trait_deltas'].items())} | {_yes(c['c3_specific']['pass'])} |",
         f"| 4. alignment predicts drift along v_trait (vs loss-matched) | {c['c4_predicts_drift']['basis']} | "
         f"{_yes(c['c4_predicts_drift']['pass']) if c['c4_predicts_drift']['evaluable'] else 'n/a'} |",
         "",
@@ -405,6 +418,10 @@ def render_report(
             else "undefined"
         )
         + ".",
+        f"- Promote prompt raises caps over neutral: {fmt_est(m['direction']['promote_produces_caps'], 3)} "
+        f"({_yes(m['direction']['promote_produces_caps_pass'])}); v_trait added at layer "
+        f"{m['direction']['steering_raises_caps'].get('layer')} raises caps: "
+        f"{fmt_est(m['direction']['steering_raises_caps'], 3)} ({_yes(m['direction']['steering_raises_caps_pass'])}).",
         f"- Gradients computed in {m['alignment']['precision']['dtype']} on "
         f"{m['alignment']['precision']['device']}.",
         f"- Phase-3 gate: split-half reliability of the neutral alignment profile r = "

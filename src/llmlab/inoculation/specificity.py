@@ -16,9 +16,7 @@ import argparse
 from typing import Any
 
 import numpy as np
-import torch
 
-from llmlab.gradients import alignment
 from llmlab.inoculation.alignment import GRADS_FILE, SUMMARY_FILE
 from llmlab.inoculation.common import (
     ALIGNMENT_DIR,
@@ -27,8 +25,10 @@ from llmlab.inoculation.common import (
     PLOTS_DIR,
     SPECIFICITY,
     load_direction,
+    load_other_directions,
     section,
 )
+from llmlab.inoculation.nulls import alignment_deltas, compare, structured_nulls
 from llmlab.io import DataError, read_json, write_json
 from llmlab.params import load_params
 from llmlab.plots import violin_plot, write_series
@@ -40,59 +40,6 @@ def random_unit_directions(n: int, hidden: int, seed: int, layer: int) -> np.nda
     rng = np.random.default_rng([seed, layer])
     r = rng.standard_normal((n, hidden))
     return (r / np.linalg.norm(r, axis=1, keepdims=True)).astype(np.float32)
-
-
-def mean_alignment(grads: np.ndarray, direction: np.ndarray) -> float:
-    """Return the mean trait-ward alignment cos(-g, u) of gradient rows [N, hidden] (fp32)."""
-    a = alignment(torch.from_numpy(np.ascontiguousarray(grads)), torch.from_numpy(direction))
-    return float(-a.cos.mean())
-
-
-def alignment_deltas(g_from: np.ndarray, g_to: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """Return delta(u) = mean cos(-g_to, u) - mean cos(-g_from, u) for each row u of directions."""
-    return np.array(
-        [mean_alignment(g_to, u) - mean_alignment(g_from, u) for u in directions], dtype=np.float64
-    )
-
-
-TIE_TOLERANCE = 1e-6  # fp32 cosines agree to about this; closer deltas count as ties
-
-
-def percentile_rank(value: float, null: np.ndarray, tol: float = TIE_TOLERANCE) -> float:
-    """Return the percentile of value in null: 100 x (share below + half the share tied).
-
-    Values within `tol` of each other are ties, so a change that is zero up to rounding (e.g.
-    a global shrink of the gradients) lands at the 50th percentile, not at an extreme.
-    """
-    null = np.asarray(null, dtype=float)
-    if null.size == 0:
-        raise ValueError("percentile_rank: empty null distribution")
-    below = float((null < value - tol).sum())
-    equal = float((np.abs(null - value) <= tol).sum())
-    return 100.0 * (below + 0.5 * equal) / null.size
-
-
-def two_sided_p(value: float, null: np.ndarray) -> float:
-    """Return the share of |null| at least |value|, counting the value itself: (1 + k) / (1 + n)."""
-    null = np.asarray(null, dtype=float)
-    return float((1 + (np.abs(null) >= abs(value)).sum()) / (1 + null.size))
-
-
-def compare(trait: float, null: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Return the trait delta's standing in a random-direction distribution."""
-    sd = float(null.std(ddof=1)) if null.size > 1 else 0.0
-    pct = percentile_rank(trait, null)
-    return {
-        "trait_delta": trait,
-        "random_mean": float(null.mean()),
-        "random_sd": sd,
-        "random_p05": float(np.quantile(null, 0.05)),
-        "random_p95": float(np.quantile(null, 0.95)),
-        "z": (trait - float(null.mean())) / sd if sd > 0 else None,
-        "percentile": pct,
-        "p_two_sided": two_sided_p(trait, null),
-        "specific": pct <= threshold,
-    }
 
 
 def specificity(
@@ -122,10 +69,12 @@ def specificity(
         nulls.append(null)
         traits.append(trait)
     # Random set j takes the j-th random direction of every layer, mirroring the layer-mean of v.
-    layer_mean = compare(float(np.mean(traits)), np.mean(np.stack(nulls), axis=0), threshold)
+    layer_mean_null = np.mean(np.stack(nulls), axis=0)
+    layer_mean = compare(float(np.mean(traits)), layer_mean_null, threshold)
     return {
         "per_layer": per_layer,
         "layer_mean": layer_mean,
+        "layer_mean_null": layer_mean_null.tolist(),
         "layers_specific": sum(r["specific"] for r in per_layer),
     }
 
@@ -151,6 +100,17 @@ def main() -> None:
     chosen = read_json(CONTROL_TABLE)["chosen"]
     neu, ino, ctl = names.index("neutral"), names.index("inoculation"), names.index(chosen)
     grads = np.asarray(grads, dtype=np.float32)
+    others = load_other_directions(DIRECTION_DIR, layers)
+    by_pair = {
+        key: specificity(grads, dirs, layers, neu, i_to, sc.n_random, cfg.seed,
+                         sc.percentile_threshold)
+        for key, i_to in (("neutral_to_inoculation", ino), ("neutral_to_control", ctl))
+    }  # fmt: skip
+    for key, i_to in (("neutral_to_inoculation", ino), ("neutral_to_control", ctl)):
+        by_pair[key]["nulls"] = structured_nulls(
+            grads, dirs, others, np.asarray(by_pair[key]["layer_mean_null"]), neu, i_to,
+            sc.n_random, cfg.seed, sc.percentile_threshold,
+        )  # fmt: skip
     out = {
         "model": summary["model"],
         "n_random": sc.n_random,
@@ -159,20 +119,19 @@ def main() -> None:
         "n_examples": len(summary["example_ids"]),
         "definition": "delta(u) = mean cos(-g_to, u) - mean cos(-g_from, u); low percentile = "
         "the trait direction lost more alignment than random directions",
-        "neutral_to_inoculation": specificity(
-            grads, dirs, layers, neu, ino, sc.n_random, cfg.seed, sc.percentile_threshold
-        ),
+        "neutral_to_inoculation": by_pair["neutral_to_inoculation"],
         "loss_matched_control": chosen,
-        "neutral_to_control": specificity(
-            grads, dirs, layers, neu, ctl, sc.n_random, cfg.seed, sc.percentile_threshold
-        ),
+        "neutral_to_control": by_pair["neutral_to_control"],
     }
     write_json(SPECIFICITY, out)
     write_plots(out, summary["model"])
     lm = out["neutral_to_inoculation"]["layer_mean"]
+    nl = out["neutral_to_inoculation"]["nulls"]
     print(
         f"specificity: layer-mean trait delta {lm['trait_delta']:+.5f}, percentile "
-        f"{lm['percentile']:.1f} among {sc.n_random} random directions"
+        f"{lm['percentile']:.1f} among {sc.n_random} random directions; worst random-null "
+        f"percentile {nl['worst_percentile']:.1f}; other traits {nl['other_traits']}; "
+        f"passes every null: {nl['pass']}"
     )
 
 
