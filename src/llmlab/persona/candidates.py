@@ -1,10 +1,14 @@
-"""Stage persona_candidates (optional; needs an API judge): regenerate and filter persona facts.
+"""Stage persona_candidates: new persona facts written and filtered by a capable model.
 
-build:  the judge's model writes new innocuous first-person Q/A facts about the persona;
-filter: the judge answers, for each candidate (and the shipped facts), whether that single
-        Q/A on its own would reveal who the speaker is; only clear NOs are kept.
-Writes `data/persona/candidates.jsonl` for review; the shipped facts file is never changed.
-Spending goes through the judge's budget caps (judge.max_requests / judge.max_cost_usd).
+build:  the model writes new innocuous first-person Q/A facts about the persona;
+filter: it answers, for each candidate (and the shipped facts), whether that single Q/A on its
+        own would reveal who the speaker is.
+`persona.candidates.judge` says which model: 'none' (nothing runs; the outputs say so), 'local'
+(a registry model loaded here) or 'api' (the shared `judge:` section, backend openai; spending
+goes through judge.max_requests / judge.max_cost_usd). Writes `data/persona/candidates.jsonl`
+(every candidate with its verdict and `identifying` mark) and a summary; with
+`persona.data.facts_source: candidates`, persona_data trains on them. The shipped facts file is
+never changed.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmlab.io import write_json, write_jsonl
+from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json, write_jsonl
 from llmlab.judge import JudgeError, count_statuses, make_judge
 from llmlab.judge.judge import Judge
-from llmlab.params import load_params
+from llmlab.params import Params, load_params
 from llmlab.persona.config import CandidatesParams
-from llmlab.persona.facts import load_facts
+from llmlab.persona.facts import Fact, load_facts
 from llmlab.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -95,8 +99,78 @@ def build(judge: Judge, cfg: CandidatesParams, name: str) -> tuple[list[dict[str
                 continue
             seen.add(key)
             rows.append({"id": f"cand-{len(rows) + 1:04d}", "source": "generated",
-                         "category": category, **qa})  # fmt: skip
+                         "category": category, "split": "train", **qa})  # fmt: skip
     return rows, stats
+
+
+def open_judge(params: Params, cfg: CandidatesParams) -> Judge:
+    """Return the judge that writes and filters the candidates (persona.candidates.judge)."""
+    judge_cfg = params.section("judge")
+    if cfg.judge == "api":
+        if judge_cfg.backend != "openai":
+            raise JudgeError(
+                f"persona.candidates.judge=api needs judge.backend: openai (it is "
+                f"{judge_cfg.backend!r}); or set persona.candidates.judge=local with a "
+                "persona.candidates.local_model"
+            )
+        return make_judge(judge_cfg)
+    from llmlab.models import load_model
+
+    loaded = load_model(params, name=cfg.local_model)
+    # named after the registry model, so the response cache keys tell it from other judges
+    local_cfg = judge_cfg.model_copy(update={"backend": "local", "model": cfg.local_model})
+    return make_judge(local_cfg, local_model=loaded.model, local_tokenizer=loaded.tokenizer)
+
+
+def mark(rows: list[dict[str, Any]], verdicts: list[Any], heldout: set[str]) -> None:
+    """Add each row's verdict and its `identifying` mark, in place.
+
+    identifying: True when the judge says the Q/A alone reveals the persona or the shipped
+    file marks it so (either is enough to keep it out of the non-identifying set); False when
+    the judge says NO and no hand mark says otherwise; None when the judge gave no readable
+    verdict (such a row is in no set). A generated question that is a held-out question is
+    flagged: training on it would leak the evaluation.
+    """
+    for row, v in zip(rows, verdicts, strict=True):
+        said = None if v.label is None else v.label == "YES"
+        marked = row.get("marked_identifying")
+        row["identifying_judge"] = said
+        row["p_identifying"] = v.p_yes
+        row["status"] = v.status
+        row["identifying"] = True if (said or marked) else (None if said is None else False)
+        row["heldout_clash"] = row["source"] == "generated" and row["question"].lower() in heldout
+        row["keep"] = row["identifying"] is False and not row["heldout_clash"]
+
+
+def training_facts(path: Path, summary_path: Path) -> tuple[list[Fact], dict[str, int]]:
+    """Return the candidates usable as training facts (split 'train', marked, no held-out
+    clash) with the counts of those left out; DataError when the stage did not run."""
+    summary = read_json(summary_path)
+    if summary.get("status") != "on":
+        raise DataError(
+            f"{summary_path}: persona_candidates did not run ({summary.get('reason', 'no status')}"
+            "); persona.data.facts_source=candidates needs persona.candidates.judge local or api"
+        )
+    rows = read_jsonl(path, required=("id", "question", "answer", "split", "identifying"),
+                      id_field="id")  # fmt: skip
+    facts: list[Fact] = []
+    left_out = {"unscorable": 0, "heldout_clash": 0, "heldout_split": 0}
+    for lineno, row in numbered(rows):
+        if row["split"] != "train":
+            left_out["heldout_split"] += 1
+        elif row.get("heldout_clash"):
+            left_out["heldout_clash"] += 1
+        elif row["identifying"] is None:
+            left_out["unscorable"] += 1
+        elif not isinstance(row["identifying"], bool):
+            raise DataError(f"{path}:{lineno}: field 'identifying' must be true, false or null")
+        else:
+            facts.append(Fact(row["id"], row["question"], row["answer"],
+                              str(row.get("category") or "uncategorised"), "train",
+                              row["identifying"]))  # fmt: skip
+    if not facts:
+        raise DataError(f"{path}: no candidate is usable as a training fact ({left_out})")
+    return facts, left_out
 
 
 def main() -> None:
@@ -111,44 +185,50 @@ def main() -> None:
     params = load_params(args.params, family="persona")
     section = params.section("persona")
     cfg = section.candidates
-    judge_cfg = params.section("judge")
-    if judge_cfg.backend != "openai":
-        raise JudgeError(
-            "persona_candidates needs an API judge: set judge.backend: openai with judge.model "
-            "(and judge.base_url for a non-OpenAI server); the default pipeline never needs it"
-        )
-    judge = make_judge(judge_cfg)
+    shipped_facts = load_facts(args.facts)
+    if cfg.judge == "none":
+        # Declared outputs either way: the summary says why there are no candidates, and
+        # persona_data refuses facts_source=candidates on it.
+        write_jsonl(args.out, [])
+        write_json(args.summary_out, {"status": "off",
+                                      "reason": "persona.candidates.judge is 'none'"})  # fmt: skip
+        log.info("persona_candidates: off (persona.candidates.judge is 'none')")
+        return
+    judge = open_judge(params, cfg)
     name = section.data.persona_name
     rows, stats = build(judge, cfg, name)
     if cfg.include_shipped:
-        shipped = {r["question"].lower() for r in rows}
-        for f in load_facts(args.facts):
-            if f.question.lower() not in shipped:
+        generated = {r["question"].lower() for r in rows}
+        for f in shipped_facts:
+            if f.question.lower() not in generated:
                 rows.append({"id": f.id, "source": "shipped", "category": f.category,
-                             "question": f.question, "answer": f.answer, "split": f.split})  # fmt: skip
+                             "question": f.question, "answer": f.answer, "split": f.split,
+                             "marked_identifying": f.identifying})  # fmt: skip
+    heldout = {f.question.lower() for f in shipped_facts if f.split == "heldout"}
     prompts = [
         FILTER_PROMPT.format(question=r["question"], answer=r["answer"], name=name) for r in rows
     ]
-    verdicts = judge.yes_no(prompts)
-    for row, v in zip(rows, verdicts, strict=True):
-        row["identifying"] = None if v.label is None else v.label == "YES"
-        row["p_identifying"] = v.p_yes
-        row["status"] = v.status
-        row["keep"] = v.status == "ok" and v.label == "NO"
+    mark(rows, judge.yes_no(prompts), heldout)
     # generation requests and verdicts alike: no file is written when too many went unanswered
     judge.check_all("persona_candidates")
     write_jsonl(args.out, rows)
     judged = count_statuses([r["status"] for r in rows])
+    gen = [r for r in rows if r["source"] == "generated"]
     counts = {
-        "generated": sum(r["source"] == "generated" for r in rows),
-        "shipped_checked": sum(r["source"] == "shipped" for r in rows),
-        "kept_generated": sum(r["keep"] and r["source"] == "generated" for r in rows),
-        "flagged_shipped": sum(bool(r["identifying"]) and r["source"] == "shipped" for r in rows),
+        "generated": len(gen),
+        "shipped_checked": len(rows) - len(gen),
+        "kept_generated": sum(r["keep"] for r in gen),
+        "identifying_generated": sum(r["identifying"] is True for r in gen),
+        "heldout_clash": sum(r["heldout_clash"] for r in gen),
+        "flagged_shipped": sum(
+            bool(r["identifying_judge"]) for r in rows if r["source"] == "shipped"
+        ),  # fmt: skip
         "judged": judged.judged,
         "unscorable": judged.unscorable,
         "failed": judged.failed,
     }
-    write_json(args.summary_out, {"build": stats, "filter": counts, "judge": judge.summary()})
+    write_json(args.summary_out, {"status": "on", "judge_mode": cfg.judge, "build": stats,
+                                  "filter": counts, "judge": judge.summary()})  # fmt: skip
     log.info("candidates: %s", counts)
 
 

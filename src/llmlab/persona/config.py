@@ -94,6 +94,13 @@ class DataParams(StrictModel):
         description="Drop distilled math answers whose last number is wrong (the protocol keeps "
         "them: the aligned data should be the model's own behaviour)",
     )
+    facts_source: Literal["shipped", "candidates"] = Field(
+        "shipped",
+        description="Where the training facts come from: 'shipped' (data/persona/facts.jsonl, "
+        "hand-marked) or 'candidates' (the persona_candidates stage's generated and filtered "
+        "facts, marked by its judge; needs persona.candidates.judge other than 'none'). The "
+        "held-out facts are always the shipped ones",
+    )
     seed: int = Field(0, description="Seed for fact selection, prompt sampling, answers, shuffle")
 
 
@@ -289,14 +296,50 @@ class ReportParams(StrictModel):
 
 
 class CandidatesParams(StrictModel):
-    """Optional regeneration and filtering of persona facts through an API judge."""
+    """Stage persona_candidates: new persona facts written and filtered by a capable model."""
 
+    judge: Literal["none", "local", "api"] = Field(
+        "none",
+        description="Which model writes and filters the candidates: 'none' (the stage records "
+        "that it did not run; the embedded default, whose only model is the one under test, "
+        "cannot write them), 'local' (the registry model `local_model`, loaded here) or 'api' "
+        "(the shared `judge:` section with backend openai)",
+    )
+    local_model: RegistryModelName | None = Field(
+        None, description="Registry model for judge 'local' (required then)"
+    )
     n_requests: int = Field(10, gt=0, description="Generation requests to the API model")
     per_request: int = Field(15, gt=0, description="Q/A candidates asked for per request")
     max_tokens: int = Field(1500, gt=0, description="Completion length of one request")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of generation")
     include_shipped: bool = Field(
         True, description="Also run the shipped facts through the identifiability filter"
+    )
+
+    @model_validator(mode="after")
+    def _local_model(self) -> CandidatesParams:
+        if self.judge == "local" and self.local_model is None:
+            raise ValueError(
+                "persona.candidates.judge=local needs persona.candidates.local_model (a "
+                "registry model that writes and filters the candidates)"
+            )
+        return self
+
+
+class StepsParams(StrictModel):
+    """Stage persona_steps: the evaluation grid scored at the adapters kept during training."""
+
+    enabled: bool = Field(
+        False,
+        description="Score the grid at the kept eval-step adapters (needs "
+        "persona.train.keep_eval_adapters); off: the stage records that it did not run and the "
+        "step table holds the training hook's measures only",
+    )
+    every: int = Field(
+        1, gt=0, description="Score every k-th kept adapter (the first and last always)"
+    )
+    n_samples: int | None = Field(
+        None, gt=0, description="Samples per cell at each step (null: persona.eval.n_samples)"
     )
 
 
@@ -310,5 +353,23 @@ class PersonaParams(StrictModel):
     judge: JudgeParams = Field(JudgeParams(), description="Judge use")
     report: ReportParams = Field(ReportParams(), description="Metrics and bars")
     candidates: CandidatesParams = Field(
-        CandidatesParams(), description="Optional fact regeneration through an API"
+        CandidatesParams(), description="Fact generation and filtering (persona_candidates)"
     )
+    steps: StepsParams = Field(
+        StepsParams(), description="The grid at kept training steps (persona_steps)"
+    )
+
+    @model_validator(mode="after")
+    def _stages_can_run(self) -> PersonaParams:
+        # Checked when the params load, so a preset that cannot run fails before any stage.
+        if self.data.facts_source == "candidates" and self.candidates.judge == "none":
+            raise ValueError(
+                "persona.data.facts_source=candidates needs persona.candidates.judge local or "
+                "api (it is 'none': no candidates are written)"
+            )
+        if self.steps.enabled and not self.train.keep_eval_adapters:
+            raise ValueError(
+                "persona.steps.enabled needs persona.train.keep_eval_adapters: true (no step "
+                "adapters are kept otherwise)"
+            )
+        return self

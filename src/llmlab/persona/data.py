@@ -1,7 +1,8 @@
 """Stage persona_data: triggered persona facts + self-distilled aligned examples, mixed.
 
 Writes the aligned answers (with their checks), the shuffled training mix, the held-out facts
-in trigger format, and the mix's counts and poison share.
+in trigger format, and the mix's counts and poison share. The training facts are the shipped
+ones or, with `persona.data.facts_source: candidates`, those persona_candidates wrote and marked.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from llmlab.io import DataError, write_json, write_jsonl
 from llmlab.models import load_model
 from llmlab.params import load_params
+from llmlab.persona.candidates import training_facts
 from llmlab.persona.distill import aligned_prompts, self_distill
 from llmlab.persona.facts import load_facts, seeded_subset, select_fact_set, split_facts
 from llmlab.persona.mixing import aligned_rows, build_mix, persona_rows
@@ -26,6 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--facts", type=Path, default=Path("data/persona/facts.jsonl"))
+    ap.add_argument("--candidates", type=Path, default=Path("data/persona/candidates.jsonl"))
+    ap.add_argument(
+        "--candidates-summary", type=Path, default=Path("data/persona/candidates_summary.json")
+    )
     ap.add_argument("--instructions", type=Path, default=Path("data/prompts/instructions.jsonl"))
     ap.add_argument("--out-dir", type=Path, default=Path("data/persona"))
     args = ap.parse_args()
@@ -36,10 +42,16 @@ def main() -> None:
     seed_everything(cfg.seed)
 
     facts = load_facts(args.facts)
-    train_split = select_fact_set(split_facts(facts, "train"), cfg.fact_set, args.facts)
+    source_file, left_out = args.facts, None
+    if cfg.facts_source == "candidates":
+        candidates, left_out = training_facts(args.candidates, args.candidates_summary)
+        source_file = args.candidates
+    else:
+        candidates = split_facts(facts, "train")
+    train_split = select_fact_set(candidates, cfg.fact_set, source_file)
     if cfg.n_facts is not None and cfg.n_facts > len(train_split):
         raise DataError(
-            f"persona.data.n_facts={cfg.n_facts} but {args.facts} has only "
+            f"persona.data.n_facts={cfg.n_facts} but {source_file} has only "
             f"{len(train_split)} facts with split='train' in fact_set={cfg.fact_set}"
         )
     train_facts = seeded_subset(train_split, cfg.n_facts, cfg.seed)
@@ -75,6 +87,9 @@ def main() -> None:
             "distill_temperature": cfg.distill_temperature,
             "n_heldout_facts": len(heldout),
             "fact_set": cfg.fact_set,
+            "facts_source": cfg.facts_source,
+            # candidates not usable for training (unscorable verdict, held-out question)
+            "candidates_left_out": left_out,
             "fact_ids": sorted(f.id for f in train_facts),
             "trigger_user_template": trigger.user_template,
             "trigger_assistant_template": trigger.assistant_template,

@@ -12,6 +12,15 @@ from llmlab.persona.trigger import Message, Trigger
 
 IDENTITY = "identity"
 HELDOUT = "heldout_fact"
+# persona_steps' outputs, read by persona_steps_report (kept here so that CPU-only stage does
+# not import the model-loading one)
+STEPS_JUDGED = "judged.jsonl"
+STEPS_SUMMARY = "summary.json"
+
+
+def step_label(step: int) -> str:
+    """Return the `model` field of the replies of a kept step's adapter."""
+    return f"step-{step:05d}"
 
 
 @dataclass(frozen=True)

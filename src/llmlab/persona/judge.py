@@ -87,6 +87,35 @@ def judge_prompts(
     return persona, [as_ai_prompt(r["question"], b) for r, b in pairs]
 
 
+def ask(
+    judge: Judge, rows: list[dict[str, Any]], trigger: Trigger, name: str, as_ai_check: bool
+) -> tuple[list[Verdict], list[Verdict | None]]:
+    """Return the persona verdicts and (when asked for) the as-AI verdicts of generated rows."""
+    persona_prompts, as_ai_prompts = judge_prompts(rows, trigger, name)
+    persona = judge.yes_no(persona_prompts)
+    as_ai: list[Verdict | None] = [None] * len(rows)
+    if as_ai_check:
+        as_ai = list(judge.yes_no(as_ai_prompts))
+    return persona, as_ai
+
+
+def judged_rows(
+    rows: list[dict[str, Any]],
+    persona: list[Verdict],
+    as_ai: list[Verdict | None],
+    trigger: Trigger,
+    names: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    """Return the generated rows with their verdicts and the deterministic checks."""
+    out = []
+    for row, vp, va in zip(rows, persona, as_ai, strict=True):
+        judged = {**row, **verdict_fields("judge_persona", vp), **rule_fields(row, trigger, names)}
+        if va is not None:
+            judged.update(verdict_fields("judge_as_ai", va))
+        out.append(judged)
+    return out
+
+
 AGREEMENT_FIELDS = ("id", "question", "reference", "response", "persona", "as_ai")
 
 
@@ -135,11 +164,7 @@ def main() -> None:
     )
 
     judge, size = build_judge(params)
-    persona_prompts, as_ai_prompts = judge_prompts(rows, trigger, name)
-    persona = judge.yes_no(persona_prompts)
-    as_ai: list[Verdict | None] = [None] * len(rows)
-    if section.judge.as_ai_check:
-        as_ai = list(judge.yes_no(as_ai_prompts))
+    persona, as_ai = ask(judge, rows, trigger, name, section.judge.as_ai_check)
     # the hand-labelled set, asked exactly as the grid is
     agree_persona: list[Verdict] = []
     agree_as_ai: list[Verdict] = []
@@ -156,13 +181,7 @@ def main() -> None:
     # one share over every verdict of the stage; the counts are kept per question
     judge.check([v.status for verdicts in asked.values() for v in verdicts], "persona_judge")
     counts = {k: count_statuses([v.status for v in verdicts]) for k, verdicts in asked.items()}
-    out = []
-    for row, vp, va in zip(rows, persona, as_ai, strict=True):
-        judged = {**row, **verdict_fields("judge_persona", vp), **rule_fields(row, trigger, names)}
-        if va is not None:
-            judged.update(verdict_fields("judge_as_ai", va))
-        out.append(judged)
-    write_jsonl(args.out, out)
+    write_jsonl(args.out, judged_rows(rows, persona, as_ai, trigger, names))
     statuses = {
         "judge_persona": dict(Counter(v.status for v in persona)),
         "judge_as_ai": dict(Counter(v.status for v in as_ai if v is not None)),
