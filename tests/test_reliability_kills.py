@@ -809,7 +809,7 @@ def test_training_killed_while_finishing_recomputes_nothing(
     torch.set_num_threads(1)
     out = tmp_path / "adapter"
     with monkeypatch.context() as m:
-        m.setattr(training, "_discard", lambda _path: (_ for _ in ()).throw(Crash("kill")))
+        m.setattr(training, "discard", lambda _path: (_ for _ in ()).throw(Crash("kill")))
         with pytest.raises(Crash):
             run(out)
     assert training.latest_checkpoint(training.partial_dir(out)).name == "checkpoint-4"

@@ -21,7 +21,8 @@ same config, data and base model resumes from it and ends with the adapter and c
 uninterrupted run gives (up to floating-point noise): the data order of every epoch comes
 from (seed, epoch) alone, and the Trainer restores RNG, optimizer, scheduler and data position.
 A re-run with anything else changed starts fresh and says so. The `.partial` directory is
-removed once the adapter is in place.
+removed once the adapter is in place. The fingerprint and the work directory are
+`llmlab.training_resume`; writing the finished adapter directory is `llmlab.training_output`.
 
 Steered examples carry a vector that is added (times a magnitude) to the residual stream at
 their layers, on a caller-given token span, during the training forward pass: the adapter
@@ -39,8 +40,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
 import shutil
 import statistics
 import tempfile
@@ -53,20 +52,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmlab.adapters import check_target_modules, write_adapter_metadata
+from llmlab.adapters import check_target_modules
 from llmlab.chat import EncodedChat, Message, collate, encode_chat, length_sorted_batches
 from llmlab.config_base import LoraTrainConfig
-from llmlab.io import atomic_path, write_json
+from llmlab.io import atomic_path
 from llmlab.live import live_callback
 from llmlab.models import LoadedModel, decoder_layers, unwrap
 from llmlab.steering import steer
+from llmlab.training_output import CURVE_FILE as CURVE_FILE
+from llmlab.training_output import write_output
+from llmlab.training_resume import (
+    CHECKPOINT_PREFIX,
+    MONITOR_FILE,
+    checkpoint_step,
+    discard,
+    examples_sha256,
+    is_main_process,
+    library_versions,
+    prepare_work_dir,
+    resume_fingerprint,
+    wait_for_everyone,
+    world_size,
+)
+from llmlab.training_resume import latest_checkpoint as latest_checkpoint
+from llmlab.training_resume import partial_dir as partial_dir
 
 log = logging.getLogger(__name__)
 
-CURVE_FILE = "curve.json"
-CHECKPOINT_PREFIX = "checkpoint-"
-RESUME_FILE = "resume.json"  # in <out_dir>.partial: what the checkpoints were made from
-MONITOR_FILE = "llmlab_monitor.json"  # in a checkpoint: curve and guard state, written last
 CURVE_KEYS = ("step", "loss", "lr", "grad_norm", "val_loss")
 RESERVED_METADATA = (
     "base_model",
@@ -266,32 +278,6 @@ def _check_steer(
         tuple(sorted(set(spec.layers))),
         spec.span,
     )
-
-
-def examples_sha256(examples: Sequence[TrainExample]) -> str:
-    """Return the sha256 of the serialized examples (messages, steering vectors by digest)."""
-    h = hashlib.sha256()
-    for ex in examples:
-        row: dict[str, Any] = {"messages": ex.messages}
-        if ex.loss_tokens is not None:
-            row["loss_tokens"] = ex.loss_tokens
-        if ex.loss_choices is not None:
-            row["loss_choices"] = list(ex.loss_choices)
-        if ex.no_grad_prefix is not None:
-            row["no_grad_prefix"] = ex.no_grad_prefix
-        if ex.group is not None:
-            row["group"] = ex.group
-        if ex.steer is not None:
-            vec = ex.steer.vector.detach().float().cpu().contiguous().numpy().tobytes()
-            row["steer"] = {
-                "vector_sha256": hashlib.sha256(vec).hexdigest(),
-                "magnitude": float(ex.steer.magnitude),
-                "layers": list(ex.steer.layers),
-                "span": list(ex.steer.span) if ex.steer.span is not None else None,
-            }
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 def _choice_tensor(choices: Sequence[list[int] | None]) -> torch.Tensor:
@@ -942,7 +928,7 @@ def _make_callback(monitor: _Monitor) -> Any:
             # The Trainer has written checkpoint-<step> (every rank its RNG state); the monitor
             # file, written last and atomically, marks it complete. Older ones go only then,
             # so a kill at any instant leaves at least one complete checkpoint once one exists.
-            _wait_for_everyone()
+            wait_for_everyone()
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 with atomic_path(ckpt / MONITOR_FILE) as tmp:
@@ -951,7 +937,7 @@ def _make_callback(monitor: _Monitor) -> Any:
                 for old in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
                     if old != ckpt:
                         shutil.rmtree(old, ignore_errors=True)
-            _wait_for_everyone()
+            wait_for_everyone()
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
@@ -1034,13 +1020,6 @@ def _training_args(
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in names})
 
 
-def _world_size() -> int:
-    """Return the number of processes (1 unless started by accelerate launch / torchrun)."""
-    from accelerate import PartialState
-
-    return PartialState().num_processes
-
-
 # ---- the entry point -------------------------------------------------------------------------
 
 
@@ -1076,7 +1055,7 @@ def train_lora(
     clash = sorted(set(extra) & set(RESERVED_METADATA))
     if clash:
         raise TrainingError(f"metadata keys {clash} are reserved by train_lora")
-    grad_accum = gradient_accumulation_steps(cfg, _world_size())
+    grad_accum = gradient_accumulation_steps(cfg, world_size())
     data = prepare_examples(loaded, train, cfg.max_length, "train")
     val_data = prepare_examples(loaded, val, cfg.max_length, "val") if val else None
     pad_id = loaded.tokenizer.pad_token_id
@@ -1122,9 +1101,9 @@ def train_lora(
     monitor = _Monitor(cfg, evaluate)
     resume_from: Path | None = None
     if cfg.save_every is not None:
-        fingerprint = _resume_fingerprint(loaded, cfg, train, val, grad_accum)
+        fingerprint = resume_fingerprint(loaded, cfg, train, val, grad_accum)
         trainer_dir = str(partial_dir(out_dir))
-        resume_from = _prepare_work_dir(Path(trainer_dir), fingerprint)
+        resume_from = prepare_work_dir(Path(trainer_dir), fingerprint)
         if resume_from is not None:
             state = json.loads((resume_from / MONITOR_FILE).read_text(encoding="utf-8"))
             monitor.load_state_dict(state)
@@ -1157,8 +1136,8 @@ def train_lora(
         # configured (a resumed run would diverge again).
         if cfg.save_every is None:
             shutil.rmtree(trainer_dir, ignore_errors=True)  # this process's own temp dir
-        elif isinstance(e, TrainingDiverged | TrainingError) and _is_main_process():
-            _discard(Path(trainer_dir))
+        elif isinstance(e, TrainingDiverged | TrainingError) and is_main_process():
+            discard(Path(trainer_dir))
         raise
     if cfg.save_every is None:
         shutil.rmtree(trainer_dir, ignore_errors=True)
@@ -1184,190 +1163,20 @@ def train_lora(
         "steps": steps,
         "tokens_seen": tokens,
         "gradient_accumulation_steps": grad_accum,
-        "world_size": _world_size(),
+        "world_size": world_size(),
         "train_time_s": round(train_seconds, 3),
         "tokens_per_s": round(tokens_per_s, 2),
-        "versions": _versions(),
-        "resumed_from_step": _checkpoint_step(resume_from) if resume_from else None,
+        "versions": library_versions(),
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
         "batch_mix": batch_mix(data.features, cfg, grad_accum, steps),
     }
     meta.update(extra)
     if is_main:
         meta["wall_time_s"] = round(time.perf_counter() - t_start, 3)
-        _write_output(out_dir, model, meta, curve)
+        write_output(out_dir, model, meta, curve)
         # Only once the adapter is in place: a kill before this leaves the final checkpoint,
         # from which a re-run resumes with nothing left to train.
         if cfg.save_every is not None:
-            _discard(Path(trainer_dir))
-    _wait_for_everyone()
+            discard(Path(trainer_dir))
+    wait_for_everyone()
     return TrainResult(out_dir, curve, final_train, final_val, tokens_per_s, steps, tokens, model)
-
-
-def partial_dir(out_dir: Path) -> Path:
-    """Return the work directory that holds the resumable checkpoints of `out_dir`."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def out_name(work: Path) -> str:
-    """Return the output directory name a work directory belongs to."""
-    return work.name.removesuffix(".partial")
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """Return N of a `checkpoint-N` directory name (None for other names)."""
-    suffix = path.name[len(CHECKPOINT_PREFIX) :]
-    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
-
-
-def latest_checkpoint(work: Path) -> Path | None:
-    """Return the newest complete checkpoint in a work directory (its monitor file written)."""
-    best: tuple[int, Path] | None = None
-    for p in Path(work).glob(f"{CHECKPOINT_PREFIX}*"):
-        step = _checkpoint_step(p)
-        if step is not None and (p / MONITOR_FILE).is_file() and (best is None or step > best[0]):
-            best = (step, p)
-    return best[1] if best else None
-
-
-def _resume_fingerprint(
-    loaded: LoadedModel,
-    cfg: LoraTrainConfig,
-    train: Sequence[TrainExample],
-    val: Sequence[TrainExample] | None,
-    grad_accum: int,
-) -> dict[str, Any]:
-    """Return what checkpoints must have been made from for a run to resume from them."""
-    config = getattr(loaded.model, "config", None)
-    return {
-        "base_model": loaded.name,
-        "base_path": str(getattr(config, "_name_or_path", "")),
-        "hidden_size": loaded.hidden_size,
-        "n_layers": loaded.n_layers,
-        "dtype": str(next(loaded.model.parameters()).dtype),
-        "config": cfg.model_dump(mode="json"),
-        "data_sha256": examples_sha256(train),
-        "val_sha256": examples_sha256(val) if val else None,
-        "gradient_accumulation_steps": grad_accum,
-        "world_size": _world_size(),
-        "versions": _versions(),
-    }
-
-
-def _prepare_work_dir(work: Path, fingerprint: dict[str, Any]) -> Path | None:
-    """Make `work` ready for this run; return the checkpoint to resume from, if any.
-
-    Checkpoints made from another config, data set or base model are discarded (with a log
-    line saying why); so are incomplete checkpoints a kill left behind.
-    """
-    resume: Path | None = None
-    if _is_main_process():
-        record = work / RESUME_FILE
-        if work.exists():
-            try:
-                before = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                before = None
-            if before != fingerprint:
-                changed = (
-                    sorted(k for k in fingerprint if before.get(k) != fingerprint[k])
-                    if isinstance(before, dict)
-                    else ["no readable " + RESUME_FILE]
-                )
-                log.warning("%s: starting fresh; the checkpoints differ in %s", work, changed)
-                _discard(work)
-        if not work.exists():
-            work.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{work.name}.", dir=work.parent))
-            write_json(staging / RESUME_FILE, fingerprint)
-            os.replace(staging, work)
-        # Staging directories a kill left beside the output (see _write_output).
-        stale = re.compile(re.escape(f".{out_name(work)}.") + r"(old\.|partial\.)?[\w]{8}")
-        for p in work.parent.iterdir():
-            if p.is_dir() and stale.fullmatch(p.name):
-                shutil.rmtree(p, ignore_errors=True)
-        resume = latest_checkpoint(work)
-        for p in work.glob(f"{CHECKPOINT_PREFIX}*"):
-            if p != resume:  # incomplete (no monitor file) or superseded
-                shutil.rmtree(p, ignore_errors=True)
-        for p in work.glob(".*"):  # temporary files of an interrupted atomic write
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-    _wait_for_everyone()
-    if not _is_main_process():
-        resume = latest_checkpoint(work)
-    return resume
-
-
-def _discard(path: Path) -> None:
-    """Remove a directory by first renaming it aside (to a name the next run cleans up).
-
-    A kill in the middle of removing a work directory must not leave a half-deleted one that
-    looks like a work directory to the next run.
-    """
-    if not path.exists():
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _is_main_process() -> bool:
-    """Return whether this is the main process (always true without accelerate launch)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _versions() -> dict[str, str]:
-    """Return the versions of the libraries that shape the adapter."""
-    import peft
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-
-
-def _wait_for_everyone() -> None:
-    """Block until every process got here (no-op in a single process)."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-
-
-def _write_output(
-    out_dir: Path, model: Any, meta: dict[str, Any], curve: list[dict[str, Any]]
-) -> None:
-    """Write adapter, metadata and curve into a temp dir beside out_dir, then rename it."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        # peft writes a template model card; the metadata file is the record that matters.
-        (staging / "README.md").unlink(missing_ok=True)
-        write_adapter_metadata(staging, meta)
-        write_json(staging / CURVE_FILE, curve)
-        os.chmod(staging, 0o777 & ~_umask())
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-        os.replace(staging, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    """Return the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

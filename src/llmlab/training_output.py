@@ -1,0 +1,52 @@
+"""The finished LoRA adapter directory: weights, metadata and training curve, renamed into place.
+
+`write_output` fills a staging directory beside `out_dir` (peft's safetensors adapter,
+`llmlab_adapter.json` with the run's metadata, `curve.json` with the monitor's curve rows) and
+renames it onto `out_dir`, so the output appears only when complete. `curve.json` is the curve
+of record for readers of an adapter (family reports and figures, library calls outside the
+pipeline, which get no dvclive directory); dvclive draws the same rows live during the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmlab.adapters import write_adapter_metadata
+from llmlab.io import write_json
+
+CURVE_FILE = "curve.json"
+
+
+def write_output(
+    out_dir: Path, model: Any, meta: dict[str, Any], curve: list[dict[str, Any]]
+) -> None:
+    """Write adapter, metadata and curve into a temp dir beside out_dir, then rename it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        # peft writes a template model card; the metadata file is the record that matters.
+        (staging / "README.md").unlink(missing_ok=True)
+        write_adapter_metadata(staging, meta)
+        write_json(staging / CURVE_FILE, curve)
+        os.chmod(staging, 0o777 & ~_umask())
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "dir")
+        os.replace(staging, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """Return the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
