@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -73,14 +75,14 @@ def test_hub_dataset_is_streamed_through_a_seeded_shuffle(monkeypatch) -> None:
             calls["shuffle"] = (seed, buffer_size)
             return iter(self.rows)
 
-    def load_dataset(name, config, split, streaming):  # noqa: ANN001, ANN202
-        calls["load"] = (name, config, split, streaming)
+    def load_dataset(name, config, split, revision, streaming):  # noqa: ANN001, ANN202
+        calls["load"] = (name, config, split, revision, streaming)
         return Stream([{"problem": f"Solve problem number {k} of the set."} for k in range(9)])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     src = TaskSource(origin="math", count=3, preset="math")
     got = source_tasks(src, 7, [])
-    assert calls["load"] == ("EleutherAI/hendrycks_math", "algebra", "train", True)
+    assert calls["load"] == ("EleutherAI/hendrycks_math", "algebra", "train", None, True)
     assert calls["shuffle"] == (7, 1000)
     assert [i for i, _p in got] == ["math-0", "math-1", "math-2"]
 
@@ -106,3 +108,104 @@ def test_split_stage_mixes_a_local_source_into_the_pool(tmp_path, monkeypatch) -
     assert report["agreement"]["n"] == 36
     train, evals = c.read_ids(c.IDS["train"]), c.read_ids(c.IDS["eval"])
     assert not set(train) & set(evals)
+
+
+def wildchat_row(k: int, text: str, language: str = "English", **extra) -> dict:  # noqa: ANN003
+    """Return one row in WildChat-1M's schema (the fields the source reads, and some it does not)."""
+    return {
+        "conversation_hash": f"h{k:04d}",
+        "model": "gpt-3.5-turbo-0301",
+        "turn": 1,
+        "language": language,
+        "toxic": False,
+        "conversation": [
+            {"role": "user", "content": text, "language": language, "turn_identifier": 100 + k},
+            {"role": "assistant", "content": "Sure, here it is.", "turn_identifier": 100 + k},
+        ],
+        **extra,
+    }
+
+
+def test_wildchat_preset_is_pinned_and_reads_first_user_turns_from_the_hub(monkeypatch) -> None:
+    from llmlab.preferences.config import WILDCHAT_REVISION
+
+    assert re.fullmatch(r"[0-9a-f]{40}", WILDCHAT_REVISION)
+    calls = {}
+    rows = [
+        wildchat_row(0, "Write a haiku about autumn leaves falling."),
+        wildchat_row(1, "Écris un haïku sur les feuilles d'automne.", language="French"),
+        wildchat_row(2, "Explain what a hash map is to a beginner."),
+    ]
+
+    class Stream:
+        def shuffle(self, seed, buffer_size):  # noqa: ANN001, ANN201
+            return iter(rows)
+
+    def load_dataset(name, config, split, revision, streaming):  # noqa: ANN001, ANN202
+        calls["load"] = (name, config, split, revision, streaming)
+        return Stream()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    src = TaskSource(origin="wildchat", count=5, preset="wildchat")
+    got = source_tasks(src, 0, [])
+    assert calls["load"] == ("allenai/WildChat-1M", None, "train", WILDCHAT_REVISION, True)
+    assert got == [
+        ("wildchat-h0000", "Write a haiku about autumn leaves falling."),
+        ("wildchat-h0002", "Explain what a hash map is to a beginner."),
+    ]
+
+
+def test_wildchat_from_a_local_file_in_its_schema(tmp_path) -> None:
+    rows = [
+        wildchat_row(0, "Write a haiku about autumn leaves falling."),
+        wildchat_row(1, "Bonjour, peux-tu m'aider avec mes devoirs ?", language="French"),
+        # A chat whose first turn is the assistant's: the task is the first *user* turn.
+        {
+            **wildchat_row(2, "unused"),
+            "conversation": [
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "Plan a three-day trip  to Kyoto\nfor a family."},
+            ],
+        },
+        {**wildchat_row(3, "unused"), "conversation": []},  # no user turn: skipped
+        wildchat_row(4, "hi"),  # under 3 words: skipped
+        wildchat_row(5, "List five uses for a paperclip in an office."),
+    ]
+    local = tmp_path / "wildchat.jsonl"
+    local.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = TaskSource(origin="wildchat", count=3, preset="wildchat", path=str(local))
+    assert src.dataset is None and src.revision is None and src.conversation
+    assert source_tasks(src, 0, []) == [
+        ("wildchat-h0000", "Write a haiku about autumn leaves falling."),
+        ("wildchat-h0002", "Plan a three-day trip to Kyoto for a family."),
+        ("wildchat-h0005", "List five uses for a paperclip in an office."),
+    ]
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text(json.dumps({**rows[0], "conversation": "just a string"}) + "\n")
+    bad = TaskSource(origin="wildchat", count=1, preset="wildchat", path=str(flat))
+    with pytest.raises(
+        DataError, match=r"sources\.wildchat: row 0 field 'conversation' is not a list"
+    ):
+        source_tasks(bad, 0, [])
+
+
+def test_a_revision_is_a_commit_of_a_hub_dataset() -> None:
+    with pytest.raises(ValidationError, match="revision must be a commit .* got 'main'"):
+        TaskSource(origin="w", count=1, preset="wildchat", revision="main")
+    with pytest.raises(ValidationError, match="revision applies to a hub dataset only"):
+        TaskSource(origin="x", count=1, path="x.jsonl", revision="0" * 40)
+
+
+def test_paper_preset_lists_the_seeds_public_origins_as_sources() -> None:
+    import yaml
+
+    from llmlab.preferences.config import TasksSection
+
+    root = Path(__file__).resolve().parents[1]
+    preset = yaml.safe_load((root / "configs/preferences_paper.yaml").read_text())
+    tasks = TasksSection(**preset["preferences"]["tasks"])
+    by_origin = {s.origin: s for s in tasks.sources}
+    assert {"wildchat", "alpaca", "math"} <= set(by_origin)
+    assert by_origin["wildchat"].dataset == "allenai/WildChat-1M"
+    assert by_origin["wildchat"].revision is not None and by_origin["wildchat"].conversation
+    assert tasks.hub_required and tasks.topic_classifier == "judge"

@@ -76,7 +76,7 @@ def test_split_stage_hub_required_unreachable(tmp_path, monkeypatch, capsys) -> 
     with pytest.raises(SystemExit):
         _run_split(tmp_path, monkeypatch, {"hub": {"gsm8k": 5}, "hub_required": True})
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: preferences.tasks.hub: hub dataset gsm8k unreachable")
+    assert err.startswith("error: preferences.tasks (hub or sources): hub dataset gsm8k unreachable")
     assert not (tmp_path / c.SPLIT).exists()
 
 

@@ -68,9 +68,13 @@ def test_every_paper_preset_targets_its_family_on_its_own_model(family: str) -> 
     OverridesParser.create().parse_overrides(flags)  # every flag is valid `-S` grammar
 
 
-def test_a_mapping_over_an_empty_one_adds_its_keys() -> None:
+def test_a_mapping_over_an_empty_one_adds_its_keys(tmp_path: Path) -> None:
     """DVC refuses `-S key=value` for a key params.yaml lacks; the preset writes `+key=value`."""
-    flags = overrides(preset_mod.dvc_command(PAPER["preferences"], ROOT / "params.yaml"))
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "preferences:\n  tasks:\n    hub: {gsm8k: 3000}\n  train:\n    n_tasks: 10000\n"
+    )
+    flags = overrides(preset_mod.dvc_command(path, ROOT / "params.yaml"))
     assert "+preferences.tasks.hub.gsm8k=3000" in flags
     assert "preferences.train.n_tasks=10000" in flags
 

@@ -7,6 +7,7 @@ embedded model; `configs/preferences_paper.yaml` holds the GPU / paper-scale val
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -19,9 +20,22 @@ HUB_SOURCES = ("gsm8k", "alpaca", "wildchat")
 NAMED_TEMPLATES = {"choice": DEFAULT_TEMPLATE, "completion": COMPLETION_TEMPLATE}
 
 
-# Named sources of the seed's origins that are public (WildChat's first user turns need the
-# conversation parsing of `tasks.hub`; BailBench and the stress tests are not public).
+# WildChat-1M at a fixed commit of its hub repository (a branch moves under a run).
+WILDCHAT_DATASET = "allenai/WildChat-1M"
+WILDCHAT_REVISION = "78acdff91e618128920151298128e3f85d6e423d"
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+# Named sources of the seed's origins that are public (BailBench and the stress tests are not).
+# A preset given a `path` reads that local file, in the dataset's schema, instead of the hub.
 SOURCE_PRESETS: dict[str, dict[str, Any]] = {
+    "wildchat": {
+        "dataset": WILDCHAT_DATASET,
+        "revision": WILDCHAT_REVISION,
+        "text_field": "conversation",
+        "conversation": True,
+        "id_field": "conversation_hash",
+        "filters": {"language": "English"},
+    },
     "alpaca": {
         "dataset": "tatsu-lab/alpaca",
         "text_field": "instruction",
@@ -30,6 +44,7 @@ SOURCE_PRESETS: dict[str, dict[str, Any]] = {
     "math": {"dataset": "EleutherAI/hendrycks_math", "config": "algebra", "text_field": "problem"},
     "gsm8k": {"dataset": "openai/gsm8k", "config": "main", "text_field": "question"},
 }
+HUB_ONLY_FIELDS = ("dataset", "config", "revision")
 
 
 class TaskSource(StrictModel):
@@ -42,9 +57,21 @@ class TaskSource(StrictModel):
     )
     dataset: str | None = Field(None, description="Hugging Face dataset name")
     config: str | None = Field(None, description="Dataset configuration")
+    revision: str | None = Field(
+        None, description="Commit of the dataset's hub repository (40 hex digits; None: latest)"
+    )
     split: str = Field("train", description="Dataset split")
-    path: str | None = Field(None, description="Local .jsonl or .csv file instead of a dataset")
+    path: str | None = Field(
+        None,
+        description="Local .jsonl or .csv file instead of a dataset (with a preset: a "
+        "local copy in the dataset's schema)",
+    )
     text_field: str = Field("prompt", description="Field holding the task text")
+    conversation: bool = Field(
+        False,
+        description="text_field holds a chat (a list of {role, content} turns, as WildChat's "
+        "`conversation`); the task is its first user turn",
+    )
     id_field: str | None = Field(None, description="Field holding a stable id (None: row number)")
     filters: dict[str, str] = Field(
         default_factory=dict, description="Keep rows whose field equals the value"
@@ -58,13 +85,24 @@ class TaskSource(StrictModel):
                 raise ValueError(
                     f"unknown source preset {data['preset']!r} (known: {', '.join(SOURCE_PRESETS)})"
                 )
-            data = {**SOURCE_PRESETS[data["preset"]], **data}
+            fill = SOURCE_PRESETS[data["preset"]]
+            if data.get("path") is not None:  # the local copy replaces the hub repository
+                fill = {k: v for k, v in fill.items() if k not in HUB_ONLY_FIELDS}
+            data = {**fill, **data}
         return data
 
     @model_validator(mode="after")
     def _one_place(self) -> TaskSource:
         if (self.dataset is None) == (self.path is None):
             raise ValueError(f"source {self.origin!r}: give exactly one of dataset and path")
+        if self.revision is not None:
+            if self.path is not None:
+                raise ValueError(f"source {self.origin!r}: revision applies to a hub dataset only")
+            if not _COMMIT_SHA.fullmatch(self.revision):
+                raise ValueError(
+                    f"source {self.origin!r}: revision must be a commit of the dataset repo "
+                    f"(40 hex digits), got {self.revision!r}"
+                )
         return self
 
 

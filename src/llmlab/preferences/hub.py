@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.preferences.config import WILDCHAT_DATASET, WILDCHAT_REVISION
 from llmlab.preferences.tasks import Task
 from llmlab.prompt_pool import load_hub_prompts
 
-WILDCHAT = "allenai/WildChat-1M"
+WILDCHAT = WILDCHAT_DATASET
 MIN_WORDS, MAX_WORDS = 3, 120
 
 
@@ -25,7 +26,9 @@ def _wildchat_prompts(n: int, seed: int) -> list[tuple[str, str]]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(WILDCHAT, split="train", streaming=True)
+        ds = datasets.load_dataset(
+            WILDCHAT, split="train", revision=WILDCHAT_REVISION, streaming=True
+        )
     except Exception as e:  # any import or fetch failure means the source is unusable
         raise RuntimeError(f"hub dataset {WILDCHAT} unreachable: {type(e).__name__}: {e}") from e
     rng = random.Random(seed)

@@ -69,7 +69,7 @@ def main() -> None:
             )
         except RuntimeError as e:
             if cfg.tasks.hub_required:
-                raise DataError(f"preferences.tasks.hub: {e}") from None
+                raise DataError(f"preferences.tasks (hub or sources): {e}") from None
             log.warning("hub sources skipped: %s", e)
             extra, counts, raw = [], {}, []
         guessed, source_methods = classify([p for _o, _i, p in raw], tasks, names, judge)
