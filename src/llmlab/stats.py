@@ -82,6 +82,10 @@ class Correlation:
 
 # ---------------------------------------------------------------------------------------------
 # Hierarchical bootstrap
+#
+# Hand-written: scipy.stats.bootstrap resamples one level (observations, or paired rows), while
+# these resample groups and then observations inside each chosen group (and, in the crossed
+# version, seeds and prompts independently), which no scipy or statsmodels routine does.
 
 
 @dataclass(frozen=True)
