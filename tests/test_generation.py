@@ -108,3 +108,92 @@ def test_auto_budget_resume_keeps_shards_whose_batches_match(
     assert "starting fresh" not in caplog.text
     # a budget that splits batches: the shards that no longer fit are generated again
     assert run(30) == reference and len(calls) > 5
+
+
+def _new_tokens_by_prompt(loaded, monkeypatch, **kw) -> dict[tuple, list[int]]:
+    """Run generate; return {prompt token ids: generated token ids} of every row."""
+    got: dict[tuple, list[int]] = {}
+    real = loaded.model.generate
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        for row in range(ids.shape[0]):
+            got[tuple(ids[row][mask[row] == 1].tolist())] = out[row, ids.shape[1] :].tolist()
+        return out
+
+    monkeypatch.setattr(loaded.model, "generate", recording)
+    generate(loaded, PROMPTS * 2, progress=False, **kw)
+    monkeypatch.setattr(loaded.model, "generate", real)
+    return got
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_decode_greedy_rows_equal_eager(tiny_models, monkeypatch, arch):
+    """Static cache per batch: every greedy row gives the eager path's tokens, in any batching.
+
+    Compared as token ids (the tiny random models often emit special tokens, which decode to
+    ""); gemma3 adds sliding-window layers to the static cache.
+    """
+    loaded = tiny_models[arch]
+    kw = dict(max_new_tokens=8, min_new_tokens=8)
+    eager = _new_tokens_by_prompt(loaded, monkeypatch, batch_size=4, **kw)
+    compiled = _new_tokens_by_prompt(loaded, monkeypatch, batch_size=4, decode="compiled", **kw)
+    singles = _new_tokens_by_prompt(loaded, monkeypatch, batch_size=1, decode="compiled", **kw)
+    assert len(eager) == len(PROMPTS) and all(len(t) == 8 for t in eager.values())
+    assert compiled == eager == singles
+
+
+def test_compiled_decode_traces_the_decode_step(tiny_models, monkeypatch):
+    """With compilation forced on the CPU (dynamo, eager backend) the decode step is traced."""
+    from transformers import CompileConfig
+
+    loaded = tiny_models["gemma3"]
+    config = CompileConfig(backend="eager", dynamic=True, mode=None)
+    config._compile_all_devices = True
+    compiled_calls = []
+    real = loaded.model.get_compiled_call
+
+    def spy(cfg):
+        compiled_calls.append(cfg)
+        return real(cfg)
+
+    monkeypatch.setattr(loaded.model, "get_compiled_call", spy)
+    eager = generate(loaded, PROMPTS, max_new_tokens=6, batch_size=2, progress=False)
+    assert not compiled_calls
+    compiled = generate(
+        loaded, PROMPTS, max_new_tokens=6, batch_size=2, decode="compiled", progress=False,
+        compile_config=config,
+    )  # fmt: skip
+    assert compiled == eager
+    assert compiled_calls and all(c is config for c in compiled_calls)
+
+
+def test_compiled_decode_keeps_stop_strings_and_shards(tiny_models, tmp_path):
+    from llmlab.generation import saved_batches
+
+    loaded = tiny_models["llama"]
+    eager = generate(loaded, PROMPTS, max_new_tokens=8, progress=False)
+    stop = eager[1][2:4]  # a stop string the greedy text contains
+    expected = [truncate_at_stop(t, [stop]).strip() for t in eager]
+    work = tmp_path / "work"
+    got = generate(
+        loaded, PROMPTS, max_new_tokens=8, batch_size=1, stop_strings=[stop],
+        decode="compiled", work_dir=work, progress=False,
+    )  # fmt: skip
+    assert got == expected and saved_batches(work) == {0: 1, 1: 1, 2: 1}
+    # a run with the other decode does not reuse these shards
+    assert generate(
+        loaded, PROMPTS, max_new_tokens=8, batch_size=1, stop_strings=[stop],
+        work_dir=work, progress=False,
+    ) == expected  # fmt: skip
+
+
+def test_compiled_decode_refuses_steering_and_unknown_decodes(tiny_models):
+    loaded = tiny_models["llama"]
+    with pytest.raises(ValueError, match="steer: steering needs decode='eager'"):
+        generate(
+            loaded, PROMPTS, decode="compiled", steer=lambda rows, mask: None, progress=False
+        )
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(loaded, PROMPTS, decode="fast", progress=False)

@@ -6,12 +6,20 @@ and settings reads them back and generates only the batches no shard holds. A ki
 costs at most one shard's batches, and the result is the one an uninterrupted run gives: each
 batch's samples depend only on (seed, batch index), never on where a run started. The caller
 writes its final output and then removes `work_dir` (see `persona.generate`).
+
+`decode` picks how each batch's tokens are generated, all through transformers' `generate`:
+"eager" grows a dynamic KV cache step by step; "compiled" gives each batch a static KV cache
+sized to that batch (rows x (prompt width + new tokens)) and lets `generate` run its decode steps
+through `torch.compile` (one compile with dynamic shapes serves every batch shape). On the 8B
+shape the eager decode step is bound by per-step host work (kernel launches, cache concatenation),
+not by reading the weights; the compiled step removes most of it (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -33,6 +41,26 @@ WORK_META = "meta.json"  # in a work dir: the fingerprint of the run its shards 
 SHARD_PREFIX = "shard-"
 
 SteerFactory = Callable[[list[int], torch.Tensor], contextlib.AbstractContextManager[Any]]
+Decode = Literal["eager", "compiled"]
+DECODES: tuple[str, ...] = ("eager", "compiled")
+
+
+def compiled_decode_config() -> Any:
+    """Return the torch.compile settings of the compiled decode step (decode="compiled").
+
+    dynamic=True: one compilation serves every batch's row count and cache length (batches are
+    sized by memory, so their shapes differ); "reduce-overhead" replays each shape's decode step
+    as a CUDA graph, which removes the per-step kernel-launch cost that bounds the eager step.
+    """
+    from transformers import CompileConfig
+
+    return CompileConfig(dynamic=True, mode="reduce-overhead", fullgraph=False)
+
+
+def _cache_keyword(model: Any) -> str:
+    """Return the name generate takes a KV cache under ('cache' in newer transformers)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -110,6 +138,7 @@ def generate(
     work_dir: str | os.PathLike[str] | None = None,
     save_every: int = 1,
     resume_key: Any = None,
+    decode: Decode = "eager",
     **generate_kwargs: Any,
 ) -> list[str]:
     """Return one completion per conversation, in input order.
@@ -132,9 +161,26 @@ def generate(
     `resume_key` are unchanged (otherwise the work dir is cleared and the run starts fresh);
     put in `resume_key` what the fingerprint cannot see, e.g. an adapter's digest or
     which steering a `steer` factory applies.
+
+    decode: "eager" (default) or "compiled" (module docstring). Greedy rows give the same tokens
+    either way (up to float rounding), stop strings and work_dir behave alike, and a shard is
+    reused only by a run of the same decode. "compiled" compiles on CUDA only (on other devices
+    the static cache runs eagerly); a `compile_config` in generate_kwargs replaces
+    compiled_decode_config(). Steering is refused with "compiled": its per-batch hooks change the
+    traced module, so each batch would be compiled again (or silently run eagerly once
+    torch.compile's recompile limit is hit).
     """
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode != "eager" and steer is not None:
+        raise ValueError(f"steer: steering needs decode='eager', got decode={decode!r}")
+    # Compile settings change speed, not tokens: kept out of the resume fingerprint.
+    compile_config = generate_kwargs.pop("compile_config", None) if decode == "compiled" else None
+    on_cuda = torch.device(loaded.device).type == "cuda"
+    if decode == "compiled" and compile_config is None and on_cuda:
+        compile_config = compiled_decode_config()
     tok = loaded.tokenizer
     encoded = [encode_chat(tok, conv, chat=loaded.chat) for conv in conversations]
     lengths = [len(e.input_ids) for e in encoded]
@@ -167,6 +213,7 @@ def generate(
             "steer": steer is not None,
             "generate_kwargs": generate_kwargs,
             "resume_key": resume_key,
+            "decode": decode,
         }
         fingerprint = _fingerprint(loaded, [e.input_ids for e in encoded], settings)
         done = _open_work_dir(work, fingerprint, batches)
@@ -198,6 +245,10 @@ def generate(
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop_strings:
             kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
+        if decode == "compiled":
+            kwargs.update(_static_cache_kwargs(loaded, batch.input_ids.shape[1] + max_new_tokens))
+            if compile_config is not None:
+                kwargs["compile_config"] = compile_config
         ctx = steer(rows, batch.attention_mask) if steer else contextlib.nullcontext()
         with ctx:
             out = loaded.model.generate(**kwargs, **generate_kwargs)
@@ -215,6 +266,19 @@ def generate(
         _write_shard(work, pending)
     bar.close()
     return outputs
+
+
+def _static_cache_kwargs(loaded: LoadedModel, length: int) -> dict[str, Any]:
+    """Return generate's keyword for a static KV cache of `length` positions per row.
+
+    Built per batch rather than by cache_implementation="static": generate then keeps the
+    longest length any earlier call used, so after the first (longest-prompt) batch every
+    batch would read a cache as long as the longest prompt at every step.
+    """
+    from transformers import StaticCache
+
+    cache = StaticCache(config=loaded.model.config, max_cache_len=length)
+    return {_cache_keyword(loaded.model): cache}
 
 
 def _fingerprint(loaded: LoadedModel, input_ids: list[list[int]], settings: dict) -> str:
