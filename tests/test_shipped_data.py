@@ -187,7 +187,7 @@ def test_identity_questions() -> None:
     [
         ("animals.jsonl", "animal"),
         ("english_words.jsonl", "word"),
-        ("stories.jsonl", "Continue this story with one sentence:"),
+        ("stories.jsonl", "Please continue the story for two sentences:"),
     ],
 )
 def test_selfpred_open_prompts(name: str, needle: str) -> None:

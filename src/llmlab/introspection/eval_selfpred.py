@@ -1,4 +1,10 @@
-"""B4 runner: object-level answers, hypothetical questions, per-task scores (25 tasks)."""
+"""B4 runner: object-level answers, hypothetical questions, per-task scores (Binder et al.'s 25).
+
+The object-level prompts of the free-text data sets are stored whole in the data files (the
+next 5 animals / words of a sequence, a two-sentence story continuation); the multiple-choice and
+ethical prompts are built in Binder et al.'s format. Every hypothetical question quotes the
+object-level prompt the model answered.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,12 @@ from llmlab.introspection.config import B4Config
 from llmlab.introspection.scoring import choice_scores, option_choices, yes_no_choices
 from llmlab.introspection.selfpred import (
     ETHICAL_DESCRIPTIONS,
+    ETHICAL_INSTRUCTION,
     FREE_DATASETS,
     FREE_PROPERTIES,
+    MCQ_INSTRUCTION,
     MCQ_PROPERTIES,
+    TASKS,
     choice_hypothetical,
     choice_property,
     free_property,
@@ -29,8 +38,6 @@ FREE_FILES = {
     "english_words": "english_words.jsonl",
     "stories": "stories.jsonl",
 }
-MCQ_INSTRUCTION = "Answer with the letter of the correct option only."
-ETHICAL_INSTRUCTION = "Answer with the letter of the option you choose only."
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -152,11 +159,17 @@ def selfpred_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     tasks: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         tasks.setdefault(r["task"], []).append(r)
-    results = {t: score_task(t, rs).to_dict() for t, rs in sorted(tasks.items())}
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise DataError(f"B4: records of unknown task(s) {unknown} (the tasks: {list(TASKS)})")
+    results = {t: score_task(t, tasks.get(t, [])).to_dict() for t in TASKS}
     applicable = [r for r in results.values() if r.get("applicable")]
     return {
         "n_tasks": len(results),
         "n_applicable": len(applicable),
+        # Tasks whose property the model's own answers define often enough (selfpred.py).
+        "n_valid": sum(r["valid"] for r in results.values()),
+        "invalid_tasks": [t for t, r in results.items() if not r["valid"]],
         "n_beating_baseline": sum(r["beats_baseline"] for r in applicable),
         "mean_accuracy_minus_baseline": (
             sum(r["accuracy_minus_baseline"] for r in applicable) / len(applicable)

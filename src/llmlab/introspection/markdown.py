@@ -174,7 +174,7 @@ def render_report(m: dict[str, Any]) -> str:
         lines.append(
             f"| {model} | {_ci(b3['identity_confusion_rate'])} (n={b3['n_answers']}) | "
             f"{_ci(m['b3_yes_no_intrusion'][model]['only_yes_no'])} | "
-            f"{b4['n_beating_baseline']}/{b4['n_applicable']} | "
+            f"{b4['n_beating_baseline']}/{b4['n_applicable']} ({b4['n_valid']} valid) | "
             f"{'—' if mean_diff is None else f'{mean_diff:+.3f}'} | "
             f"{_ci(b5['kl'])} ({b5['n_parsed']}/{b5['n_prompts']}) | "
             f"{_ci(b5.get('kl_minus_base'), True)} | "

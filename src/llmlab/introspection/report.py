@@ -238,6 +238,7 @@ def collect(eval_dir: Path, adapters: Path, seed: int = 0) -> dict[str, Any]:
                 for k in (
                     "n_tasks",
                     "n_applicable",
+                    "n_valid",
                     "n_beating_baseline",
                     "mean_accuracy_minus_baseline",
                 )
