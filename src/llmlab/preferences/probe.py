@@ -116,7 +116,12 @@ class Scaler:
 
 
 class RidgePath:
-    """Ridge solutions for many alphas from one SVD of the standardised, centred design."""
+    """Ridge solutions for many alphas from one SVD of the standardised, centred design.
+
+    Hand-written rather than sklearn's RidgeCV: the probes stage reuses one decomposition for
+    every target (raw, topic-demeaned, shuffled) and every alpha of the path, which RidgeCV
+    cannot (it refits per target); the held-one-topic-out fit uses RidgeCV (`hoo.py`).
+    """
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         if x.shape[0] != y.shape[0]:
