@@ -18,10 +18,14 @@ POOL = ROOT / "data/preferences/tasks.jsonl"
 TOPICS = ROOT / "data/preferences/topics.json"
 
 
-def _run_split(tmp: Path, monkeypatch: pytest.MonkeyPatch, tasks: dict) -> None:
+def _run_split(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, tasks: dict, extra: dict | None = None
+) -> None:
+    """Run the split stage in `tmp` on the shipped pool; `extra`: further top-level params."""
     (tmp / "params.yaml").write_text(
         yaml.safe_dump(
             {
+                **(extra or {}),
                 "model": "fake",
                 "models": {"fake": {"source": "local", "path": "/nonexistent"}},
                 "preferences": {
@@ -76,7 +80,9 @@ def test_split_stage_hub_required_unreachable(tmp_path, monkeypatch, capsys) -> 
     with pytest.raises(SystemExit):
         _run_split(tmp_path, monkeypatch, {"hub": {"gsm8k": 5}, "hub_required": True})
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: preferences.tasks (hub or sources): hub dataset gsm8k unreachable")
+    assert err.startswith(
+        "error: preferences.tasks (hub or sources): hub dataset gsm8k unreachable"
+    )
     assert not (tmp_path / c.SPLIT).exists()
 
 
