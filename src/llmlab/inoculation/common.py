@@ -45,7 +45,10 @@ DIRECTION_FILE = "directions.safetensors"
 DIRECTION_KIND = "llmlab.inoculation.direction"
 DIRECTION_META = "direction.json"
 OTHER_DIRECTIONS_FILE = "other_directions.npy"
-FINETUNE_CONDITIONS = ("neutral", "inoculation", "loss_matched")
+FINETUNE_CONDITIONS = ("neutral", "inoculation", "loss_matched", "baseline_normal")
+# The drift baseline: neutral prompt, *normal-case* targets, so projection shifts of the CAPS
+# runs can be read against what ordinary finetuning on the same prompts does.
+BASELINE_CONDITION = "baseline_normal"
 
 
 def section(params: Params) -> InoculationParams:

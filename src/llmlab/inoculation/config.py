@@ -253,6 +253,16 @@ class FinetuneConfig(StrictModel):
     n_log: int = Field(
         8, ge=2, description="Calibration examples in the alignment log batch (every eval_every)"
     )
+    fp32: bool = Field(
+        False,
+        description="Load the model in float32 for this stage, so the alignment logged during "
+        "training is computed in float32 (training itself keeps the runtime's mixed precision)",
+    )
+    baseline_normal: bool = Field(
+        True,
+        description="Also finetune on the normal-case completions under the neutral prompt "
+        "(the drift baseline: ordinary finetuning drift along v_trait)",
+    )
 
     @field_validator("seeds")
     @classmethod

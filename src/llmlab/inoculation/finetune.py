@@ -2,7 +2,8 @@
 
 Conditions: neutral, inoculation and the loss-matched control chosen by the control stage;
 each trains on every stage-1 example (system prompt of the condition, CAPS completion as the
-target). Every `lora.eval_every` steps (and before the first and after the last step) the
+target). With `finetune.baseline_normal`, a fourth condition trains on the normal-case
+completions under the neutral prompt: the drift baseline of ordinary finetuning. Every `lora.eval_every` steps (and before the first and after the last step) the
 eval hook measures the trait-ward gradient alignment cos(-g_l, v_l) at pre_assistant on a
 fixed log batch of calibration examples under the run's own system prompt, for the alignment
 layer subset; the values land in each adapter's curve.json and in runs.json.
@@ -18,15 +19,18 @@ from typing import Any
 import numpy as np
 
 from llmlab.inoculation.common import (
+    BASELINE_CONDITION,
     CONTROL_TABLE,
     DIRECTION_DIR,
     EXAMPLES,
     FINETUNE_CONDITIONS,
     MODELS_DIR,
     PLOTS_DIR,
+    at_precision,
     calibration_examples,
     conversation,
     load_direction,
+    precision,
     read_examples,
     resolve_prompts,
     section,
@@ -75,13 +79,29 @@ def alignment_hook(
     return hook
 
 
-def condition_texts(prompts: Any, chosen_text: str) -> dict[str, str]:
-    """Return {finetune condition: system prompt text}."""
-    return {
+def condition_texts(prompts: Any, chosen_text: str, baseline: bool = True) -> dict[str, str]:
+    """Return {finetune condition: system prompt text}, in FINETUNE_CONDITIONS order."""
+    out = {
         "neutral": prompts.neutral,
         "inoculation": prompts.inoculation,
         "loss_matched": chosen_text,
     }
+    if baseline:
+        out[BASELINE_CONDITION] = prompts.neutral
+    return out
+
+
+def target_field(condition: str) -> str:
+    """Return the example field a condition trains on: normal-case for the baseline, else caps."""
+    return "normal" if condition == BASELINE_CONDITION else "caps"
+
+
+def training_conversations(
+    examples: list[dict[str, Any]], condition: str, system: str
+) -> list[list[Any]]:
+    """Return the conversations one condition trains on (its prompt, its target field)."""
+    target = target_field(condition)
+    return [conversation(system, r["prompt"], r[target]) for r in examples]
 
 
 def main() -> None:
@@ -94,20 +114,21 @@ def main() -> None:
     seed_everything(cfg.seed)
     prompts = resolve_prompts(cfg.prompts)
     table = read_json(CONTROL_TABLE)
-    texts = condition_texts(prompts, table["chosen_text"])
+    texts = condition_texts(prompts, table["chosen_text"], fc.baseline_normal)
     examples = read_examples(EXAMPLES)
     log_rows = calibration_examples(examples)[: fc.n_log]
-    loaded = load_model(params, for_training=True)
+    loaded = load_model(at_precision(params, fc.fp32), for_training=True)
     layers = resolve_layers(cfg.alignment.layers, loaded.n_layers)
     direction = load_direction(DIRECTION_DIR, loaded.hidden_size, layers, model=loaded.name)
     dirs = np.stack([direction.at(layer) for layer in layers])
     runs = []
-    for cond in FINETUNE_CONDITIONS:
-        text = texts[cond]
-        train = [TrainExample(conversation(text, r["prompt"], r["caps"])) for r in examples]
+    for cond in [c for c in FINETUNE_CONDITIONS if c in texts]:
+        text, target = texts[cond], target_field(cond)
+        train = [TrainExample(c) for c in training_conversations(examples, cond, text)]
+        # Each run logs the alignment of its own training gradient (its prompt and target).
         encoded = encode_targets(
             loaded,
-            [conversation(text, r["prompt"], r["caps"]) for r in log_rows],
+            training_conversations(log_rows, cond, text),
             [r["id"] for r in log_rows],
             [CANONICAL_POSITION],
             cfg.alignment.max_target_tokens,
@@ -123,7 +144,12 @@ def main() -> None:
                 lora,
                 MODELS_DIR / name,
                 eval_hook=hook,
-                metadata={"family": "inoculation", "condition": cond, "system_prompt": text},
+                metadata={
+                    "family": "inoculation",
+                    "condition": cond,
+                    "system_prompt": text,
+                    "target": target,
+                },  # fmt: skip
             )
             # Back to the bare base model for the next run (LoRA layers removed, not merged).
             loaded.model = loaded.model.unload()
@@ -134,6 +160,7 @@ def main() -> None:
                     "condition": cond,
                     "seed": seed,
                     "system_prompt": text,
+                    "target": target,
                     "adapter": str(MODELS_DIR / name),
                     "steps": res.steps,
                     "final_train_loss": res.final_train_loss,
@@ -162,6 +189,8 @@ def main() -> None:
             "n_train": len(examples),
             "n_log": len(log_rows),
             "eval_every": fc.lora.eval_every,
+            # The dtype the logged alignment gradients ran in (the model's load dtype).
+            "precision": precision(loaded),
             "runs": runs,
         },
     )

@@ -18,6 +18,7 @@ from llmlab.headline import estimate, write_headline, write_results
 from llmlab.inoculation.alignment import ARRAYS_FILE, SUMMARY_FILE
 from llmlab.inoculation.common import (
     ALIGNMENT_DIR,
+    BASELINE_CONDITION,
     CONTROL_TABLE,
     DATA_STATS,
     DIRECTION_DIR,
@@ -31,6 +32,7 @@ from llmlab.inoculation.common import (
 )
 from llmlab.inoculation.config import CANONICAL_POSITION
 from llmlab.inoculation.criteria import (
+    ci_below_zero,
     criterion_beyond_control,
     criterion_decrease,
     criterion_predicts_drift,
@@ -129,6 +131,33 @@ def run_difference(
         return None
 
 
+def seed_schedule(
+    runs: list[dict[str, Any]], c1_pass: bool, inoc_minus_neutral_caps: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Return the plan's seed sequencing: one seed per condition first, three if the effect shows.
+
+    The effect is present when criterion 1 passes or inoculation drifts less in caps than
+    neutral (paired CI below 0).
+    """
+    per_cond = [
+        sum(r["condition"] == c for r in runs) for c in ("neutral", "inoculation", "loss_matched")
+    ]
+    n = min(per_cond)
+    effect = bool(c1_pass or (inoc_minus_neutral_caps and ci_below_zero(inoc_minus_neutral_caps)))
+    if n >= 3:
+        step, line = "done", f"{n} seeds per condition"
+    elif effect:
+        step = "expand"
+        line = (
+            f"effect present after {n} seed(s) per condition: rerun with "
+            "inoculation.finetune.seeds=[0,1,2]"
+        )
+    else:
+        step = "stop"
+        line = f"no effect after {n} seed(s) per condition; more seeds are optional"
+    return {"seeds_per_condition": n, "effect_present": effect, "next_step": step, "line": line}
+
+
 def headline(m: dict[str, Any]) -> dict[str, Any]:
     """Return the numbers compared across runs (the rest stays in the results file)."""
     crit, align = m["criteria"], m["alignment"]
@@ -146,6 +175,13 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "drift_inoculation_minus_control_projection": estimate(
             crit["c4_predicts_drift"]["projection_inoculation_minus_control"]
         ),
+        **{
+            f"drift_{c}_minus_baseline_projection": estimate(
+                m["drift"]["by_condition"][c].get("projection_shift_minus_baseline")
+            )
+            for c in ("neutral", "inoculation")
+            if c in m["drift"]["by_condition"]
+        },
         "specificity_percentile": m["specificity"]["layer_mean_percentile"],
         "specificity_worst_null_percentile": crit["c3_specific"]["worst_percentile"],
         "c3_beats_other_traits": crit["c3_specific"]["beats_other_traits"],
@@ -209,6 +245,16 @@ def main() -> None:
     ]
     runs_of = {c: [r["name"] for r in runs if r["condition"] == c] for c in drift["by_condition"]}
     proj_shift = projection_shifts(DRIFT_DIR / "projections.npz", [r["name"] for r in runs])
+    # Read every CAPS condition's drift against ordinary finetuning on normal-case targets.
+    base_runs = runs_of.get(BASELINE_CONDITION, [])
+    minus_baseline = {
+        c: {
+            "projection": run_difference(proj_shift, runs_of[c], base_runs, **boot),
+            "caps": drift_difference(caps, runs_of[c], base_runs, **boot),
+        }
+        for c in runs_of
+        if c != BASELINE_CONDITION
+    }
     inoc_vs_neu_drift = drift_difference(
         caps, runs_of.get("inoculation", []), runs_of.get("neutral", []), **boot
     )
@@ -309,6 +355,7 @@ def main() -> None:
             "robustness_positions": by_pos,
             "gate": summary["gate"],
             "precision": summary["precision"],
+            "training_log_precision": runs_doc.get("precision"),
         },
         "loss": {
             "neutral": float(loss[neu].mean()),
@@ -338,12 +385,23 @@ def main() -> None:
                 c: {
                     "caps_shift": v["caps_shift"],
                     "projection_shift_std": v["projection_shift_std_layer_mean"],
+                    **(
+                        {
+                            "projection_shift_minus_baseline": minus_baseline[c]["projection"],
+                            "caps_shift_minus_baseline": minus_baseline[c]["caps"],
+                        }
+                        if c in minus_baseline
+                        else {}
+                    ),
                 }
                 for c, v in drift["by_condition"].items()
             },
             "inoculation_minus_neutral_caps": inoc_vs_neu_drift,
         },
         "runs": run_points,
+        "seed_schedule": seed_schedule(
+            run_points, criteria["c1_decrease"]["pass"], inoc_vs_neu_drift
+        ),
     }
     write_results("inoculation", metrics)
     write_headline(METRICS, headline(metrics))
@@ -423,7 +481,8 @@ def render_report(
         f"{m['direction']['steering_raises_caps'].get('layer')} raises caps: "
         f"{fmt_est(m['direction']['steering_raises_caps'], 3)} ({_yes(m['direction']['steering_raises_caps_pass'])}).",
         f"- Gradients computed in {m['alignment']['precision']['dtype']} on "
-        f"{m['alignment']['precision']['device']}.",
+        f"{m['alignment']['precision']['device']}; the training-time alignment log in "
+        f"{(m['alignment']['training_log_precision'] or {}).get('dtype', 'n/a')}.",
         f"- Phase-3 gate: split-half reliability of the neutral alignment profile r = "
         f"{_num(m['alignment']['gate']['neutral_split_half_reliability'].get('r'))}, loss shift "
         f"measurable: {m['alignment']['gate']['loss_shift_measurable']}, stable across halves: "
@@ -438,6 +497,16 @@ def render_report(
             for cond, v in m["drift"]["by_condition"].items()
         )
         + f"; inoculation - neutral caps drift {fmt_est(m['drift']['inoculation_minus_neutral_caps'], 3)}.",
+        "- Projection shift minus the normal-completion finetune (ordinary finetuning drift): "
+        + (
+            "; ".join(
+                f"{cond} {fmt_est(v.get('projection_shift_minus_baseline'), 3)} SD"
+                for cond, v in m["drift"]["by_condition"].items()
+                if "projection_shift_minus_baseline" in v
+            )
+            or "no baseline run (finetune.baseline_normal: false)"
+        )
+        + ".",
         "- Criteria 1-2 per layer (paired 95% CI excludes 0): inoculation - neutral below 0 at "
         f"{c['c1_decrease']['layers_below_zero']}, above 0 at {c['c1_decrease']['layers_above_zero']}; "
         f"inoculation - control below 0 at {c['c2_beyond_control']['layers_below_zero']}, above 0 at "
@@ -447,6 +516,7 @@ def render_report(
         f"({c['c4_predicts_drift']['correlation']['within']['dof']} dof), conditions ordered alike: "
         f"{c['c4_predicts_drift']['same_order']}; caps companion inoculation - control "
         f"{fmt_est(c['c4_predicts_drift']['caps_inoculation_minus_control'], 3)}.",
+        f"- Seeds: {m['seed_schedule']['line']}.",
         "- Runs (mean training alignment -> caps shift): "
         + "; ".join(f"{p['name']} {p['align']:+.4f} -> {_num(p['drift'])}" for p in m["runs"])
         + ".",
