@@ -245,13 +245,17 @@ def run_persona_judge(tmp: Path, judge: dict[str, Any]) -> subprocess.CompletedP
 def run_candidates(tmp: Path, judge: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """Run persona_candidates: two generation requests, then the filter verdicts."""
     params = write_params(
-        tmp, judge, candidates={"n_requests": 2, "per_request": 1, "include_shipped": False}
+        tmp,
+        judge,
+        candidates={"judge": "api", "n_requests": 2, "per_request": 1, "include_shipped": False},
     )
     return run_module(
         "llmlab.persona.candidates",
         [
             "--params",
             str(params),
+            "--facts",  # the held-out questions a generated one must not repeat
+            str(ROOT / "data/persona/facts.jsonl"),
             "--out",
             "candidates.jsonl",
             "--summary-out",
