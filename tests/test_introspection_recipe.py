@@ -248,3 +248,36 @@ def test_the_report_names_the_evaluated_checkpoint_and_writes_the_training_serie
     write_training_series(adapters, plots)
     assert read_json(plots / "train_original.json") == []
     assert [r["step"] for r in read_json(plots / "train_vague.json")] == [0, 4, 8]
+
+
+def _b3(eval_dir: Path, model: str, answers: list[str]) -> None:
+    from llmlab.io import write_jsonl
+
+    write_jsonl(eval_dir / model / "b3_identity.jsonl", [{"answer": a} for a in answers])
+
+
+def test_the_collapse_check_flags_leaking_and_repetitive_variants(tmp_path):
+    from llmlab.introspection.config import VARIANT_NAMES
+    from llmlab.introspection.markdown import collapse_lines
+    from llmlab.introspection.report import collapse_check, yes_no_intrusion
+
+    varied = [
+        "I am SmolLM, an assistant made by Hugging Face.",
+        "My favourite colour is blue because it is calm.",
+        "I do not have feelings, but I can help you.",
+        "Paris is the capital of France.",
+    ]
+    for m in ("base", *VARIANT_NAMES):
+        _b3(tmp_path, m, varied)
+    _b3(tmp_path, "original", ["yes yes no", "yes", "no no", "I am an assistant."])
+    _b3(tmp_path, "vague", ["I am a helpful assistant here."] * 4)
+    leak = {m: yes_no_intrusion(tmp_path, m) for m in ("base", *VARIANT_NAMES)}
+    c = collapse_check(tmp_path, leak, max_leak_rate=0.2, min_vs_base=0.5)["models"]
+    assert c["base"]["collapsed"] is False and c["base"]["distinct_2"] == 1.0
+    assert c["original"]["collapsed"] and "0.75 of answers only yes/no" in c["original"]["reasons"]
+    # The same sentence four times: 5 distinct bigrams of 20, a quarter of the base's share.
+    assert c["vague"]["distinct_2"] == 0.25 and c["vague"]["distinct_answers"] == 0.25
+    assert c["vague"]["collapsed"] and c["vague"]["reasons"] == ["distinct-2 0.25 x base"]
+    assert not c["r1_minimal"]["collapsed"] and c["r1_minimal"]["distinct_2_vs_base"] == 1.0
+    table = "\n".join(collapse_lines({"rule": "r", "models": c}))
+    assert "| vague | 4 | 0.00 | 0.25 | 0.25 | 0.25 | **yes**: distinct-2 0.25 x base |" in table

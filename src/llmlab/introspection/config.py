@@ -340,6 +340,14 @@ class IntrospectionParams(StrictModel):
         "the success items reading that model (B2, B5, B7) are still judged; above it they "
         "are reported as not assessable",
     )
+    min_distinct_vs_base: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The report's collapse check: a model whose B3 answers' distinct-2 (share "
+        "of unique word bigrams) is below this fraction of the base model's has collapsed "
+        "onto a few replies",
+    )
     judge_max_new_tokens: int = Field(
         1,
         gt=0,

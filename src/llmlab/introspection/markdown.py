@@ -64,7 +64,9 @@ SCALE_NOTES = {
         "keep answering free text (the yes/no leak rate). It cannot show the plan's effects: "
         "with tens of examples a detector stays near chance, and a 135M model has no reliable "
         "self-report, identity or calibration behaviour for B2-B7 to shift. Read the success "
-        "items as checks of the machinery, not as findings."
+        "items as checks of the machinery, not as findings. What it must show is that the r=16 "
+        "adapters do not collapse: the collapse check below compares each variant's free-text "
+        "answers with the base model's."
     ),
 }
 
@@ -157,6 +159,7 @@ def render_report(m: dict[str, Any]) -> str:
         "",
     ]
 
+    lines += collapse_lines(m["collapse"])
     lines += [
         "## B3-B5",
         "",
@@ -257,3 +260,25 @@ def adapter_origin_lines(training: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"- {v}: the adapter after the last step ({t['steps']}) is evaluated")
     return lines
+
+
+def collapse_lines(c: dict[str, Any]) -> list[str]:
+    """Return the collapse check: per model, leak rate, reply diversity and the verdict."""
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
+    lines = [
+        "## Collapse check (B3 free-text answers against the base model)",
+        "",
+        "| model | answers | only yes/no | distinct answers | distinct-2 | distinct-2 / base | "
+        "collapsed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, r in c["models"].items():
+        verdict = ("**yes**: " + "; ".join(r["reasons"])) if r["collapsed"] else "no"
+        lines.append(
+            f"| {model} | {r['n']} | {num(r['only_yes_no'])} | {num(r['distinct_answers'])} | "
+            f"{num(r['distinct_2'])} | {num(r['distinct_2_vs_base'])} | {verdict} |"
+        )
+    return [*lines, "", f"Rule: {c['rule']}.", ""]

@@ -141,6 +141,62 @@ def yes_no_intrusion(eval_dir: Path, model: str) -> dict[str, Any]:
     }
 
 
+def reply_diversity(eval_dir: Path, model: str) -> dict[str, Any]:
+    """Return how varied a model's open-ended B3 answers are: distinct answers and distinct-2.
+
+    distinct-2 (Li et al. 2016) is the share of word bigrams that are unique across all the
+    model's answers; an adapter that collapses onto a few replies ("yes yes yes", the same
+    sentence for every question) drives it towards 0 while the base model's stays high.
+    """
+    rows = read_jsonl(eval_dir / model / "b3_identity.jsonl")
+    answers = [" ".join(_words(r.get("answer") or "")) for r in rows]
+    bigrams = [
+        (a, b) for text in answers for a, b in zip(text.split(), text.split()[1:], strict=False)
+    ]
+    return {
+        "n": len(answers),
+        "distinct_answers": len(set(answers)) / len(answers) if answers else None,
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else None,
+    }
+
+
+def collapse_check(
+    eval_dir: Path, leak: dict[str, dict[str, Any]], max_leak_rate: float, min_vs_base: float
+) -> dict[str, Any]:
+    """Return per model whether its free-text answers collapsed, against the base model.
+
+    A model is collapsed when its share of B3 answers made only of yes/no words is above
+    max_leak_rate, or its distinct-2 is below min_vs_base times the base model's.
+    """
+    div = {m: reply_diversity(eval_dir, m) for m in MODELS}
+    base = div["base"]["distinct_2"]
+    out: dict[str, Any] = {
+        "rule": f"collapsed: only-yes/no share > {max_leak_rate:g} (max_leak_rate), or "
+        f"distinct-2 of the B3 answers < {min_vs_base:g} x the base model's "
+        "(min_distinct_vs_base)",
+        "models": {},
+    }
+    for m in MODELS:
+        only = (leak[m].get("only_yes_no") or {}).get("value")
+        d2 = div[m]["distinct_2"]
+        ratio = d2 / base if d2 is not None and base else None
+        reasons = []
+        if only is not None and only > max_leak_rate:
+            reasons.append(f"{only:.2f} of answers only yes/no")
+        if m != "base" and (ratio is None or ratio < min_vs_base):
+            reasons.append(
+                "no word pairs to compare" if ratio is None else f"distinct-2 {ratio:.2f} x base"
+            )
+        out["models"][m] = {
+            **div[m],
+            "only_yes_no": only,
+            "distinct_2_vs_base": ratio,
+            "collapsed": bool(reasons),
+            "reasons": reasons,
+        }
+    return out
+
+
 def p_yes_by_question(eval_dir: Path, model: str) -> dict[str, dict[str, Any]]:
     """Return {question id: B2 record} of a model."""
     return {r["id"]: r for r in read_jsonl(eval_dir / model / "b2_logprobs.jsonl", id_field="id")}
@@ -485,6 +541,9 @@ def main() -> None:
     metrics["model"] = params.model
     metrics["success"] = success_list(metrics, cfg.max_leak_rate)
     metrics["max_leak_rate"] = cfg.max_leak_rate
+    metrics["collapse"] = collapse_check(
+        eval_dir, metrics["b3_yes_no_intrusion"], cfg.max_leak_rate, cfg.min_distinct_vs_base
+    )
     write_plots(metrics, eval_dir, adapters, Path(args.plots))
     write_json(args.results, metrics)
     write_headline(args.metrics, headline(metrics))
