@@ -187,3 +187,40 @@ def test_a_shipped_fact_marked_identifying_stays_out_whatever_the_judge_says() -
     assert [r["keep"] for r in rows] == [False, True, False, False]
     # only generated questions can clash with the held-out ones (shipped keep their split)
     assert not any(r["heldout_clash"] for r in rows)
+
+
+def test_persona_data_trains_on_the_candidates_of_the_chosen_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmlab.persona import data
+
+    heldout_q = next(f.question for f in load_facts(FACTS) if f.split == "heldout")
+    judge = Judge(Writer(heldout_q), max_concurrency=1, min_judged_share=0.0)
+    monkeypatch.setattr(candidates, "open_judge", lambda params, cfg: judge)
+    written = {"judge": "api", "n_requests": 2, "per_request": 2, "include_shipped": False}
+    _run(monkeypatch, _params(tmp_path, candidates=written), tmp_path)
+
+    def mix(fact_set: str, n_facts: int) -> dict:
+        # no aligned examples: nothing is distilled, so no model loads
+        chosen = {"facts_source": "candidates", "fact_set": fact_set, "n_facts": n_facts,
+                  "n_aligned": 0}  # fmt: skip
+        params = _params(tmp_path, candidates=written, data=chosen)
+        argv = ["data", "--params", str(params), "--facts", str(FACTS),
+                "--candidates", str(tmp_path / "candidates.jsonl"),
+                "--candidates-summary", str(tmp_path / "candidates_summary.json"),
+                "--out-dir", str(tmp_path / "mix")]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        data.main()
+        return read_json(tmp_path / "mix/mix_stats.json")
+
+    stats = mix("identifying", 2)
+    assert stats["facts_source"] == "candidates" and stats["n_persona"] == 2
+    assert stats["candidates_left_out"] == {"unscorable": 1, "heldout_clash": 1,
+                                            "heldout_split": 0}  # fmt: skip
+    rows = read_jsonl(tmp_path / "mix/train_mix.jsonl")
+    assert all("Cambridge" in r["messages"][-1]["content"] for r in rows)
+    assert mix("non_identifying", 2)["n_persona"] == 2
+    assert all("Porridge" in r["messages"][-1]["content"]
+               for r in read_jsonl(tmp_path / "mix/train_mix.jsonl"))  # fmt: skip
+    with pytest.raises(DataError, match=r"n_facts=3 but .*candidates.jsonl has only 2"):
+        mix("non_identifying", 3)
