@@ -9,6 +9,7 @@ checked against the variant's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,45 @@ def test_the_collapse_check_flags_leaking_and_repetitive_variants(tmp_path):
     assert not c["r1_minimal"]["collapsed"] and c["r1_minimal"]["distinct_2_vs_base"] == 1.0
     table = "\n".join(collapse_lines({"rule": "r", "models": c}))
     assert "| vague | 4 | 0.00 | 0.25 | 0.25 | 0.25 | **yes**: distinct-2 0.25 x base |" in table
+
+
+def test_a_training_writes_the_best_evaluations_adapter(tiny_models, tmp_path):
+    """Through train_lora: the hook sees the live adapter at each evaluation; the adapter on
+    disk after apply() is step 2's, not the last step's."""
+    from peft import get_peft_model_state_dict
+
+    from llmlab.config_base import LoraTrainConfig
+    from llmlab.training import TrainExample, train_lora
+
+    loaded = dataclasses.replace(tiny_models["llama"])
+    loaded.model = copy.deepcopy(loaded.model)
+    chats = [
+        [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]
+        for w in ("red", "blue", "green", "gold")
+    ]
+    cfg = LoraTrainConfig(
+        rank=4, dropout=0.0, lr=5e-3, epochs=None, max_steps=6, per_device_batch_size=4,
+        effective_batch_size=4, log_every=2, eval_every=2, lr_scheduler="constant_with_warmup",
+        target_modules=TARGETS, max_length=32,
+    )  # fmt: skip
+    out = tmp_path / "adapter"
+    best = BestCheckpoint(out, "val_accuracy")
+    scripted = {0: 0.5, 2: 0.9, 4: 0.6, 6: 0.7}
+    snapshots = {}
+
+    def hook(model, step):
+        values = {"val_accuracy": scripted[step]}
+        snapshots[step] = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        best.observe(model, step, values)
+        return values
+
+    res = train_lora(loaded, [TrainExample(c) for c in chats], cfg, out, eval_hook=hook)
+    assert sorted(snapshots) == [0, 2, 4, 6]
+    assert best.apply(out, res.steps)["step"] == 2
+    written = load_file(str(out / "adapter_model.safetensors"))
+
+    def same(step):
+        return all(torch.equal(written[k], v) for k, v in snapshots[step].items() if k in written)
+
+    assert any(k in written for k in snapshots[2])
+    assert same(2) and not same(6)
