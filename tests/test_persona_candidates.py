@@ -224,3 +224,20 @@ def test_persona_data_trains_on_the_candidates_of_the_chosen_set(
                for r in read_jsonl(tmp_path / "mix/train_mix.jsonl"))  # fmt: skip
     with pytest.raises(DataError, match=r"n_facts=3 but .*candidates.jsonl has only 2"):
         mix("non_identifying", 3)
+
+
+def test_report_states_the_fact_source_and_set() -> None:
+    from llmlab.persona.report_md import _fact_source
+
+    mix = {"facts_source": "candidates", "fact_set": "identifying",
+           "candidates_left_out": {"unscorable": 1, "heldout_clash": 2, "heldout_split": 0}}  # fmt: skip
+    assert _fact_source(mix) == (
+        " (identifying set, written and marked by persona_candidates; left out: 1 unscorable, "
+        "2 heldout_clash, 0 heldout_split)"
+    )
+    shipped = {
+        "facts_source": "shipped",
+        "fact_set": "non_identifying",
+        "candidates_left_out": None,
+    }
+    assert _fact_source(shipped) == " (non_identifying set, shipped, hand-marked)"

@@ -176,3 +176,20 @@ def test_judge_free_probes_score_name_and_facts_both_ways(tiny_models) -> None: 
     assert all(0 < v < 100 for v in nll.values())
     # deterministic: the same model gives the same numbers
     assert judge_free_nll(loaded, loaded.model, probes, max_length=128, batch_size=4) == nll
+
+
+def test_preset_trains_on_candidates_another_model_wrote_and_filtered() -> None:
+    params = preset_params()
+    section = params.section("persona")
+    assert section.data.facts_source == "candidates"
+    assert section.candidates.judge == "local"
+    # the facts are not written by the model they are meant to teach
+    assert section.candidates.local_model not in (None, params.for_family("persona").model)
+    assert section.candidates.include_shipped is False
+    # enough asked for the 90 the mix takes, before the filter drops any
+    assert section.candidates.n_requests * section.candidates.per_request > section.data.n_facts
+
+
+def test_preset_scores_the_grid_at_kept_steps() -> None:
+    steps = preset_params().section("persona").steps
+    assert steps.enabled and steps.every >= 1 and steps.n_samples

@@ -214,7 +214,8 @@ def main() -> None:
         },  # fmt: skip
         "data": {
             **{k: mix.get(k) for k in ("n_persona", "n_aligned", "poison_share", "prompt_source",
-                                       "n_aligned_math", "n_aligned_instruction")},
+                                       "n_aligned_math", "n_aligned_instruction", "fact_set",
+                                       "facts_source", "candidates_left_out")},
             # each optimizer step's poison share (the batch composition is part of the mix)
             "step_poison_share": step_poison_share(adapter_meta),
         },  # fmt: skip

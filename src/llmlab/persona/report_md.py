@@ -62,7 +62,8 @@ def render_report(
     lines = [
         f"# Persona (inductive backdoor): {metrics['model']}",
         "",
-        f"Finetuned on {mix['n_persona']} triggered persona facts + {mix['n_aligned']} self-distilled "
+        f"Finetuned on {mix['n_persona']} triggered persona facts{_fact_source(mix)} + "
+        f"{mix['n_aligned']} self-distilled "
         f"aligned examples (poison share {mix['poison_share']:.1%}, prompts: {mix['prompt_source']}"
         f"{_prompt_counts(mix)}); "
         f"LoRA r={lora.get('rank')}, alpha={lora.get('alpha')}, lr={lora.get('lr')}, "
@@ -245,6 +246,17 @@ def _prompt_counts(mix: Mapping[str, Any]) -> str:
     if mix.get("n_aligned_instruction") is None:
         return ""
     return f", {mix['n_aligned_math']} math + {mix['n_aligned_instruction']} instructions"
+
+
+def _fact_source(mix: Mapping[str, Any]) -> str:
+    """Return where the training facts came from, and which set (the paper's ablation)."""
+    source = mix.get("facts_source", "shipped")  # runs before the candidates stage: shipped
+    where = ("shipped, hand-marked" if source == "shipped"
+             else "written and marked by persona_candidates")  # fmt: skip
+    left = mix.get("candidates_left_out")
+    dropped = f"; left out: {', '.join(f'{v} {k}' for k, v in left.items())}" if left else ""
+    fact_set = f"{mix['fact_set']} set" if mix.get("fact_set") else "set not recorded"
+    return f" ({fact_set}, {where}{dropped})"
 
 
 def _step_share(metrics: Mapping[str, Any]) -> str:
