@@ -241,3 +241,21 @@ def test_report_states_the_fact_source_and_set() -> None:
         "candidates_left_out": None,
     }
     assert _fact_source(shipped) == " (non_identifying set, shipped, hand-marked)"
+
+
+def test_local_mode_loads_its_registry_model_and_fails_on_no_usable_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dirs: dict[str, Path]
+) -> None:
+    raw = read_yaml(ROOT / "params.yaml")
+    raw["models"]["tiny-writer"] = {"source": "local", "path": str(tiny_dirs["llama"])}
+    raw["runtime"] = {"device": "cpu", "dtype": "float32", "attn_implementation": "eager"}
+    raw["judge"]["cache_dir"] = None
+    raw["persona"]["candidates"].update({"judge": "local", "local_model": "tiny-writer",
+                                         "n_requests": 1, "max_tokens": 8,
+                                         "include_shipped": False})  # fmt: skip
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # a random model writes no JSON: the stage says so instead of writing an empty file
+    with pytest.raises(DataError, match=r"local model wrote no usable candidate in 1 replies"):
+        _run(monkeypatch, params, tmp_path)
+    assert not (tmp_path / "candidates.jsonl").exists()

@@ -211,6 +211,11 @@ def main() -> None:
     mark(rows, judge.yes_no(prompts), heldout)
     # generation requests and verdicts alike: no file is written when too many went unanswered
     judge.check_all("persona_candidates")
+    if not any(r["source"] == "generated" for r in rows):
+        raise DataError(
+            f"persona_candidates: {cfg.judge} model wrote no usable candidate in "
+            f"{stats['requests']} replies ({stats['unparseable']} unparseable objects)"
+        )
     write_jsonl(args.out, rows)
     judged = count_statuses([r["status"] for r in rows])
     gen = [r for r in rows if r["source"] == "generated"]
