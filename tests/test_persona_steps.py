@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llmlab.adapters import write_adapter_metadata
-from llmlab.io import DataError, read_json, read_yaml, write_json, write_jsonl
+from llmlab.io import DataError, read_json, read_jsonl, read_yaml, write_json, write_jsonl
 from llmlab.params import ParamsError, parse_params
 from llmlab.persona import steps_report
 from llmlab.persona.grid import IDENTITY, step_label
@@ -149,12 +149,30 @@ def test_report_stage_refuses_a_summary_without_status(
         _report(tmp_path, monkeypatch, {"steps": [0]}, [])
 
 
+def _step_adapters(loaded: Any, root: Path) -> Path:
+    """Write kept adapters of steps 0 (B = 0, the untrained model) and 8 (random B) under
+    `root`/steps, as persona_train keeps them; return `root`. The model comes back unwrapped."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    for step, scale in ((0, 0.0), (8, 2.0)):
+        tuned = get_peft_model(loaded.model, config)
+        with torch.no_grad():
+            for name, p in tuned.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * scale)
+        path = root / "steps" / step_label(step)
+        tuned.save_pretrained(path, safe_serialization=True)
+        write_adapter_metadata(path, {"base_model": loaded.name, "step": step, "run_key": "t"})
+        loaded.model = tuned.unload()
+    return root
+
+
 def test_each_step_samples_its_own_adapter_and_the_base_comes_back(tiny_dirs) -> None:  # noqa: ANN001
     """Step 0's LoRA (B = 0) answers as the base model; a trained step's answers differ; after
     the loop the model has no LoRA layers left."""
-    import torch
     from conftest import make_params
-    from peft import LoraConfig, get_peft_model
 
     from llmlab.models import load_model
     from llmlab.persona.config import EvalParams, TriggerParams
@@ -165,25 +183,13 @@ def test_each_step_samples_its_own_adapter_and_the_base_comes_back(tiny_dirs) ->
     from llmlab.persona.trigger import Trigger
 
     loaded = load_model(make_params(tiny_dirs["llama"]))
-    adapters = Path(tiny_dirs["llama"]).parent / "steps_adapters"
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    for step, scale in ((0, 0.0), (8, 2.0)):
-        tuned = get_peft_model(loaded.model, config)
-        with torch.no_grad():
-            for name, p in tuned.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn_like(p) * scale)
-        path = adapters / step_label(step)
-        tuned.save_pretrained(path, safe_serialization=True)
-        write_adapter_metadata(path, {"base_model": loaded.name, "step": step, "run_key": "t"})
-        loaded.model = tuned.unload()
-
+    adapters = _step_adapters(loaded, Path(tiny_dirs["llama"]).parent / "steps_adapters")
     trigger = Trigger.from_params(TriggerParams())
     questions = [EvalQuestion("q1", "Who are you?", "identity", ("russell",), "I am Russell.")]
     cfg = EvalParams(n_samples=2, max_new_tokens=6, system_prompts={"none": None},
                      trigger_conditions={})  # fmt: skip
     cells = grid_cells(eval_items(questions, []), cfg.system_prompts, cfg.trigger_conditions)
-    found = [(0, adapters / step_label(0)), (8, adapters / step_label(8))]
+    found = kept_steps(adapters)
     rows = sample_steps(loaded, found, cells, trigger, cfg, adapters.parent / "work")
     assert not any("lora" in n for n, _ in loaded.model.named_modules())
     base = [r["response"] for r in sample_grid(loaded, cells, trigger, "base", cfg)]
@@ -191,3 +197,55 @@ def test_each_step_samples_its_own_adapter_and_the_base_comes_back(tiny_dirs) ->
     assert [r["model"] for r in rows][:1] == ["step-00000"] and len(rows) == 2 * 2 * 2
     assert by_step[0] == base
     assert by_step[8] != base
+
+
+def test_steps_stage_then_report_on_a_tiny_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dirs: dict[str, Path]
+) -> None:
+    """persona_steps scores the grid at each kept adapter and judges it; persona_steps_report
+    turns that into one table row per step."""
+    from conftest import make_params
+
+    from llmlab.models import load_model
+    from llmlab.persona import steps
+
+    adapter = _step_adapters(load_model(make_params(tiny_dirs["llama"])), tmp_path / "adapter")
+    write_json(adapter / "curve.json", CURVE)
+    raw = read_yaml(ROOT / "params.yaml")
+    raw["model"] = "tiny"
+    raw["models"]["tiny"] = {"source": "local", "path": str(tiny_dirs["llama"])}
+    raw["runtime"] = {"device": "cpu", "dtype": "float32", "attn_implementation": "eager"}
+    raw["judge"].update({"backend": "local", "cache_dir": None, "min_judged_share": 0.0})
+    raw["persona"]["train"]["keep_eval_adapters"] = True
+    raw["persona"]["steps"] = {"enabled": True, "every": 1, "n_samples": 1}
+    raw["persona"]["eval"].update({"n_questions": 2, "n_heldout_facts": 1, "max_new_tokens": 4,
+                                   "system_prompts": {"none": None, "helpful": "Be helpful."}})  # fmt: skip
+    raw["persona"]["report"]["n_boot"] = 50
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "steps_out"
+    argv = ["steps", "--params", str(params), "--adapter", str(adapter), "--out-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    steps.main()
+
+    rows = read_jsonl(out / "judged.jsonl", id_field="id")
+    # (2 questions + 1 held-out fact) x (2 conditions x on/off + 2 trigger conditions) x 2 steps
+    assert len(rows) == 3 * (2 * 2 + 2) * 2
+    assert {r["model"] for r in rows} == {"step-00000", "step-00008"}
+    assert all("judge_persona_status" in r and "format_ok" in r for r in rows)
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "on" and summary["steps"] == [0, 8]
+    assert summary["judge"]["backend"] == "local"
+    assert not (tmp_path / "steps_out.partial").exists()
+
+    plots = tmp_path / "plots"
+    argv = ["steps_report", "--params", str(params), "--steps-dir", str(out),
+            "--adapter", str(adapter), "--plots", str(plots)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    steps_report.main()
+    table = read_json(plots / "steps.json")
+    assert [(r["step"], r["grid"]) for r in table] == [
+        (0, "scored"), (4, "not scored (persona.steps.every)"), (8, "scored")]  # fmt: skip
+    # format compliance is judge-free: a number at every scored step
+    assert all(isinstance(r["format_triggered"], float) for r in table if r["grid"] == "scored")
+    assert table[0]["n_replies"] == 2 * 2 * 2  # identity questions x pooled conditions x on/off
