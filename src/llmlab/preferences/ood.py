@@ -269,10 +269,11 @@ def main() -> None:
     }
     result["probe"] = str(c.PROBES / f"raw_L{result['layer']:03d}.json")
     result["layer_choice"]["select_share"] = oc.select_share
+    bad = [r["group"] for r in result["groups"] if not math.isfinite(r["behaviour_delta"])]
+    if bad:  # nothing is written: a NaN delta would drop silently out of every correlation
+        raise DataError(f"OOD group {bad[0]}: non-finite behavioural delta ({len(bad)} groups)")
     write_jsonl(c.RESULTS / "ood_outcomes.jsonl", outcome_rows)
     write_json(c.RESULTS / "ood.json", c.clean_json(result))
-    if not math.isfinite(sum(r["behaviour_delta"] for r in result["groups"])):
-        log.warning("non-finite behavioural deltas")
 
 
 # One task's behavioural result: group, role, task, comparisons, mean delta, mean P(baseline).
