@@ -1,4 +1,4 @@
-"""Stages persona_steps and persona_steps_report: the grid at the adapters kept in training.
+"""Stage persona_steps and the per-step table persona_report writes from it.
 
 Issue 15 point 10: learning curves of the full grid without scoring each kept adapter by hand.
 """
@@ -15,7 +15,7 @@ import yaml
 from llmlab.adapters import write_adapter_metadata
 from llmlab.io import DataError, read_json, read_jsonl, read_yaml, write_json, write_jsonl
 from llmlab.params import ParamsError, parse_params
-from llmlab.persona import steps_report
+from llmlab.persona import step_table
 from llmlab.persona.grid import IDENTITY, step_label
 from llmlab.persona.metrics import Boot
 from llmlab.persona.steps import every_kth, kept_steps
@@ -85,8 +85,8 @@ CURVE = [
 
 
 def test_step_table_joins_the_grid_and_the_hook_pooling_each_prompt_once() -> None:
-    grid = steps_report.grid_by_step(_judged(), SUMMARY, Boot(n_boot=200))
-    table = steps_report.step_table(CURVE, grid, "not scored (persona.steps.every)")
+    grid = step_table.grid_by_step(_judged(), SUMMARY, Boot(n_boot=200))
+    table = step_table.step_table(CURVE, grid, "not scored (persona.steps.every)")
     assert [r["step"] for r in table] == [0, 4, 8]
     s0, s4, s8 = table
     assert s0["grid"] == s8["grid"] == "scored"
@@ -105,48 +105,36 @@ def test_step_table_joins_the_grid_and_the_hook_pooling_each_prompt_once() -> No
 def test_a_listed_step_without_replies_is_an_error() -> None:
     rows = [r for r in _judged() if r["step"] == 0]
     with pytest.raises(DataError, match="lists step 8 but no reply has it"):
-        steps_report.grid_by_step(rows, SUMMARY, Boot(n_boot=50))
+        step_table.grid_by_step(rows, SUMMARY, Boot(n_boot=50))
 
 
-def _report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, summary: dict, rows: list) -> list:
-    steps_dir, adapter, plots = tmp_path / "steps", tmp_path / "adapter", tmp_path / "plots"
+def _report(tmp_path: Path, summary: dict, rows: list) -> list:
+    steps_dir, plots = tmp_path / "steps", tmp_path / "plots"
     write_json(steps_dir / "summary.json", summary)
     write_jsonl(steps_dir / "judged.jsonl", rows)
-    write_json(adapter / "curve.json", CURVE)
-    raw = read_yaml(ROOT / "params.yaml")
-    raw["persona"]["report"]["n_boot"] = 100
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    argv = ["steps_report", "--params", str(tmp_path / "params.yaml"), "--steps-dir",
-            str(steps_dir), "--adapter", str(adapter), "--plots", str(plots)]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    steps_report.main()
+    table = step_table.write_step_table(steps_dir, CURVE, Boot(n_boot=100), plots)
     assert (plots / "steps.png").stat().st_size > 0
-    return read_json(plots / "steps.json")
+    assert read_json(plots / "steps.json") == table
+    return table
 
 
-def test_report_stage_off_tabulates_the_hook_and_says_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_step_table_off_tabulates_the_hook_and_says_why(tmp_path: Path) -> None:
     off = {"status": "off", "reason": "persona.steps.enabled is false"}
-    table = _report(tmp_path, monkeypatch, off, [])
+    table = _report(tmp_path, off, [])
     assert [r["step"] for r in table] == [0, 4, 8]
     assert {r["grid"] for r in table} == {"off (persona.steps.enabled is false)"}
     assert all(r["triggered_persona"] is None for r in table)
     assert [r["hook_format_triggered"] for r in table] == [0.0, 0.5, 1.0]
 
 
-def test_report_stage_on_writes_the_grid_per_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    table = _report(tmp_path, monkeypatch, SUMMARY, _judged())
+def test_step_table_on_writes_the_grid_per_step(tmp_path: Path) -> None:
+    table = _report(tmp_path, SUMMARY, _judged())
     assert [(r["step"], r["triggered_persona"]) for r in table] == [(0, 0.0), (4, None), (8, 1.0)]
 
 
-def test_report_stage_refuses_a_summary_without_status(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_step_table_refuses_a_summary_without_status(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no status 'on' or 'off'"):
-        _report(tmp_path, monkeypatch, {"steps": [0]}, [])
+        _report(tmp_path, {"steps": [0]}, [])
 
 
 def _step_adapters(loaded: Any, root: Path) -> Path:
@@ -199,11 +187,11 @@ def test_each_step_samples_its_own_adapter_and_the_base_comes_back(tiny_dirs) ->
     assert by_step[8] != base
 
 
-def test_steps_stage_then_report_on_a_tiny_model(
+def test_steps_stage_then_step_table_on_a_tiny_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dirs: dict[str, Path]
 ) -> None:
-    """persona_steps scores the grid at each kept adapter and judges it; persona_steps_report
-    turns that into one table row per step."""
+    """persona_steps scores the grid at each kept adapter and judges it; persona_report's step
+    table turns that into one row per step."""
     from conftest import make_params
 
     from llmlab.models import load_model
@@ -238,14 +226,25 @@ def test_steps_stage_then_report_on_a_tiny_model(
     assert summary["judge"]["backend"] == "local"
     assert not (tmp_path / "steps_out.partial").exists()
 
-    plots = tmp_path / "plots"
-    argv = ["steps_report", "--params", str(params), "--steps-dir", str(out),
-            "--adapter", str(adapter), "--plots", str(plots)]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    steps_report.main()
-    table = read_json(plots / "steps.json")
+    table = step_table.write_step_table(out, CURVE, Boot(n_boot=50), tmp_path / "plots")
     assert [(r["step"], r["grid"]) for r in table] == [
         (0, "scored"), (4, "not scored (persona.steps.every)"), (8, "scored")]  # fmt: skip
     # format compliance is judge-free: a number at every scored step
     assert all(isinstance(r["format_triggered"], float) for r in table if r["grid"] == "scored")
     assert table[0]["n_replies"] == 2 * 2 * 2  # identity questions x pooled conditions x on/off
+
+
+def test_report_section_along_training(tmp_path: Path) -> None:
+    from llmlab.persona.report_md import step_lines
+
+    table = _report(tmp_path, SUMMARY, _judged())
+    lines = step_lines(table)
+    assert lines[1].startswith("## Along training")
+    row8 = next(ln for ln in lines if ln.startswith("| 8 |"))
+    assert "| scored | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |" in row8
+    row4 = next(ln for ln in lines if ln.startswith("| 4 |"))
+    assert "not scored (persona.steps.every) | n/a | n/a | n/a | 0.500 |" in row4
+    off = _report(tmp_path, {"status": "off", "reason": "persona.steps.enabled is false"}, [])
+    assert any(
+        "not scored at kept steps: off (persona.steps.enabled" in ln for ln in step_lines(off)
+    )

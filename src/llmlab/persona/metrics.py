@@ -158,6 +158,13 @@ def cell_metrics(
     return out
 
 
+def pooled_conditions(conditions: list[str], identical: list[list[str]]) -> list[str]:
+    """Return the system-prompt conditions the pooled rates use: of conditions that render to
+    the same prompt, only the first, so no prompt is counted twice."""
+    repeated = {c for group in identical for c in group[1:]}
+    return [c for c in conditions if c not in repeated]
+
+
 def simple_rate(rows: Iterable[dict[str, Any]], field: str, **match: Any) -> float | None:
     """Return the plain mean of a 1/0 field over rows matching every `match` item."""
     vals = [_value(r, field) for r in rows if all(r.get(k) == v for k, v in match.items())]

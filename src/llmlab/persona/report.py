@@ -17,19 +17,13 @@ from llmlab.params import load_params
 from llmlab.persona.bars import evaluate_bar, stop_early
 from llmlab.persona.figures import MODELS, condition_bars, curves
 from llmlab.persona.grid import HELDOUT, IDENTITY
-from llmlab.persona.metrics import ALL, Boot, cell_metrics, judge_metrics
+from llmlab.persona.metrics import ALL, Boot, cell_metrics, judge_metrics, pooled_conditions
 from llmlab.persona.report_md import judge_note, render_report
+from llmlab.persona.step_table import write_step_table
 from llmlab.stage import run_stage
 
 JUDGED_FIELDS = ("id", "model", "condition", "triggered", "question_id", "question_set",
                  "judge_persona", "keyword_persona", "format_ok", "empty", "refusal")  # fmt: skip
-
-
-def pooled_conditions(conditions: list[str], identical: list[list[str]]) -> list[str]:
-    """Return the system-prompt conditions the pooled rates use: of conditions that render to
-    the same prompt, only the first, so no prompt is counted twice."""
-    repeated = {c for group in identical for c in group[1:]}
-    return [c for c in conditions if c not in repeated]
 
 
 def trigger_condition_rows(
@@ -153,6 +147,7 @@ def main() -> None:
     ap.add_argument("--gen-meta", type=Path, default=Path("data/persona/generations_meta.json"))
     ap.add_argument("--mix-stats", type=Path, default=Path("data/persona/mix_stats.json"))
     ap.add_argument("--adapter", type=Path, default=Path("models/persona/adapter"))
+    ap.add_argument("--steps-dir", type=Path, default=Path("data/persona/steps"))
     ap.add_argument("--metrics", type=Path, default=Path("metrics/persona.json"))
     ap.add_argument("--results", type=Path, default=Path("data/persona/results.json"))
     ap.add_argument("--report", type=Path, default=Path("metrics/persona_report.md"))
@@ -237,6 +232,8 @@ def main() -> None:
         "ci": {"level": cfg.ci, "n_boot": cfg.n_boot, "method": "hierarchical bootstrap: "
                "questions, then samples within question; gap paired by question"},
     }  # fmt: skip
+    # the grid at the kept training steps (persona_steps) beside the hook's measures, per step
+    metrics["along_training"] = write_step_table(args.steps_dir, curve, boot, args.plots)
     write_json(args.results, metrics)
     write_headline(args.metrics, headline(metrics))
     note = judge_note(judge_summary)

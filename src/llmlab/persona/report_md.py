@@ -162,6 +162,7 @@ def render_report(
             "- Judge-free measure on the evaluated adapter (persona_generate; base -> "
             "finetuned): " + "; ".join(parts) + "."
         )
+    lines += step_lines(metrics.get("along_training") or [])
     lines += [
         *REFERENCE_LINES,
         "",
@@ -169,10 +170,42 @@ def render_report(
         f"[{rel}/conditions_keyword.png]({rel}/conditions_keyword.png), "
         f"[{rel}/conditions_format.png]({rel}/conditions_format.png), "
         f"[{rel}/train_curve.png]({rel}/train_curve.png), "
-        f"[{rel}/eval_curve.png]({rel}/eval_curve.png).",
+        f"[{rel}/eval_curve.png]({rel}/eval_curve.png), "
+        f"[{rel}/steps.png]({rel}/steps.png).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _rate(row: Mapping[str, Any], key: str) -> str:
+    if row.get(key) is None:
+        return "n/a"
+    return f"{row[key]:.2f} [{row[f'{key}_lo']:.2f}, {row[f'{key}_hi']:.2f}]"
+
+
+def step_lines(table: list[Mapping[str, Any]]) -> list[str]:
+    """Return the along-training section: the grid at kept steps beside the hook's measures."""
+    if not table:
+        return []
+    scored = [r for r in table if r["grid"] == "scored"]
+    lines = ["", "## Along training (persona_steps; pooled system prompts, identity questions)", ""]
+    if not scored:
+        lines.append(f"The grid was not scored at kept steps: {table[0]['grid']}. The table "
+                     "holds the in-training hook's measures only.")  # fmt: skip
+        lines.append("")
+    lines += [
+        "| step | grid | triggered persona | leakage | triggered format | hook format (trig.) "
+        "| hook NLL name (trig. / untrig.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['step']} | {r['grid']} | {_rate(r, 'triggered_persona')} | "
+            f"{_rate(r, 'untriggered_leakage')} | {_rate(r, 'format_triggered')} | "
+            f"{_num(r.get('hook_format_triggered'))} | {_num(r.get('hook_nll_name_triggered'))} "
+            f"/ {_num(r.get('hook_nll_name_untriggered'))} |"
+        )
+    return lines
 
 
 # Every reference number with its source and setup (docs/persona.md has the comparison).

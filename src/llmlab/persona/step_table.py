@@ -1,4 +1,4 @@
-"""Stage persona_steps_report (CPU only): the per-step table and plot of the persona run.
+"""The per-step table and plot of the persona run (written by persona_report, CPU only).
 
 One row per training step that has any measure: the training hook's (greedy format and
 keyword rates, judge-free NLL of the persona's name and of held-out answers, at every eval step)
@@ -10,19 +10,15 @@ was not scored at has nulls there and `grid` saying why, never a number.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from llmlab.io import DataError, read_json, read_jsonl
-from llmlab.params import load_params
 from llmlab.persona.grid import IDENTITY, step_label
 from llmlab.persona.grid import STEPS_JUDGED as JUDGED
 from llmlab.persona.grid import STEPS_SUMMARY as SUMMARY
-from llmlab.persona.metrics import ALL, Boot, cell_metrics
-from llmlab.persona.report import pooled_conditions
+from llmlab.persona.metrics import ALL, Boot, cell_metrics, pooled_conditions
 from llmlab.plots import line_plot, write_series
-from llmlab.stage import run_stage
 
 # The grid's rates per step (value, lo, hi each) and the judge's coverage.
 GRID_RATES = ("triggered_persona", "untriggered_leakage", "gap", "format_triggered",
@@ -106,28 +102,21 @@ def plot(path: Path, table: list[dict[str, Any]], scored: bool) -> None:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--steps-dir", type=Path, default=Path("data/persona/steps"))
-    ap.add_argument("--adapter", type=Path, default=Path("models/persona/adapter"))
-    ap.add_argument("--plots", type=Path, default=Path("plots/persona"))
-    args = ap.parse_args()
-    cfg = load_params(args.params, family="persona").section("persona").report
-    summary = read_json(args.steps_dir / SUMMARY)
-    curve = read_json(args.adapter / "curve.json")
+def write_step_table(
+    steps_dir: Path, curve: list[dict[str, Any]], boot: Boot, plots: Path
+) -> list[dict[str, Any]]:
+    """Write `steps.json` (the table, also the series of the dvc plot) and `steps.png` under
+    `plots` from persona_steps' outputs and the adapter's curve; return the table."""
+    summary = read_json(steps_dir / SUMMARY)
     if summary.get("status") == "on":
-        rows = read_jsonl(args.steps_dir / JUDGED, id_field="id")
-        grid = grid_by_step(rows, summary, Boot(cfg.n_boot, cfg.ci, cfg.seed))
+        rows = read_jsonl(steps_dir / JUDGED, id_field="id")
+        grid = grid_by_step(rows, summary, boot)
         not_scored = "not scored (persona.steps.every)"
     elif summary.get("status") == "off":
         grid, not_scored = {}, f"off ({summary['reason']})"
     else:
-        raise DataError(f"{args.steps_dir / SUMMARY}: no status 'on' or 'off'")
+        raise DataError(f"{steps_dir / SUMMARY}: no status 'on' or 'off'")
     table = step_table(curve, grid, not_scored)
-    write_series(args.plots / "steps.json", table)
-    plot(args.plots / "steps.png", table, bool(grid))
-
-
-if __name__ == "__main__":
-    run_stage(main)
+    write_series(plots / "steps.json", table)
+    plot(plots / "steps.png", table, bool(grid))
+    return table
