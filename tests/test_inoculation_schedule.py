@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 from dvc_repo import ROOT
 
-from llmlab.inoculation.common import BASELINE_CONDITION, FINETUNE_CONDITIONS
+from llmlab.inoculation.common import BASELINE_CONDITION, FINETUNE_CONDITIONS, SystemPrompts
 from llmlab.inoculation.finetune import condition_texts, training_conversations
 from llmlab.inoculation.report import seed_schedule
 from llmlab.layers import resolve_layers
 from llmlab.preset import dvc_command, preset_overrides
 
-PROMPTS = SimpleNamespace(neutral="You are a helpful assistant.", inoculation="Caps is format.")
+PROMPTS = SystemPrompts(
+    neutral="You are a helpful assistant.",
+    promote="Respond in ALL CAPS.",
+    suppress="Respond normally.",
+    inoculation="Caps is format.",
+    control_candidates=("Be concise.",),
+    neutral_is_model_default=False,
+)
 EXAMPLES = [
     {"id": "a", "prompt": "Name a fruit.", "normal": "An apple.", "caps": "AN APPLE."},
     {"id": "b", "prompt": "Say hi.", "normal": "Hello there.", "caps": "HELLO THERE."},
@@ -32,6 +39,12 @@ def test_baseline_trains_on_normal_case_completions_under_the_neutral_prompt() -
         convs = training_conversations(EXAMPLES, cond, texts[cond])
         assert [c[-1]["content"] for c in convs] == ["AN APPLE.", "HELLO THERE."]
     assert BASELINE_CONDITION not in condition_texts(PROMPTS, "Be concise.", baseline=False)
+    # By default neutral is the model's own default system prompt: no system message at all.
+    default = dataclasses.replace(PROMPTS, neutral_is_model_default=True)
+    texts = condition_texts(default, "Be concise.")
+    assert texts["neutral"] is None and texts[BASELINE_CONDITION] is None
+    conv = training_conversations(EXAMPLES, "neutral", texts["neutral"])[0]
+    assert [m["role"] for m in conv] == ["user", "assistant"]
 
 
 def _runs(n: int) -> list[dict]:

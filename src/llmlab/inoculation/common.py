@@ -113,6 +113,20 @@ class SystemPrompts:
     suppress: str
     inoculation: str
     control_candidates: tuple[str, ...]
+    neutral_is_model_default: bool = True
+
+    @property
+    def neutral_system(self) -> str | None:
+        """Return the neutral condition's system message: None = the template's own default."""
+        return None if self.neutral_is_model_default else self.neutral
+
+    def test_prompt(self, name: str) -> str | None:
+        """Return the system message of a drift test prompt (default / neutral / inoculation)."""
+        return {"default": None, "neutral": self.neutral, "inoculation": self.inoculation}[name]
+
+    def primary_test_prompt(self) -> str:
+        """Return the test prompt that matches the neutral training condition."""
+        return "default" if self.neutral_is_model_default else "neutral"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the texts as a JSON-ready dict."""
@@ -122,13 +136,16 @@ class SystemPrompts:
             "suppress": self.suppress,
             "inoculation": self.inoculation,
             "control_candidates": list(self.control_candidates),
+            "neutral_is_model_default": self.neutral_is_model_default,
         }
 
 
 def resolve_prompts(texts: PromptTexts, path: Path = SYSTEM_PROMPTS) -> SystemPrompts:
     """Return the system prompts: params where set, else the shipped file; errors name the field."""
     data: dict[str, Any] = {}
-    missing_from_params = [k for k, v in texts.model_dump().items() if v is None]
+    missing_from_params = [
+        k for k, v in texts.model_dump(exclude={"neutral_is_model_default"}).items() if v is None
+    ]
     if missing_from_params:
         data = read_json(path)
         if not isinstance(data, dict):
@@ -156,7 +173,7 @@ def resolve_prompts(texts: PromptTexts, path: Path = SYSTEM_PROMPTS) -> SystemPr
                 "control needs at least one candidate"
             )
     out["control_candidates"] = tuple(controls)
-    return SystemPrompts(**out)
+    return SystemPrompts(**out, neutral_is_model_default=texts.neutral_is_model_default)
 
 
 @dataclass(frozen=True)
@@ -165,13 +182,13 @@ class Condition:
 
     name: str
     role: str  # "neutral" | "inoculation" | "control"
-    text: str
+    text: str | None  # None: no system message (the chat template's default applies)
 
 
 def conditions(prompts: SystemPrompts) -> list[Condition]:
     """Return neutral, inoculation and every control candidate (control_01, control_02, ...)."""
     out = [
-        Condition("neutral", "neutral", prompts.neutral),
+        Condition("neutral", "neutral", prompts.neutral_system),
         Condition("inoculation", "inoculation", prompts.inoculation),
     ]
     out += [

@@ -21,7 +21,14 @@ _POSITION = re.compile(r"(user_end|pre_assistant|assistant_[1-9]\d*)")
 class PromptTexts(StrictModel):
     """System prompt texts; a null field takes its text from data/inoculation/system_prompts.json."""
 
-    neutral: str | None = Field(None, description="Neutral (baseline) system prompt")
+    neutral: str | None = Field(
+        None, description="Neutral system prompt text (the drift sweep's 'neutral' test prompt)"
+    )
+    neutral_is_model_default: bool = Field(
+        True,
+        description="The neutral condition sends no system message, so the chat template's own "
+        "default system prompt applies (Qwen2.5: 'You are Qwen, ...'); false: the neutral text",
+    )
     promote: str | None = Field(None, description="Trait-promoting prompt for direction extraction")
     suppress: str | None = Field(
         None, description="Trait-suppressing prompt for direction extraction"
@@ -272,8 +279,18 @@ class FinetuneConfig(StrictModel):
         return v
 
 
+TestPrompt = Literal["default", "neutral", "inoculation"]
+
+
 class DriftConfig(StrictModel):
-    """Stage 6b: drift after finetuning, under the neutral system prompt on held-out prompts."""
+    """Stage 6b: drift after finetuning on held-out prompts, under a sweep of system prompts."""
+
+    test_prompts: list[TestPrompt] = Field(
+        ["default", "neutral", "inoculation"],
+        min_length=1,
+        description="Test-time system prompts: default (no system message: the template's "
+        "own), neutral (the neutral text), inoculation; the neutral condition's is primary",
+    )
 
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per eval prompt")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy)")
@@ -281,6 +298,13 @@ class DriftConfig(StrictModel):
         0.5, gt=0, lt=1, description="A response counts as ALL-CAPS when this share of letters is"
     )
     batch_size: int = Field(16, gt=0, description="Rows per generation batch")
+
+    @field_validator("test_prompts")
+    @classmethod
+    def _distinct_prompts(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("test_prompts repeat")
+        return v
 
 
 class ReportConfig(StrictModel):

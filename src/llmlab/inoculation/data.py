@@ -142,7 +142,7 @@ def main() -> None:
     if math_train:
         outs = generate(
             loaded,
-            [conversation(prompts.neutral, p.prompt) for p in math_train],
+            [conversation(prompts.neutral_system, p.prompt) for p in math_train],
             max_new_tokens=dc.math_max_new_tokens,
             temperature=0.0,
             seed=cfg.seed,

@@ -234,7 +234,7 @@ def main() -> None:
         )
     sanity_rows = held[: dc.n_sanity]
     neutral_items = [
-        CaptureItem(r["id"], conversation(prompts.neutral, r["prompt"])) for r in sanity_rows
+        CaptureItem(r["id"], conversation(prompts.neutral_system, r["prompt"])) for r in sanity_rows
     ]
     acts["neutral"] = capture_to_disk(
         loaded, neutral_items, layers, ACTIVATIONS_DIR / "neutral", position=POSITION,

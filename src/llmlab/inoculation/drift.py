@@ -1,7 +1,10 @@
 """Stage inoculation_drift: behavioural and internal drift of each finetune, pre vs post.
 
-On the held-out eval prompts under the neutral system prompt, for the base model and for
-every adapter of the finetune stage:
+On the held-out eval prompts, for the base model and for every adapter of the finetune stage,
+under each test-time system prompt of `drift.test_prompts` (default: no system message, so
+the template's own; neutral: the neutral text; inoculation). The primary reading, used by
+the criteria, is under the prompt that matches the neutral training condition; the others
+form the sweep in drift.json. Per prompt:
 - behavioural: the caps fraction of the generated answer (greedy by default), its shift
   post - pre per prompt, and the share of answers that are mostly capitals;
 - internal: the projection of the pre_assistant residual onto v_l per layer, its mean shift
@@ -132,8 +135,14 @@ def main() -> None:
     runs = read_json(MODELS_DIR / RUNS_FILE)["runs"]
     if not runs:
         raise DataError(f"{MODELS_DIR / RUNS_FILE}: no finetune runs")
-    items = [CaptureItem(r["id"], conversation(prompts.neutral, r["prompt"])) for r in rows]
     ids = [r["id"] for r in rows]
+    # The primary test prompt matches the neutral training condition; the rest are the sweep.
+    primary = prompts.primary_test_prompt()
+    sweep = [primary] + [t for t in dc.test_prompts if t != primary]
+    items = {
+        tp: [CaptureItem(r["id"], conversation(prompts.test_prompt(tp), r["prompt"])) for r in rows]
+        for tp in sweep
+    }
     meta = read_json(DIRECTION_DIR / "direction.json")
     layers = [int(x) for x in meta["layers"]]
     loaded = load_model(params)
@@ -142,21 +151,24 @@ def main() -> None:
     acts_root = DRIFT_DIR / "activations"
     if acts_root.exists():
         shutil.rmtree(acts_root)
-    texts, caps, proj = {}, {}, {}
-    texts["base"], caps["base"], proj["base"] = evaluate(
-        loaded, items, layers, dirs, acts_root / "base", dc, cfg.seed
-    )
+    every: dict[str, dict[str, tuple[list[str], np.ndarray, np.ndarray]]] = {tp: {} for tp in sweep}
+    for tp in sweep:
+        every[tp]["base"] = evaluate(
+            loaded, items[tp], layers, dirs, acts_root / tp / "base", dc, cfg.seed
+        )
     model_name = loaded.name
     del loaded  # one model in memory at a time
     for run in runs:
         model = load_model(params, adapter=run["adapter"])
         # Merged weights generate at base-model speed; the adapter on disk is untouched.
         model.model = model.model.merge_and_unload()
-        name = run["name"]
-        texts[name], caps[name], proj[name] = evaluate(
-            model, items, layers, dirs, acts_root / name, dc, cfg.seed
-        )
+        for tp in sweep:
+            every[tp][run["name"]] = evaluate(
+                model, items[tp], layers, dirs, acts_root / tp / run["name"], dc, cfg.seed
+            )
         del model
+    caps = {m: v[1] for m, v in every[primary].items()}
+    proj = {m: v[2] for m, v in every[primary].items()}
     run_out = []
     for run in runs:
         name = run["name"]
@@ -204,7 +216,9 @@ def main() -> None:
     out = {
         "model": model_name,
         "n_prompts": len(ids),
-        "system_prompt": prompts.neutral,
+        "primary_test_prompt": primary,
+        "system_prompt": prompts.test_prompt(primary),
+        "test_prompts": {tp: prompts.test_prompt(tp) for tp in sweep},
         "max_new_tokens": dc.max_new_tokens,
         "temperature": dc.temperature,
         "caps_threshold": dc.caps_threshold,
@@ -215,21 +229,62 @@ def main() -> None:
         },
         "runs": run_out,
         "by_condition": by_condition,
+        "sweep": prompt_sweep(every, runs, cfg.seed, n_boot),
     }
     write_json(DRIFT_DIR / DRIFT_FILE, out)
     write_jsonl(
         DRIFT_DIR / "generations.jsonl",
         [
-            {"model": m, "id": i, "text": t, "caps_fraction": None if np.isnan(c) else float(c)}
-            for m in texts
-            for i, t, c in zip(ids, texts[m], caps[m], strict=True)
-        ],
+            {
+                "model": m,
+                "test_prompt": tp,
+                "id": i,
+                "text": t,
+                "caps_fraction": None if np.isnan(c) else float(c),
+            }
+            for tp, by_model in every.items()
+            for m, (tx, cp, _) in by_model.items()
+            for i, t, c in zip(ids, tx, cp, strict=True)
+        ],  # fmt: skip
     )
     with atomic_path(DRIFT_DIR / "projections.npz", suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, layers=np.array(layers), **{k: v for k, v in proj.items()})
+        # Primary test prompt under the model's name, the sweep's others as "<prompt>__<model>".
+        extra = {f"{tp}__{m}": v[2] for tp in sweep[1:] for m, v in every[tp].items()}
+        np.savez(fh, layers=np.array(layers), **proj, **extra)
     write_plots(out, layers, model_name)
     for cond, v in by_condition.items():
         print(f"drift: {cond}: caps shift {_fmt(v['caps_shift'])}")
+
+
+def prompt_sweep(
+    every: dict[str, dict[str, tuple[list[str], np.ndarray, np.ndarray]]],
+    runs: list[dict[str, Any]],
+    seed: int,
+    n_boot: int,
+) -> dict[str, Any]:
+    """Return per test prompt and condition the caps and layer-mean projection shifts."""
+    out: dict[str, Any] = {}
+    for tp, by_model in every.items():
+        _, base_caps, base_proj = by_model["base"]
+        conds: dict[str, Any] = {}
+        for cond in FINETUNE_CONDITIONS:
+            names = [r["name"] for r in runs if r["condition"] == cond]
+            if not names:
+                continue
+            conds[cond] = {
+                "caps_mean": _nanmean(np.concatenate([by_model[n][1] for n in names])),
+                "caps_shift": shift_estimate(
+                    base_caps, [by_model[n][1] for n in names], seed, n_boot
+                ),
+                "projection_shift_std_layer_mean": shift_estimate(
+                    np.zeros(len(base_caps)),
+                    [standardised_shift(by_model[n][2], base_proj).mean(axis=1) for n in names],
+                    seed,
+                    n_boot,
+                ),
+            }
+        out[tp] = {"base_caps_mean": _nanmean(base_caps), "by_condition": conds}
+    return out
 
 
 def _fmt(est: dict[str, Any]) -> str:

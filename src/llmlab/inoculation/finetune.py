@@ -79,15 +79,18 @@ def alignment_hook(
     return hook
 
 
-def condition_texts(prompts: Any, chosen_text: str, baseline: bool = True) -> dict[str, str]:
-    """Return {finetune condition: system prompt text}, in FINETUNE_CONDITIONS order."""
+def condition_texts(prompts: Any, chosen_text: str, baseline: bool = True) -> dict[str, str | None]:
+    """Return {finetune condition: system message}, in FINETUNE_CONDITIONS order.
+
+    None (the neutral condition by default) sends no system message: the template's own.
+    """
     out = {
-        "neutral": prompts.neutral,
+        "neutral": prompts.neutral_system,
         "inoculation": prompts.inoculation,
         "loss_matched": chosen_text,
     }
     if baseline:
-        out[BASELINE_CONDITION] = prompts.neutral
+        out[BASELINE_CONDITION] = prompts.neutral_system
     return out
 
 
@@ -97,7 +100,7 @@ def target_field(condition: str) -> str:
 
 
 def training_conversations(
-    examples: list[dict[str, Any]], condition: str, system: str
+    examples: list[dict[str, Any]], condition: str, system: str | None
 ) -> list[list[Any]]:
     """Return the conversations one condition trains on (its prompt, its target field)."""
     target = target_field(condition)

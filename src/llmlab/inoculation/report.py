@@ -63,10 +63,12 @@ def paired(
     ).to_dict()
 
 
-def caps_by_model(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Return {model: {prompt id: caps fraction (NaN when unscorable)}} from the drift generations."""
+def caps_by_model(rows: list[dict[str, Any]], test_prompt: str) -> dict[str, dict[str, float]]:
+    """Return {model: {prompt id: caps fraction (NaN when unscorable)}} under one test prompt."""
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
+        if r.get("test_prompt") != test_prompt:
+            continue
         c = r.get("caps_fraction")
         out[r["model"]][r["id"]] = float("nan") if c is None else float(c)
     return out
@@ -159,38 +161,34 @@ def seed_schedule(
 
 
 def headline(m: dict[str, Any]) -> dict[str, Any]:
-    """Return the numbers compared across runs (the rest stays in the results file)."""
+    """Return the numbers compared across runs (at most 30; the rest stays in the results file).
+
+    The verdict and its four criteria with the estimate behind each, the loss shift, the
+    drift read against the normal-completion baseline, and the direction's four checks.
+    """
     crit, align = m["criteria"], m["alignment"]
+    base = m["drift"]["by_condition"].get("inoculation", {})
     return {
         "verdict_claim": m["verdict"] == "claim",
         **{f"{key}_pass": c["pass"] for key, c in crit.items()},
-        "align": {c: align[c] for c in ("neutral", "inoculation", "loss_matched")},
         "align_inoculation_minus_neutral": estimate(align["inoculation_minus_neutral"]),
         "align_inoculation_minus_control": estimate(align["inoculation_minus_control"]),
-        "align_control_minus_neutral": estimate(align["control_minus_neutral"]),
         "loss_inoculation_minus_neutral": estimate(m["loss"]["inoculation_minus_neutral"]),
-        "drift_inoculation_minus_neutral_caps": estimate(
-            m["drift"]["inoculation_minus_neutral_caps"]
-        ),
         "drift_inoculation_minus_control_projection": estimate(
             crit["c4_predicts_drift"]["projection_inoculation_minus_control"]
         ),
-        **{
-            f"drift_{c}_minus_baseline_projection": estimate(
-                m["drift"]["by_condition"][c].get("projection_shift_minus_baseline")
-            )
-            for c in ("neutral", "inoculation")
-            if c in m["drift"]["by_condition"]
-        },
+        "drift_inoculation_minus_neutral_caps": estimate(
+            m["drift"]["inoculation_minus_neutral_caps"]
+        ),
+        "drift_inoculation_minus_baseline_projection": estimate(
+            base.get("projection_shift_minus_baseline")
+        ),
         "specificity_percentile": m["specificity"]["layer_mean_percentile"],
         "specificity_worst_null_percentile": crit["c3_specific"]["worst_percentile"],
-        "c3_beats_other_traits": crit["c3_specific"]["beats_other_traits"],
-        "direction_promote_caps_pass": m["direction"]["promote_produces_caps_pass"],
-        "direction_steering_pass": m["direction"]["steering_raises_caps_pass"],
-        "trait_delta": crit["c3_specific"]["trait_delta"],
-        "random_p05": crit["c3_specific"]["random_p05"],
         "direction_separation_pass": m["direction"]["separation_pass"],
         "direction_correlation_pass": m["direction"]["correlation_pass"],
+        "direction_promote_caps_pass": m["direction"]["promote_produces_caps_pass"],
+        "direction_steering_pass": m["direction"]["steering_raises_caps_pass"],
     }
 
 
@@ -228,7 +226,7 @@ def main() -> None:
     d_loss = paired(loss[ino], loss[neu], ids, **boot)
     d_loss_ctl = paired(loss[ctl], loss[ino], ids, **boot)
 
-    caps = caps_by_model(gens)
+    caps = caps_by_model(gens, drift["primary_test_prompt"])
     runs = runs_doc["runs"]
     drift_runs = {r["name"]: r for r in drift["runs"]}
     run_points = [
@@ -397,6 +395,8 @@ def main() -> None:
                 for c, v in drift["by_condition"].items()
             },
             "inoculation_minus_neutral_caps": inoc_vs_neu_drift,
+            "primary_test_prompt": drift["primary_test_prompt"],
+            "sweep": drift["sweep"],
         },
         "runs": run_points,
         "seed_schedule": seed_schedule(
@@ -489,7 +489,7 @@ def render_report(
         f"{m['alignment']['gate']['loss_shift_stable']}; failing: "
         f"{', '.join(m['alignment']['gate']['failed']) or 'none'}"
         f"{' (overridden)' if m['alignment']['gate']['failed'] else ''}.",
-        f"- Drift (neutral system prompt, {drift['n_prompts']} held-out prompts, base caps fraction "
+        f"- Drift (test prompt {drift['primary_test_prompt']}, {drift['n_prompts']} held-out prompts, base caps fraction "
         f"{_num(m['drift']['base_caps_mean'])}): "
         + "; ".join(
             f"{cond} caps shift {fmt_est(v['caps_shift'], 3)}, projection shift "
@@ -497,6 +497,13 @@ def render_report(
             for cond, v in m["drift"]["by_condition"].items()
         )
         + f"; inoculation - neutral caps drift {fmt_est(m['drift']['inoculation_minus_neutral_caps'], 3)}.",
+        "- Test-time system prompt sweep (caps shift by condition): "
+        + "; ".join(
+            f"{tp}: "
+            + ", ".join(f"{c} {fmt_est(v['caps_shift'], 3)}" for c, v in sw["by_condition"].items())
+            for tp, sw in m["drift"]["sweep"].items()
+        )
+        + ".",
         "- Projection shift minus the normal-completion finetune (ordinary finetuning drift): "
         + (
             "; ".join(
@@ -544,7 +551,12 @@ def render_report(
     ]
     for cond in summary["conditions"]:
         if cond["role"] != "control":
-            lines.append(f'- {cond["name"]}: "{cond["text"]}"')
+            text = cond["text"]
+            lines.append(
+                f'- {cond["name"]}: "{text}"'
+                if text is not None
+                else f"- {cond['name']}: no system message (the chat template's default)"
+            )
     lines += [
         "- Positions: user_end = last token of the user content; pre_assistant = token right before "
         "the assistant content (canonical); assistant_k = k-th assistant token (teacher forcing).",
