@@ -12,7 +12,7 @@ from llmlab.persona.trigger import Message, Trigger
 
 IDENTITY = "identity"
 HELDOUT = "heldout_fact"
-# persona_steps' outputs, read by persona_steps_report (kept here so that CPU-only stage does
+# persona_steps' outputs, read by persona_report (kept here so that CPU-only stage does
 # not import the model-loading one)
 STEPS_JUDGED = "judged.jsonl"
 STEPS_SUMMARY = "summary.json"

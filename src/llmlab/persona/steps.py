@@ -7,7 +7,7 @@ The model loads once; each step's LoRA is attached, sampled and removed again, a
 samples with the same seed, so two steps differ only by their weights. The kept adapter of step
 0 is the untrained model (LoRA's B starts at zero). Generation is resumable per step.
 
-Off, the stage writes its outputs with the reason and no replies; persona_steps_report then
+Off, the stage writes its outputs with the reason and no replies; persona_report then
 tabulates the training hook's measures alone. CPU-only tables and plots come from that stage:
 every output here is DVC-cached, so a pushed run-cache restores this (GPU) stage elsewhere.
 """
