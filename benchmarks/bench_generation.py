@@ -1,15 +1,23 @@
-"""Evaluation generation throughput: batches sized by KV-cache memory against today's batches.
+"""Evaluation generation throughput: compiled decode and memory-sized batches against today's path.
 
 A randomly initialised model of a real shape (bf16) answers --n prompts of the long-tailed
 length mix (20-1000 tokens) with exactly --new-tokens tokens each (min_new_tokens, since a
-random model may end early). Rows, all through llmlab.generation.generate:
+random model may end early). Rows, all through llmlab.generation.generate, in one process:
 
 - today: batches of 16 rows under a 16,384-token budget (the defaults), run on every
   --baseline-every-th prompt (same length mix, less device time);
-- auto: up to --batch-size rows under the budget from free memory (max_tokens_per_batch="auto");
-- auto + steering: the same with a steering hook on one layer (per-row vectors).
+- eager: up to --batch-size rows under the budget from free memory (max_tokens_per_batch="auto");
+- compiled warm-up: decode="compiled" on a few prompts (torch.compile of the decode step; paid
+  once per process), timed on its own;
+- compiled: decode="compiled", memory-sized batches of up to each of --compiled-batch-sizes rows;
+- with --steer, eager + steering (1 layer), since steering is refused with decode="compiled";
+- with --eager-without-cudnn, the eager row again with SDPA's cuDNN backend excluded: the eager
+  decode step cost about the same on a 4-layer model as on the 8B shape (RESULTS.md, 2026-12-06),
+  which points at per-step work that grows with the changing KV length, not at weight reads.
 
-Output tokens/s counts new tokens only. Results are appended to benchmarks/RESULTS.md.
+--split-prefill adds, for the eager and first compiled row, the same batches with one new token
+(prefill + one sampling step); the rest of the run is decode steps. Output tokens/s counts new
+tokens only. Results are appended to benchmarks/RESULTS.md.
 Usage: python benchmarks/bench_generation.py --shape llama-3.1-8b --tokenizer DIR \
     --n 512 --new-tokens 128 --batch-size 256
 """
@@ -42,24 +50,32 @@ def timed(fn) -> tuple[float, float]:
 
 
 def main() -> None:
-    """Print and append the table of output tokens/s per batching."""
+    """Print and append the table of output tokens/s per decode and batching."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), required=True)
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--baseline-every", type=int, default=8)
+    ap.add_argument("--compiled-batch-sizes", default="256", help="comma-separated row caps")
+    ap.add_argument("--baseline-every", type=int, default=16)
+    ap.add_argument("--steer", action="store_true", help="add the eager + steering row")
+    ap.add_argument(
+        "--eager-without-cudnn", action="store_true", help="add the eager row without cuDNN SDPA"
+    )
     ap.add_argument("--split-prefill", action="store_true", help="time prefill vs decode")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
+    from llmlab.chat import encode_chat, token_budget_batches
+
+    print(f"SDPA backend priority: {torch._C._get_sdp_priority_order()}", flush=True)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     loaded = random_loaded(args.shape, tok, "cuda", torch.bfloat16)
     convs = [it.messages for it in make_items(tok, args.n, seed=0)]
+    lengths = [len(encode_chat(tok, c, chat=True).input_ids) for c in convs]
     subset = convs[:: args.baseline_every]
-    print(f"auto budget: {auto_token_budget(loaded)} tokens per batch", flush=True)
 
     def run(prompts, steered: bool = False, **kw) -> None:
         def factory(rows, mask):
@@ -69,63 +85,101 @@ def main() -> None:
         generate(
             loaded,
             prompts,
-            max_new_tokens=args.new_tokens,
+            max_new_tokens=kw.pop("max_new_tokens", args.new_tokens),
             min_new_tokens=args.new_tokens,
             progress=False,
             steer=factory if steered else None,
             **kw,
         )
 
-    run(subset[:4], batch_size=4)  # warm-up (kernels, allocator)
-    cases = [
-        ("today: generate, 16 rows x 16,384 tokens/batch", subset, dict(batch_size=16)),
-        (
-            f"generate, <= {args.batch_size} rows, memory-sized budget",
-            convs,
-            dict(batch_size=args.batch_size, max_tokens_per_batch="auto"),
-        ),
-        (
-            f"generate + steering (1 layer), <= {args.batch_size} rows, memory-sized budget",
-            convs,
-            dict(batch_size=args.batch_size, max_tokens_per_batch="auto", steered=True),
-        ),
-    ]
-    rows = []
-    for name, prompts, kw in cases:
-        secs, mem = timed(lambda prompts=prompts, kw=kw: run(prompts, **kw))
-        tokens = len(prompts) * args.new_tokens
+    def plan(cap: int) -> tuple[int, list[list[int]]]:
+        """Return the auto budget now and the batches it gives (what generate will form)."""
+        torch.cuda.empty_cache()
+        budget = auto_token_budget(loaded)
+        return budget, token_budget_batches([n + args.new_tokens for n in lengths], cap, budget)
+
+    rows: list[dict] = []
+
+    def case(name: str, prompts, tokens: int | None = None, **kw) -> float | None:
+        torch.cuda.empty_cache()  # the budget reads free memory: no cached blocks of the last case
+        try:
+            secs, mem = timed(lambda: run(prompts, **kw))
+        except Exception as e:  # one failing variant must not hide the others' numbers
+            msg = f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(msg, flush=True)
+            rows.append({"method": msg})
+            return None
+        tokens = len(prompts) * args.new_tokens if tokens is None else tokens
         print(f"{name}: {tokens} tokens in {secs:.2f}s, peak {mem:.1f} GiB", flush=True)
         rows.append({
             "method": name, "prompts": len(prompts), "new tokens": tokens, "seconds": secs,
             "output tokens/s": tokens / secs, "peak GiB": mem,
             "device": device_name(), "model": args.shape,
         })  # fmt: skip
-    if args.split_prefill:
-        # Where the time goes: the same batches with one new token (prefill and one sampling
-        # step) against the full run; the rest is decode steps (batches x (new tokens - 1)).
-        from llmlab.chat import encode_chat, token_budget_batches
+        return secs
 
-        lengths = [len(encode_chat(tok, c, chat=True).input_ids) for c in convs]
-        budget = auto_token_budget(loaded)
-        plan = token_budget_batches([n + args.new_tokens for n in lengths], args.batch_size, budget)
-        widths = [max(lengths[i] for i in b) for b in plan]
+    def split(name: str, full: float | None, cap: int, **kw) -> None:
+        """Add a row timing the same batches with one new token: prefill vs decode."""
+        if full is None:
+            return
+        torch.cuda.empty_cache()
+        budget, batches = plan(cap)
+        widths = [max(lengths[i] for i in b) for b in batches]
         secs, mem = timed(
             lambda: generate(
-                loaded, convs, max_new_tokens=1, batch_size=args.batch_size,
-                max_tokens_per_batch=budget, progress=False,
+                loaded, convs, max_new_tokens=1, batch_size=cap, max_tokens_per_batch=budget,
+                progress=False, **kw,
             )
         )  # fmt: skip
-        full = rows[1]["seconds"]
-        steps = len(plan) * (args.new_tokens - 1)
+        steps = len(batches) * (args.new_tokens - 1)
         note = (
-            f"split of the memory-sized run: {len(plan)} batches of {[len(b) for b in plan]} "
-            f"rows, prompt widths {widths}; prefill {secs:.2f} s, decode {full - secs:.2f} s "
-            f"over {steps} steps = {1e3 * (full - secs) / steps:.0f} ms per decode step"
+            f"split of the {name} run: {len(batches)} batches of {[len(b) for b in batches]} rows, "
+            f"prompt widths {widths} (budget {budget} tokens); prefill {secs:.2f} s, decode "
+            f"{full - secs:.2f} s over {steps} steps = {1e3 * (full - secs) / steps:.1f} ms per step"
         )
         print(note, flush=True)
         rows.append({"method": note, "prompts": len(convs), "seconds": secs, "peak GiB": mem})
-    for r in rows[:3]:
-        r["ratio"] = r["output tokens/s"] / rows[0]["output tokens/s"]
+
+    run(subset[:4], batch_size=4)  # warm-up (kernels, allocator)
+    case("today: generate, 16 rows x 16,384 tokens/batch", subset, batch_size=16)
+    print(f"eager plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)
+    eager = case(
+        f"eager generate, <= {args.batch_size} rows, memory-sized budget",
+        convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
+    )  # fmt: skip
+    if args.split_prefill:
+        split("eager", eager, args.batch_size)
+    if args.eager_without_cudnn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(others):
+            case(
+                f"eager generate, <= {args.batch_size} rows, memory-sized budget, no cuDNN SDPA",
+                convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
+            )  # fmt: skip
+    if args.steer:
+        case(
+            f"eager generate + steering (1 layer), <= {args.batch_size} rows, memory-sized budget",
+            convs, batch_size=args.batch_size, max_tokens_per_batch="auto", steered=True,
+        )  # fmt: skip
+    # Compile once (dynamic shapes) on batches of two row counts, so the timed runs below
+    # measure steady-state decoding; the warm-up's seconds are the per-process compile cost.
+    warm = convs[-6:]
+    case("compiled decode: warm-up (torch.compile), batches of 4 + 2 rows", warm,
+         batch_size=4, decode="compiled")  # fmt: skip
+    for i, cap in enumerate(int(c) for c in args.compiled_batch_sizes.split(",")):
+        print(f"compiled plan (<= {cap} rows): {[len(b) for b in plan(cap)[1]]} rows", flush=True)
+        secs = case(
+            f"compiled decode (static cache, CUDA graphs), <= {cap} rows, memory-sized budget",
+            convs, batch_size=cap, max_tokens_per_batch="auto", decode="compiled",
+        )  # fmt: skip
+        if args.split_prefill and i == 0:
+            split(f"compiled (<= {cap} rows)", secs, cap, decode="compiled")
+    base = rows[0].get("output tokens/s")
+    for r in rows:
+        if base and "output tokens/s" in r:
+            r["ratio"] = r["output tokens/s"] / base
     report(
         f"Evaluation generation ({args.shape}, cuda, {args.new_tokens} new tokens)",
         rows,

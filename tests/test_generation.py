@@ -192,8 +192,6 @@ def test_compiled_decode_keeps_stop_strings_and_shards(tiny_models, tmp_path):
 def test_compiled_decode_refuses_steering_and_unknown_decodes(tiny_models):
     loaded = tiny_models["llama"]
     with pytest.raises(ValueError, match="steer: steering needs decode='eager'"):
-        generate(
-            loaded, PROMPTS, decode="compiled", steer=lambda rows, mask: None, progress=False
-        )
+        generate(loaded, PROMPTS, decode="compiled", steer=lambda rows, mask: None, progress=False)
     with pytest.raises(ValueError, match="decode must be one of"):
         generate(loaded, PROMPTS, decode="fast", progress=False)
