@@ -324,3 +324,18 @@ def test_a_training_writes_the_best_evaluations_adapter(tiny_models, tmp_path):
 
     assert any(k in written for k in snapshots[2])
     assert same(2) and not same(6)
+
+
+def test_an_adapter_published_for_another_hub_base_is_refused():
+    from types import SimpleNamespace
+
+    from llmlab.introspection.hub_adapter import check_base_model
+
+    entry = SimpleNamespace(source="hub", repo_id="Qwen/Qwen2.5-Coder-32B-Instruct")
+    config = {"base_model_name_or_path": "Qwen/Qwen2.5-Coder-32B-Instruct"}
+    check_base_model(config, entry, "qwen", "where")
+    with pytest.raises(AdapterError, match="published for base model 'Qwen/Qwen2.5-7B'"):
+        check_base_model({"base_model_name_or_path": "Qwen/Qwen2.5-7B"}, entry, "qwen", "where")
+    # A local registry model has no hub id to compare.
+    local = SimpleNamespace(source="local", repo_id=None)
+    check_base_model({"base_model_name_or_path": "Qwen/Qwen2.5-7B"}, local, "qwen", "where")

@@ -72,6 +72,23 @@ def check_rank(dest: Path, rank: int, alpha: float, where: str) -> dict[str, Any
     return config
 
 
+def check_base_model(peft_config: dict[str, Any], entry: Any, name: str, where: str) -> None:
+    """Fail when a hub-sourced registry model is not the base the adapter was published for.
+
+    peft records the base model's id (`base_model_name_or_path`); LoRA weights applied to
+    another base load without complaint and give meaningless answers. A local or converted
+    registry model has no hub id to compare, so only a hub source is checked.
+    """
+    published = peft_config.get("base_model_name_or_path")
+    if entry.source != "hub" or not published:
+        return
+    if published.lower() != str(entry.repo_id).lower():
+        raise AdapterError(
+            f"{where}: published for base model {published!r}, but models.{name} is "
+            f"{entry.repo_id!r}"
+        )
+
+
 def import_adapter(
     params: Any,
     variant_name: str,
@@ -96,6 +113,7 @@ def import_adapter(
     try:
         commit = fetch_adapter_files(hub.repo_id, hub.revision, hub.subfolder, staging)
         peft_config = check_rank(staging, variant.rank, variant.alpha, where)
+        check_base_model(peft_config, params.models[params.model], params.model, where)
         meta = {
             # load_params(family="introspection") made params.model the family's model.
             "base_model": params.model,
