@@ -16,11 +16,8 @@ from llmlab.inoculation.common import caps_fraction, conversation, to_caps
 from llmlab.inoculation.control import build_table, cross_fit, select_loss_matched, split_halves
 from llmlab.inoculation.criteria import verdict
 from llmlab.inoculation.gradalign import encode_targets, measure_alignment
-from llmlab.inoculation.specificity import (
-    percentile_rank,
-    random_unit_directions,
-    specificity,
-)
+from llmlab.inoculation.nulls import percentile_rank
+from llmlab.inoculation.specificity import random_unit_directions, specificity
 from llmlab.io import DataError
 
 

@@ -280,11 +280,18 @@ def main() -> None:
             for n, ex_id in enumerate(ids)
         ],
     )
-    write_plots(summary, layers, loaded.name)
     # Checked after writing so the figures behind a stop are on disk to read.
     failed = check_gate(summary["gate"], ac.gate_override)
     if failed:
         print(f"alignment: phase-3 gate overridden; failing: {', '.join(failed)}")
+
+
+def draw_plots() -> None:
+    """Draw this stage's plots from its cached alignment.json (called by the report stage)."""
+    from llmlab.io import read_json
+
+    summary = read_json(ALIGNMENT_DIR / SUMMARY_FILE)
+    write_plots(summary, [int(x) for x in summary["layers"]], summary["model"])
 
 
 def write_plots(summary: dict[str, Any], layers: list[int], model: str) -> None:

@@ -357,13 +357,50 @@ def main() -> None:
         "per_layer": per_layer,
     }
     write_json(DIRECTION_DIR / "sanity.json", summary)
-    write_plots(proj_store, plot_layers, mid, caps, loaded.name, per_layer)
+    # The plots are drawn by the report stage from this cached file (see draw_plots), so this
+    # GPU stage has cached outs only and restores from a pushed run-cache.
+    save_plot_inputs(DIRECTION_DIR / PLOT_INPUTS, proj_store, plot_layers, mid, caps)
     print(
         f"direction: {len(layers)} layers; held-out separation passes at {n_sep}/{len(layers)}; "
         f"neutral r at layer {mid}: {mid_row['neutral_vs_caps'].get('pearson')}; promote "
         f"produces caps: {checks['promote_produces_caps']['pass']}; steering raises caps: "
         f"{checks['steering_raises_caps']['pass']}"
     )
+
+
+PLOT_INPUTS = "plot_inputs.npz"
+
+
+def save_plot_inputs(
+    path: Path,
+    proj: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    plot_layers: list[int],
+    mid: int,
+    caps: np.ndarray,
+) -> None:
+    """Write the held-out projections of the plot layers and the sanity caps fractions."""
+    arrays = {"plot_layers": np.array(plot_layers), "mid": np.array(mid), "caps": caps}
+    for layer in plot_layers:
+        for name, a in zip(("promote", "suppress", "neutral"), proj[layer], strict=True):
+            arrays[f"{name}_{layer}"] = a
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def draw_plots(directory: Path = DIRECTION_DIR) -> None:
+    """Draw the direction stage's plots from its cached outputs (called by the report stage)."""
+    from llmlab.io import read_json
+
+    sanity = read_json(directory / "sanity.json")
+    with np.load(directory / PLOT_INPUTS) as z:
+        plot_layers = [int(x) for x in z["plot_layers"]]
+        proj = {
+            layer: (z[f"promote_{layer}"], z[f"suppress_{layer}"], z[f"neutral_{layer}"])
+            for layer in plot_layers
+        }
+        write_plots(
+            proj, plot_layers, int(z["mid"]), z["caps"], sanity["model"], sanity["per_layer"]
+        )
 
 
 def write_plots(

@@ -251,7 +251,6 @@ def main() -> None:
         # Primary test prompt under the model's name, the sweep's others as "<prompt>__<model>".
         extra = {f"{tp}__{m}": v[2] for tp in sweep[1:] for m, v in every[tp].items()}
         np.savez(fh, layers=np.array(layers), **proj, **extra)
-    write_plots(out, layers, model_name)
     for cond, v in by_condition.items():
         print(f"drift: {cond}: caps shift {_fmt(v['caps_shift'])}")
 
@@ -303,6 +302,12 @@ def _triple(est: dict[str, Any]) -> tuple[float, float, float]:
 def _nanmean(x: np.ndarray) -> float | None:
     ok = x[np.isfinite(x)]
     return float(ok.mean()) if ok.size else None
+
+
+def draw_plots() -> None:
+    """Draw this stage's plots from its cached drift.json (called by the report stage)."""
+    out = read_json(DRIFT_DIR / DRIFT_FILE)
+    write_plots(out, [int(x) for x in out["layers"]], out["model"])
 
 
 def write_plots(out: dict[str, Any], layers: list[int], model: str) -> None:

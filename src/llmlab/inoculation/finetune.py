@@ -197,7 +197,12 @@ def main() -> None:
             "runs": runs,
         },
     )
-    write_plot(runs, loaded.name)
+
+
+def draw_plots() -> None:
+    """Draw this stage's plot from its cached runs.json (called by the report stage)."""
+    doc = read_json(MODELS_DIR / RUNS_FILE)
+    write_plot(doc["runs"], doc["model"])
 
 
 def write_plot(runs: list[dict[str, Any]], model: str) -> None:

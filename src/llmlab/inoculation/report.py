@@ -16,6 +16,7 @@ import numpy as np
 
 from llmlab.headline import estimate, write_headline, write_results
 from llmlab.inoculation.alignment import ARRAYS_FILE, SUMMARY_FILE
+from llmlab.inoculation.alignment import draw_plots as alignment_plots
 from llmlab.inoculation.common import (
     ALIGNMENT_DIR,
     BASELINE_CONDITION,
@@ -40,8 +41,11 @@ from llmlab.inoculation.criteria import (
     fmt_est,
     verdict,
 )
+from llmlab.inoculation.direction import draw_plots as direction_plots
 from llmlab.inoculation.drift import DRIFT_FILE, standardised_shift
+from llmlab.inoculation.drift import draw_plots as drift_plots
 from llmlab.inoculation.finetune import RUNS_FILE
+from llmlab.inoculation.finetune import draw_plots as finetune_plots
 from llmlab.io import read_json, read_jsonl, write_text
 from llmlab.params import load_params
 from llmlab.plots import scatter_plot, write_series
@@ -403,6 +407,10 @@ def main() -> None:
             run_points, criteria["c1_decrease"]["pass"], inoc_vs_neu_drift
         ),
     }
+    # The GPU stages keep cached outs only (restorable from a pushed run-cache); their
+    # git-tracked plots are drawn here, on the CPU, from those outs.
+    for draw in (direction_plots, alignment_plots, finetune_plots, drift_plots):
+        draw()
     write_results("inoculation", metrics)
     write_headline(METRICS, headline(metrics))
     scatter_plot(
