@@ -144,6 +144,16 @@ def test_compiled_decode_greedy_rows_equal_eager(tiny_models, monkeypatch, arch)
     assert compiled == eager == singles
 
 
+def test_compiled_decode_seeded_sampling_is_reproducible(tiny_models):
+    """Each batch is seeded by (seed, batch index) under decode="compiled" too."""
+    loaded = tiny_models["gemma3"]
+    convs = repeat_for_samples(PROMPTS, 2)
+    kw = dict(max_new_tokens=8, temperature=1.0, decode="compiled", batch_size=4, progress=False)
+    a = generate(loaded, convs, seed=1, **kw)
+    assert a == generate(loaded, convs, seed=1, **kw)
+    assert a != generate(loaded, convs, seed=2, **kw)
+
+
 def test_compiled_decode_traces_the_decode_step(tiny_models, monkeypatch):
     """With compilation forced on the CPU (dynamo, eager backend) the decode step is traced."""
     from transformers import CompileConfig
