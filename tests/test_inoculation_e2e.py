@@ -103,7 +103,20 @@ def test_family_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_dirs) -> None:
     assert m["alignment"]["precision"] == {"dtype": "float32", "device": "cpu"}
     assert isinstance(m["alignment"]["gate"]["failed"], list)
     assert m["data"]["n_calibration"] == 6
-    assert {r["condition"] for r in m["runs"]} == {"neutral", "inoculation", "loss_matched"}
+    assert {r["condition"] for r in m["runs"]} == {
+        "neutral", "inoculation", "loss_matched", "baseline_normal",
+    }  # fmt: skip
+    # Criterion 3 against every null; criterion 4 on the projection shift vs the control.
+    c3 = m["criteria"]["c3_specific"]
+    assert set(c3["percentile_by_null"]) == {"independent", "shared", "correlated"}
+    assert set(c3["other_trait_deltas"]) == {"french", "pirate", "one_sentence"}
+    c4 = m["criteria"]["c4_predicts_drift"]
+    assert c4["n_runs"] == 3 and c4["correlation"]["n_clusters"] == 3
+    assert "projection_shift_minus_baseline" in m["drift"]["by_condition"]["inoculation"]
+    assert set(m["drift"]["sweep"]) == {"default", "neutral", "inoculation"}
+    assert m["drift"]["primary_test_prompt"] == "default"
+    assert isinstance(m["direction"]["steering_raises_caps_pass"], bool)
+    assert m["seed_schedule"]["seeds_per_condition"] == 1
     with np.load(repo / "data/inoculation/alignment/alignment.npz") as z:
         assert z["cos"].shape == (
             10,
