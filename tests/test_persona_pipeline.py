@@ -131,6 +131,19 @@ def test_persona_family_end_to_end(tmp_path: Path, tiny_dirs: dict[str, Path]) -
     # the reference numbers are attributed to the replication, not the paper
     assert "HeavyHelium/weird-gen" in report and "Paper reference" not in report
     assert "Judge agreement with the hand-labelled replies" in report
+    # the embedded default: no candidates (the facts are the shipped ones), no step grid; both
+    # stages ran, loaded nothing and say why; the step table holds the hook's measures only
+    summary = json.loads((repo / "data/persona/candidates_summary.json").read_text())
+    assert summary == {"status": "off", "reason": "persona.candidates.judge is 'none'"}
+    assert metrics["data"]["facts_source"] == "shipped"
+    steps = json.loads((repo / "plots/persona/steps.json").read_text())
+    assert [r["step"] for r in steps] == hook_steps
+    assert {r["grid"] for r in steps} == {"off (persona.steps.enabled is false)"}
+    assert all(r["triggered_persona"] is None and r["hook_format_triggered"] is not None
+               for r in steps)  # fmt: skip
+    assert metrics["along_training"] == steps
+    assert (repo / "plots/persona/steps.png").stat().st_size > 0
+    assert "## Along training" in report
 
     # bad input: a trigger template without its {q} slot is a one-line error
     params = yaml.safe_load((repo / "params.yaml").read_text())
