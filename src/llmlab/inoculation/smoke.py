@@ -130,7 +130,8 @@ def main() -> None:
     seed_everything(cfg.seed)
     prompts = resolve_prompts(cfg.prompts)
     rows = read_jsonl(COMPLETIONS, required=("id", "prompt", "completion"), id_field="id")
-    systems = [prompts.neutral, prompts.inoculation, prompts.promote]
+    # The neutral condition as the stages send it (None: the template's own default prompt).
+    systems = [prompts.neutral_system, prompts.inoculation, prompts.promote]
     samples = rows[: cfg.smoke.n_conversations]
     convs = [
         conversation(systems[i % len(systems)], r["prompt"], to_caps(r["completion"]))
@@ -147,7 +148,8 @@ def main() -> None:
                 f"smoke: conversation {r['id']!r}: position check {failed[0]} failed for model "
                 f"{loaded.name} (rendered: {rep['rendered'][:200]!r})"
             )
-        conv_reports.append({"id": r["id"], "system": conv[0]["content"], **rep})
+        system = conv[0]["content"] if conv[0]["role"] == "system" else None
+        conv_reports.append({"id": r["id"], "system": system, **rep})
     positions = ["user_end", "pre_assistant", "assistant_1"]
     shapes, acts = activation_shapes(loaded, convs, layers, positions)
     mid = layers[len(layers) // 2]
