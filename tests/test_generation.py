@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -205,3 +207,35 @@ def test_compiled_decode_refuses_steering_and_unknown_decodes(tiny_models):
         generate(loaded, PROMPTS, decode="compiled", steer=lambda rows, mask: None, progress=False)
     with pytest.raises(ValueError, match="decode must be one of"):
         generate(loaded, PROMPTS, decode="fast", progress=False)
+
+
+def test_runtime_decode_applies_to_unsteered_calls_only(tiny_models, monkeypatch):
+    """runtime.decode (carried on the loaded model) picks the decode of calls that name none;
+    a steered call decodes eagerly instead of being refused or recompiled per batch."""
+    from transformers import CompileConfig
+
+    from llmlab.params import Runtime
+
+    assert Runtime().decode == "eager"
+    with pytest.raises(ValueError, match="decode"):
+        Runtime(decode="fast")
+    loaded = tiny_models["gemma3"]
+    config = CompileConfig(backend="eager", dynamic=True, mode=None)
+    config._compile_all_devices = True
+    compiled_calls = []
+    real = loaded.model.get_compiled_call
+    monkeypatch.setattr(
+        loaded.model, "get_compiled_call", lambda cfg: compiled_calls.append(cfg) or real(cfg)
+    )
+    eager = generate(loaded, PROMPTS, max_new_tokens=6, batch_size=2, progress=False)
+    monkeypatch.setattr(loaded, "decode", "compiled")
+    got = generate(
+        loaded, PROMPTS, max_new_tokens=6, batch_size=2, progress=False, compile_config=config
+    )
+    assert got == eager and compiled_calls
+    compiled_calls.clear()
+    steered = generate(
+        loaded, PROMPTS, max_new_tokens=6, batch_size=2, progress=False,
+        steer=lambda rows, mask: contextlib.nullcontext(),
+    )  # fmt: skip
+    assert steered == eager and not compiled_calls

@@ -139,7 +139,7 @@ def generate(
     work_dir: str | os.PathLike[str] | None = None,
     save_every: int = 1,
     resume_key: Any = None,
-    decode: Decode = "eager",
+    decode: Decode | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Return one completion per conversation, in input order.
@@ -163,7 +163,8 @@ def generate(
     put in `resume_key` what the fingerprint cannot see, e.g. an adapter's digest or
     which steering a `steer` factory applies.
 
-    decode: "eager" (default) or "compiled" (module docstring). Greedy rows give the same tokens
+    decode: "eager" or "compiled" (module docstring); None (default) takes the model's
+    runtime.decode for unsteered calls and "eager" for steered ones. Greedy rows give the same tokens
     either way (up to float rounding), stop strings and work_dir behave alike, and a shard is
     reused only by a run of the same decode. "compiled" compiles on CUDA only (on other devices
     the static cache runs eagerly); a `compile_config` in generate_kwargs replaces
@@ -173,6 +174,10 @@ def generate(
     """
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if decode is None:
+        # The runtime's choice (runtime.decode) applies to unsteered generation; steering hooks
+        # change per batch, so a steered call decodes eagerly (same tokens, no recompiles).
+        decode = "eager" if steer is not None else getattr(loaded, "decode", "eager")
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     if decode != "eager" and steer is not None:

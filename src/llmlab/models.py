@@ -44,6 +44,8 @@ class LoadedModel:
     hidden_size: int
     device: torch.device
     dtype: torch.dtype
+    # runtime.decode: how generation.generate decodes unsteered batches unless a call says.
+    decode: str = "eager"
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -332,6 +334,7 @@ def load_model(
         hidden_size=int(cfg.hidden_size),
         device=device,
         dtype=dtype,
+        decode=runtime.decode,
     )
     check_registry_facts(entry, name, loaded)
     return loaded

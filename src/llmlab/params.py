@@ -103,6 +103,14 @@ class Runtime(StrictModel):
         False, description="Allow model repos to run their own code (off unless asked for)"
     )
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: default)")
+    decode: Literal["eager", "compiled"] = Field(
+        "eager",
+        description=(
+            "Decoding of unsteered generation: eager, or compiled (static KV cache per batch, "
+            "torch.compile with CUDA graphs on GPU; same greedy tokens, compile paid once per "
+            "process). Steered generation always decodes eagerly: its hooks change per batch"
+        ),
+    )
 
 
 SECTION_TYPES: dict[str, type[StrictModel]] = {
