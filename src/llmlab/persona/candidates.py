@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json, write_jsonl
-from llmlab.judge import JudgeError, count_statuses, make_judge
+from llmlab.judge import JudgeError, Verdict, count_statuses, make_judge
 from llmlab.judge.judge import Judge
 from llmlab.params import Params, load_params
 from llmlab.persona.config import CandidatesParams
@@ -122,7 +122,7 @@ def open_judge(params: Params, cfg: CandidatesParams) -> Judge:
     return make_judge(local_cfg, local_model=loaded.model, local_tokenizer=loaded.tokenizer)
 
 
-def mark(rows: list[dict[str, Any]], verdicts: list[Any], heldout: set[str]) -> None:
+def mark(rows: list[dict[str, Any]], verdicts: list[Verdict], heldout: set[str]) -> None:
     """Add each row's verdict and its `identifying` mark, in place.
 
     identifying: True when the judge says the Q/A alone reveals the persona or the shipped
