@@ -142,6 +142,17 @@ def test_paper_preset_gives_valid_overrides() -> None:
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(pairs)}
     assert parsed["inoculation.model"] == "qwen2.5-7b-instruct"
     assert parsed["inoculation.finetune.seeds"] == [0]  # one seed first (the plan's sequencing)
-    assert parsed["inoculation.alignment.layers"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, -1]
+    assert parsed["inoculation.alignment.layers"] == [
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        -1,
+    ]
     preset = yaml.safe_load((ROOT / "configs/inoculation_paper.yaml").read_text())
     assert len(parsed) == len(preset)
