@@ -23,6 +23,7 @@ from typing import Any
 from llmlab.io import DataError, numbered, read_json, read_jsonl, write_json, write_jsonl
 from llmlab.judge import JudgeError, Verdict, count_statuses, make_judge
 from llmlab.judge.judge import Judge
+from llmlab.models import load_model
 from llmlab.params import Params, load_params
 from llmlab.persona.config import CandidatesParams
 from llmlab.persona.facts import Fact, load_facts
@@ -114,8 +115,6 @@ def open_judge(params: Params, cfg: CandidatesParams) -> Judge:
                 "persona.candidates.local_model"
             )
         return make_judge(judge_cfg)
-    from llmlab.models import load_model
-
     loaded = load_model(params, name=cfg.local_model)
     # named after the registry model, so the response cache keys tell it from other judges
     local_cfg = judge_cfg.model_copy(update={"backend": "local", "model": cfg.local_model})
