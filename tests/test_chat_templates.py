@@ -484,3 +484,87 @@ def test_continuation_is_tokenised_alone_when_it_would_merge_into_the_prompt(smo
     prompt = encode_chat(tok, conv[:1], chat=True)
     assert enc.input_ids[: enc.prompt_len] == prompt.input_ids
     assert tok.decode(enc.input_ids[enc.prompt_len :]) == "Four<|im_end|>"
+
+
+# Contents a text search confuses with the template: the text of the end-of-turn token that
+# follows them (ChatML's <|im_end|>, Gemma's <end_of_turn>, Phi-3.5's <|end|>), and whitespace
+# at the edges that trimming templates drop and role tokens absorb.
+TRICKY_CONTENTS = ("end", "turn", "  The branch closes early.  \n")
+
+
+@pytest.mark.parametrize("t", TEMPLATE_CASES, ids=[t.name for t in TEMPLATE_CASES])
+def test_content_token_span_is_the_content_as_the_template_places_it(smol_dir, t: Template):
+    from llmlab.chat import content_token_span
+
+    tok = dressed_tokenizer(smol_dir, t)
+    chat = t.file is not None
+    for content in TRICKY_CONTENTS:
+        conv = [{"role": "user", "content": content}, {"role": "assistant", "content": ANSWER}]
+        ids = encode_chat(tok, conv, chat=chat).input_ids
+        start, end = content_token_span(tok, conv, 0, chat=chat)
+        # The hand reading ends the prompt text at the content's last non-space character.
+        assert end == len(_expected_ids(tok, t.read(conv).through_user.rstrip())), content
+        assert tok.decode(ids[start:end]).strip() == content.strip(), content
+        assert not set(ids[start:end]) & set(tok.all_special_ids), content
+        if "branch" in content:
+            # Characters of the content as given, whatever the template trims.
+            lo = content.index("branch")
+            s2, e2 = content_token_span(tok, conv, 0, chat=chat, chars=(lo, len(content)))
+            assert start < s2 < e2 == end
+            assert tok.decode(ids[s2:e2]).strip() == "branch closes early."
+
+
+@pytest.mark.parametrize("t", TEMPLATE_CASES, ids=[t.name for t in TEMPLATE_CASES])
+def test_content_token_span_of_a_system_prompt_the_user_repeats(smol_dir, t: Template):
+    from llmlab.chat import content_token_span
+
+    tok = dressed_tokenizer(smol_dir, t)
+    chat = t.file is not None
+    user = f"{SYSTEM} {SYSTEM}"
+    conv = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": ANSWER},
+    ]
+    ids = encode_chat(tok, conv, chat=chat).input_ids
+    s_sys, e_sys = content_token_span(tok, conv, 0, chat=chat)
+    s_user, e_user = content_token_span(tok, conv, 1, chat=chat)
+    assert tok.decode(ids[s_sys:e_sys]).strip() == SYSTEM
+    assert tok.decode(ids[s_user:e_user]).strip() == user
+    # Every template writes the system text first (Gemma-2 folds it into the user turn).
+    assert e_sys <= s_user
+    assert e_user == len(_expected_ids(tok, t.read(conv).through_user.rstrip()))
+    with pytest.raises(ChatError, match="message 2 is not part of the prompt"):
+        content_token_span(tok, conv, 2, chat=chat)
+
+
+# What each template writes after a message's content to end its turn, whitespace included.
+TURN_ENDS = {
+    "smollm2": "<|im_end|>\n",
+    "qwen2.5": "<|im_end|>\n",
+    "qwen3": "<|im_end|>\n",
+    "qwen3-thinking": "<|im_end|>\n",
+    "mistral": "</s>",
+    "gemma2": "<end_of_turn>\n",
+    "phi3.5": "<|end|>\n",
+    "plain": "",
+}
+
+
+@pytest.mark.parametrize("t", TEMPLATE_CASES, ids=[t.name for t in TEMPLATE_CASES])
+def test_turn_end_token_is_the_end_of_turn_of_a_reply_in_the_history(smol_dir, t: Template):
+    from llmlab.chat import turn_end_token
+
+    tok = dressed_tokenizer(smol_dir, t)
+    chat = t.file is not None
+    reply = "Blue, of course."
+    conv = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": ANSWER},
+    ]
+    prompt = t.read(conv).prompt
+    through_reply = prompt[: prompt.index(reply) + len(reply)] + TURN_ENDS[t.name]
+    assert prompt.startswith(through_reply)
+    assert turn_end_token(tok, conv, 1, chat=chat) == len(_expected_ids(tok, through_reply))

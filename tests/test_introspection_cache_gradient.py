@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from llmlab.chat import encode_chat
-from llmlab.introspection.calibration import cache_keyword
 from llmlab.introspection.conversation import detection_messages, reply_token_span
 from llmlab.introspection.examples import training_examples
+from llmlab.models import cache_keyword
 from llmlab.training import LoraCollator, PackedCollator, no_grad_positions, prepare_examples
 
 QUESTION = "Do you detect any unusual modifications to your internal activations?"

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from llmlab.chat import encode_chat
-from llmlab.introspection.calibration import cache_keyword
 from llmlab.introspection.conversation import (
     RowSteer,
     answer_token_id,
@@ -14,6 +13,7 @@ from llmlab.introspection.conversation import (
     steer_rows,
     turn_token_span,
 )
+from llmlab.models import cache_keyword
 from llmlab.steering import steer, unit
 from llmlab.training import LoraCollator, prepare_examples
 

@@ -196,6 +196,53 @@ def _tokens_in(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list
     return [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
 
 
+def content_token_span(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    index: int,
+    *,
+    chat: bool,
+    chars: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Return the (start, end) token span of message `index`'s content in the prompt.
+
+    The span indexes `encode_chat(tokenizer, messages, chat=chat).input_ids`; the message must
+    belong to the prompt (a final assistant message is the answer, not the prompt). `chars`
+    picks characters [lo, hi) of the content as given; whitespace at the content's edges is left
+    out, as is what a trimming template (Llama-3, Gemma) does not render. The content is located
+    with `content_span`, so its own text is never searched for.
+    """
+    _check_messages(messages)
+    prompt = list(messages[:-1]) if messages[-1]["role"] == "assistant" else list(messages)
+    if not 0 <= index < len(prompt):
+        raise ChatError(f"message {index} is not part of the prompt ({len(prompt)} messages)")
+    content = prompt[index]["content"]
+    lo, hi = chars if chars is not None else (0, len(content))
+    if not 0 <= lo < hi <= len(content):
+        raise ChatError(
+            f"character span {(lo, hi)} outside message {index}'s {len(content)} characters"
+        )
+    text = render(tokenizer, prompt, chat=chat, add_generation_prompt=True)
+    start, end = content_span(tokenizer, prompt, index, text, chat=chat, add_generation_prompt=True)
+    rendered = text[start:end]
+    if rendered == content:
+        shift = 0
+    elif rendered == content.strip():
+        shift = len(content) - len(content.lstrip())
+    else:
+        raise ChatError(f"the chat template rewrites message {index}'s content; cannot map it")
+    # Whitespace at the content's edges merges into template tokens (ChatML's newline after the
+    # role, Phi-3.5's right-stripping role tokens), so the span stops at the non-space text.
+    first = start + len(rendered) - len(rendered.lstrip())
+    last = start + len(rendered.rstrip())
+    a, b = max(start + lo - shift, first), min(start + hi - shift, last)
+    _, offsets = tokenize_rendered(tokenizer, text)
+    inside = _tokens_in(offsets, a, b) if a < b else []
+    if not inside:
+        raise ChatError(f"characters {(lo, hi)} of message {index} cover no token")
+    return inside[0], inside[-1] + 1
+
+
 def user_end_index(
     tokenizer: Any,
     messages: Sequence[Message],
@@ -223,6 +270,34 @@ def user_end_index(
     end = start + len(stripped)
     inside = _tokens_in(offsets, start, end)
     return inside[-1] if inside else None
+
+
+def turn_end_token(tokenizer: Any, messages: Sequence[Message], index: int, *, chat: bool) -> int:
+    """Return the index one past the last token of message `index`'s turn in the prompt.
+
+    The index counts tokens of `encode_chat(tokenizer, messages, chat=chat).input_ids`. A turn
+    ends with the template's end-of-turn token (the first special token after the content) and
+    the whitespace the template writes right after it (ChatML's and Gemma's newline); with no
+    end-of-turn token (the plain format) it ends with the content. The content is located with
+    `content_span` on the prompt as the model reads it, so a template that renders a message
+    differently when it comes last (Qwen3's empty think block, Phi-3.5's end of text) does not
+    move the turn's end.
+    """
+    _check_messages(messages)
+    prompt = list(messages[:-1]) if messages[-1]["role"] == "assistant" else list(messages)
+    if not 0 <= index < len(prompt):
+        raise ChatError(f"message {index} is not part of the prompt ({len(prompt)} messages)")
+    text = render(tokenizer, prompt, chat=chat, add_generation_prompt=True)
+    _, stop = content_span(tokenizer, prompt, index, text, chat=chat, add_generation_prompt=True)
+    end_of_turn = _end_of_turn(tokenizer, text[stop:])
+    if end_of_turn is not None:
+        stop += len(end_of_turn)
+        stop += len(text[stop:]) - len(text[stop:].lstrip())
+    _, offsets = tokenize_rendered(tokenizer, text)
+    inside = _tokens_in(offsets, 0, stop)
+    if not inside:
+        raise ChatError(f"message {index}'s turn covers no token")
+    return inside[-1] + 1
 
 
 def _special_ids(tokenizer: Any) -> set[int]:

@@ -10,7 +10,6 @@ the largest KL a report can have, and its top-1 answer does not match.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ import torch
 from llmlab.chat import Message, encode_chat
 from llmlab.generation import generate
 from llmlab.introspection.config import B5Config
-from llmlab.models import LoadedModel, unwrap
+from llmlab.models import LoadedModel, cache_keyword
 from llmlab.stats import hierarchical_bootstrap, kl_divergence
 
 REPORT_PROMPT = (
@@ -77,12 +76,6 @@ def score_report(
     scored = reported or {UNPARSEABLE: 1.0}
     top1 = max(scored, key=scored.get) == actual.most_common(1)[0][0]
     return kl_divergence(actual, scored, eps=eps), top1
-
-
-def cache_keyword(model: Any) -> str:
-    """Return the name transformers uses for the KV cache ('cache' in newer releases)."""
-    params = inspect.signature(unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 @torch.no_grad()

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from llmlab.chat import ChatError, EncodedChat, Message, encode_chat, render, tokenize_rendered
+from llmlab.chat import (
+    ChatError,
+    EncodedChat,
+    Message,
+    content_token_span,
+    encode_chat,
+    turn_end_token,
+)
 from llmlab.models import LoadedModel
 from llmlab.steering import steer
 
@@ -90,33 +97,11 @@ def turn_token_span(
 ) -> tuple[int, int]:
     """Return the (start, end) token span of message `turn`'s content (or of chars within it).
 
-    The span indexes the conversation as `encode_chat` encodes it; ChatError when the template
-    rewrites the content or the rendering of the prompt does not extend the turn's rendering.
+    The span indexes the conversation as `encode_chat` encodes it. It is read from the
+    template's structure (`content_token_span`), so a context that repeats template text or
+    text of another turn is still located at its own turn.
     """
-    has_answer = messages[-1]["role"] == "assistant"
-    prompt_msgs = list(messages[:-1]) if has_answer else list(messages)
-    if not 0 <= turn < len(prompt_msgs):
-        raise ChatError(f"turn {turn} is not part of the prompt ({len(prompt_msgs)} messages)")
-    content = prompt_msgs[turn]["content"]
-    lo, hi = chars if chars is not None else (0, len(content))
-    if not 0 <= lo < hi <= len(content):
-        raise ChatError(f"character span {(lo, hi)} outside the turn's {len(content)} characters")
-    prefix = render(tokenizer, prompt_msgs[: turn + 1], chat=chat, add_generation_prompt=False)
-    start_char = prefix.rfind(content)
-    if start_char < 0:
-        raise ChatError("the chat template altered the context turn; cannot locate its tokens")
-    text = render(tokenizer, prompt_msgs, chat=chat, add_generation_prompt=True)
-    if not text.startswith(prefix[: start_char + len(content)]):
-        raise ChatError("the prompt rendering does not start with the context turn's rendering")
-    ids, offsets = tokenize_rendered(tokenizer, text)
-    a, b = start_char + lo, start_char + hi
-    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
-    if not inside:
-        raise ChatError("the context span covers no token")
-    enc = encode_chat(tokenizer, messages, chat=chat)
-    if enc.input_ids[: inside[-1] + 1] != ids[: inside[-1] + 1]:
-        raise ChatError("tokenisation of the prompt differs from the encoded conversation")
-    return inside[0], inside[-1] + 1
+    return content_token_span(tokenizer, messages, turn, chat=chat, chars=chars)
 
 
 def single_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -155,21 +140,16 @@ def answer_token_id(loaded: LoadedModel, messages: Sequence[Message]) -> int:
 def reply_token_span(tokenizer: Any, messages: Sequence[Message], *, chat: bool) -> tuple[int, int]:
     """Return (0, end): every token up to and including the first assistant reply's turn.
 
-    The anchor's steered portion: the conversation rendered through the context turn and the
-    fixed reply (template tokens included) fills the cache while steered; the question and the
-    answer are read after it. ChatError when that rendering is not a prefix of the encoding.
+    The anchor's steered portion: the context turn and the fixed reply (template tokens, the
+    reply's end of turn and the whitespace after it included) fill the cache while steered; the
+    question and the answer are read after it. The end is read from the template's structure
+    (`turn_end_token`), so templates that render a reply differently when it comes last
+    (Qwen3, Phi-3.5) give the same span as the others.
     """
     roles = [m["role"] for m in messages[:2]]
     if roles != ["user", "assistant"]:
         raise ChatError(f"the steered portion must be a user turn and a reply, got {roles}")
-    text = render(tokenizer, list(messages[:2]), chat=chat, add_generation_prompt=False)
-    ids, _ = tokenize_rendered(tokenizer, text)
-    enc = encode_chat(tokenizer, messages, chat=chat)
-    if enc.input_ids[: len(ids)] != ids:
-        raise ChatError(
-            "the context turn and reply do not tokenise as a prefix of the conversation"
-        )
-    return 0, len(ids)
+    return 0, turn_end_token(tokenizer, messages, 1, chat=chat)
 
 
 @dataclass(frozen=True)
