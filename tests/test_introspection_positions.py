@@ -70,3 +70,17 @@ def test_calibration_uses_the_shared_cache_keyword(tiny_models):
     first = calibration.sample_answers(loaded, msgs, 3, 4, 1.0, seed=0)
     assert len(first) == 3 and all(isinstance(s, str) for s in first)
     assert calibration.sample_answers(loaded, msgs, 3, 4, 1.0, seed=0) == first
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_context_span_on_the_llama3_and_gemma3_formats(tiny_models, arch):
+    """The tiny models' Llama-3, ChatML and Gemma-3 formats: the span ends at user_end."""
+    tok = tiny_models[arch].tokenizer
+    for context in (*CONTEXTS, "eot_id", "of"):
+        msgs = detection_messages(context, REPLY, QUESTION, "yes")
+        ids = encode_chat(tok, msgs, chat=True).input_ids
+        start, end = turn_token_span(tok, msgs, chat=True)
+        alone = encode_chat(tok, msgs[:1], chat=True)
+        assert end - 1 == alone.position("user_end"), context
+        assert tok.decode(ids[start:end]).strip() == context.strip(), context
+        assert not set(ids[start:end]) & set(tok.all_special_ids), context
