@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from llmlab.chat import Message, collate, encode_chat, token_budget_batches
 from llmlab.io import atomic_path
-from llmlab.models import LoadedModel
+from llmlab.models import LoadedModel, cache_keyword
 
 log = logging.getLogger(__name__)
 WORK_META = "meta.json"  # in a work dir: the fingerprint of the run its shards belong to
@@ -56,12 +55,6 @@ def compiled_decode_config() -> Any:
     from transformers import CompileConfig
 
     return CompileConfig(dynamic=True, mode="reduce-overhead", fullgraph=False)
-
-
-def _cache_keyword(model: Any) -> str:
-    """Return the name generate takes a KV cache under ('cache' in newer transformers)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -284,7 +277,7 @@ def _static_cache_kwargs(loaded: LoadedModel, length: int) -> dict[str, Any]:
     from transformers import StaticCache
 
     cache = StaticCache(config=loaded.model.config, max_cache_len=length)
-    return {_cache_keyword(loaded.model): cache}
+    return {cache_keyword(loaded.model): cache}
 
 
 def _fingerprint(loaded: LoadedModel, input_ids: list[list[int]], settings: dict) -> str:
