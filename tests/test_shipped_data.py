@@ -78,7 +78,7 @@ def test_concepts() -> None:
     words = [c["word"] for c in concepts]
     assert len(set(words)) == len(words)
     kinds = Counter(c["kind"] for c in concepts)
-    assert set(kinds) == {"emotion", "topic", "persona"}
+    assert set(kinds) == {"emotion", "topic", "persona", "abstract"}
     assert min(kinds.values()) >= 5
     for w in (
         "joy",
