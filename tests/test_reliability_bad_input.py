@@ -1316,8 +1316,12 @@ def test_core_bad_input(case_id, body, needles, tiny_dirs, tiny_models, tmp_path
 
 # ---------------------------------------------------------------- the stage wrapper itself
 
+# The child restores Python's own SIGINT handler first: a stage started from a terminal has it,
+# but a test runner launched in the background (as CI scripts often are) passes SIGINT on as
+# ignored, and then no Ctrl-C would ever reach the stage.
 STAGE_SCRIPT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from llmlab.stage import run_stage
 
 def main():
