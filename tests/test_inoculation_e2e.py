@@ -19,6 +19,7 @@ TINY = {
         "suppress": None,
         "inoculation": None,
         "control_candidates": None,
+        "neutral_is_model_default": True,
     },
     "smoke": {"n_conversations": 2, "k": 3, "layers": [0, -1]},
     "data": {
