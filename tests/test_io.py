@@ -68,6 +68,34 @@ def test_replace_dir_swaps_whole_directories(tmp_path) -> None:  # noqa: ANN001
     assert (tmp_path / "fresh" / "b.txt").read_text() == "b"
 
 
+def test_staged_dir_replaces_whole_or_not_at_all(tmp_path) -> None:  # noqa: ANN001
+    import os
+    import stat
+
+    from llmlab.io import staged_dir
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="half-way"):
+        with staged_dir(out) as work:
+            (work / "new.txt").write_text("new")
+            raise RuntimeError("half-way")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging left behind
+    old_mask = os.umask(0o027)
+    try:
+        with staged_dir(out) as work:
+            assert work.parent == tmp_path and work != out
+            (work / "new.txt").write_text("new")
+    finally:
+        os.umask(old_mask)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    # the umask's mode, not mkdtemp's 0700 (group members read a shared DVC cache)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+
+
 def test_disk_full_names_the_output_and_leaves_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     import errno
     from pathlib import Path

@@ -116,9 +116,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
                 # mkstemp makes files 0600; outputs are shared artifacts, so use the umask default.
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
+                os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -141,6 +139,35 @@ def replace_dir(work: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
         os.replace(work, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty directory beside `out`; if the block succeeds it replaces `out` whole.
+
+    The block fills the directory; on success it gets the umask's default mode and is renamed
+    onto `out` by `replace_dir`; on any error it is removed and `out` is left as it was.
+    """
+    out = Path(out)
+    with naming_output(out, any_error=True):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with naming_output(out):
+            yield work
+        with naming_output(out, any_error=True):
+            # mkdtemp makes directories 0700; outputs are shared artifacts (DVC cache, remote).
+            os.chmod(work, 0o777 & ~current_umask())
+        replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """Return the process umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

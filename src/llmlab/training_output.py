@@ -9,14 +9,11 @@ pipeline, which get no dvclive directory); dvclive draws the same rows live duri
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llmlab.adapters import write_adapter_metadata
-from llmlab.io import write_json
+from llmlab.io import staged_dir, write_json
 
 CURVE_FILE = "curve.json"
 
@@ -24,29 +21,10 @@ CURVE_FILE = "curve.json"
 def write_output(
     out_dir: Path, model: Any, meta: dict[str, Any], curve: list[dict[str, Any]]
 ) -> None:
-    """Write adapter, metadata and curve into a temp dir beside out_dir, then rename it."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    """Write adapter, metadata and curve into a directory beside out_dir that then replaces it."""
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         # peft writes a template model card; the metadata file is the record that matters.
         (staging / "README.md").unlink(missing_ok=True)
         write_adapter_metadata(staging, meta)
         write_json(staging / CURVE_FILE, curve)
-        os.chmod(staging, 0o777 & ~_umask())
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-        os.replace(staging, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    """Return the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

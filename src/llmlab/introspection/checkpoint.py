@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llmlab.adapters import METADATA_FILE, WEIGHTS_FILE, check_safetensors
-from llmlab.io import read_json, write_json
+from llmlab.io import read_json, staged_dir, write_json
 
 BEST_FILE = "best.json"
 
@@ -53,17 +52,11 @@ class BestCheckpoint:
         score = values[self.metric]
         if self.record is not None and not score > self.record["value"]:
             return
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.", dir=self.dir.parent))
-        try:
+        record = {"step": step, "metric": self.metric, "value": score, "values": values}
+        with staged_dir(self.dir) as staging:
             # peft writes only the adapter's weights (safetensors) and its config.
             model.save_pretrained(staging, safe_serialization=True)
-            record = {"step": step, "metric": self.metric, "value": score, "values": values}
             write_json(staging / BEST_FILE, record)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            os.replace(staging, self.dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         self.record = record
 
     def apply(self, out_dir: Path, last_step: int) -> dict[str, Any]:

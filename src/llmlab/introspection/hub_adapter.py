@@ -10,9 +10,7 @@ be, with metadata saying where it came from.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from llmlab.adapters import (
     check_safetensors,
     write_adapter_metadata,
 )
-from llmlab.io import read_json, write_json
+from llmlab.io import read_json, staged_dir, write_json
 
 ADAPTER_FILES = (PEFT_CONFIG_FILE, WEIGHTS_FILE)
 
@@ -108,9 +106,7 @@ def import_adapter(
     hub = variant.hub_adapter
     where = f"introspection.variants.{variant_name}.hub_adapter ({hub.repo_id}@{hub.revision})"
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         commit = fetch_adapter_files(hub.repo_id, hub.revision, hub.subfolder, staging)
         peft_config = check_rank(staging, variant.rank, variant.alpha, where)
         check_base_model(peft_config, params.models[params.model], params.model, where)
@@ -137,14 +133,4 @@ def import_adapter(
         loaded = load_model(params, adapter=staging)
         values = val_metrics(loaded)
         write_json(staging / "curve.json", [{"step": None, "source": "imported", **values}])
-        os.chmod(staging, 0o755)
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-        os.replace(staging, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return meta
