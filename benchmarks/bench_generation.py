@@ -11,9 +11,12 @@ random model may end early). Rows, all through llmlab.generation.generate, in on
   once per process), timed on its own;
 - compiled: decode="compiled", memory-sized batches of up to each of --compiled-batch-sizes rows;
 - with --steer, eager + steering (1 layer), since steering is refused with decode="compiled";
-- with --eager-without-cudnn, the eager row again with SDPA's cuDNN backend excluded: the eager
-  decode step cost about the same on a 4-layer model as on the 8B shape (RESULTS.md, 2026-12-06),
-  which points at per-step work that grows with the changing KV length, not at weight reads.
+- generate excludes SDPA's cuDNN backend on CUDA (llmlab.generation.decode_attention); the
+  rows marked "before" put it back (cuDNN first, the dispatcher's default on Hopper), so the
+  path as it was before that change is the baseline of the same run; the first row, batches
+  of 16 with cuDNN, is the path the issue measured at 161-268 tokens/s;
+- --eager-batch-sizes adds eager rows at other row caps (fewer batches, fewer decode steps).
+  --compiled-batch-sizes '' skips the compiled rows (their warm-up is a 2-minute compile).
 
 --split-prefill adds, for the eager and first compiled row, the same batches with one new token
 (prefill + one sampling step); the rest of the run is decode steps. Output tokens/s counts new
@@ -25,6 +28,7 @@ Usage: python benchmarks/bench_generation.py --shape llama-3.1-8b --tokenizer DI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_activations import make_items  # noqa: E402
 from common import SHAPES, device_name, random_loaded, report  # noqa: E402
 
+import llmlab.generation  # noqa: E402
 from llmlab.generation import auto_token_budget, generate  # noqa: E402
 from llmlab.steering import steer  # noqa: E402
 
@@ -60,9 +65,7 @@ def main() -> None:
     ap.add_argument("--compiled-batch-sizes", default="256", help="comma-separated row caps")
     ap.add_argument("--baseline-every", type=int, default=16)
     ap.add_argument("--steer", action="store_true", help="add the eager + steering row")
-    ap.add_argument(
-        "--eager-without-cudnn", action="store_true", help="add the eager row without cuDNN SDPA"
-    )
+    ap.add_argument("--eager-batch-sizes", default="", help="more eager row caps, comma-separated")
     ap.add_argument("--split-prefill", action="store_true", help="time prefill vs decode")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
@@ -140,35 +143,53 @@ def main() -> None:
         print(note, flush=True)
         rows.append({"method": note, "prompts": len(convs), "seconds": secs, "peak GiB": mem})
 
+    @contextlib.contextmanager
+    def before():
+        """generate() as it was before decode_attention: SDPA's default order, cuDNN first."""
+        kept = llmlab.generation.decode_attention
+        llmlab.generation.decode_attention = lambda device: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            llmlab.generation.decode_attention = kept
+
     run(subset[:4], batch_size=4)  # warm-up (kernels, allocator)
-    case("today: generate, 16 rows x 16,384 tokens/batch", subset, batch_size=16)
-    print(f"eager plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)
+    with before():
+        case("before (cuDNN SDPA first): generate, 16 rows x 16,384 tokens/batch", subset,
+             batch_size=16)  # fmt: skip
+        print(f"eager plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)
+        case(
+            f"before (cuDNN SDPA first): eager generate, <= {args.batch_size} rows, memory-sized",
+            convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
+        )  # fmt: skip
+    case("generate, 16 rows x 16,384 tokens/batch", subset, batch_size=16)
     eager = case(
         f"eager generate, <= {args.batch_size} rows, memory-sized budget",
         convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
     )  # fmt: skip
     if args.split_prefill:
         split("eager", eager, args.batch_size)
-    if args.eager_without_cudnn:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        with sdpa_kernel(others):
-            case(
-                f"eager generate, <= {args.batch_size} rows, memory-sized budget, no cuDNN SDPA",
-                convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
-            )  # fmt: skip
+    for cap in (int(c) for c in args.eager_batch_sizes.split(",") if c):
+        print(f"eager plan (<= {cap} rows): {[len(b) for b in plan(cap)[1]]} rows", flush=True)
+        secs = case(
+            f"eager generate, <= {cap} rows, memory-sized budget",
+            convs, batch_size=cap, max_tokens_per_batch="auto",
+        )  # fmt: skip
+        if args.split_prefill:
+            split(f"eager (<= {cap} rows)", secs, cap)
     if args.steer:
         case(
             f"eager generate + steering (1 layer), <= {args.batch_size} rows, memory-sized budget",
             convs, batch_size=args.batch_size, max_tokens_per_batch="auto", steered=True,
         )  # fmt: skip
-    # Compile once (dynamic shapes) on batches of two row counts, so the timed runs below
-    # measure steady-state decoding; the warm-up's seconds are the per-process compile cost.
-    warm = convs[-6:]
-    case("compiled decode: warm-up (torch.compile), batches of 4 + 2 rows", warm,
-         batch_size=4, decode="compiled")  # fmt: skip
-    for i, cap in enumerate(int(c) for c in args.compiled_batch_sizes.split(",")):
+    compiled_caps = [int(c) for c in args.compiled_batch_sizes.split(",") if c]
+    if compiled_caps:
+        # Compile once (dynamic shapes) on batches of two row counts, so the timed runs below
+        # measure steady-state decoding; the warm-up's seconds are the per-process compile cost.
+        warm = convs[-6:]
+        case("compiled decode: warm-up (torch.compile), batches of 4 + 2 rows", warm,
+             batch_size=4, decode="compiled")  # fmt: skip
+    for i, cap in enumerate(compiled_caps):
         print(f"compiled plan (<= {cap} rows): {[len(b) for b in plan(cap)[1]]} rows", flush=True)
         secs = case(
             f"compiled decode (static cache, CUDA graphs), <= {cap} rows, memory-sized budget",

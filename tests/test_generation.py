@@ -239,3 +239,27 @@ def test_runtime_decode_applies_to_unsteered_calls_only(tiny_models, monkeypatch
         steer=lambda rows, mask: contextlib.nullcontext(),
     )  # fmt: skip
     assert steered == eager and not compiled_calls
+
+
+def test_generation_attention_leaves_out_cudnn_on_cuda_only() -> None:
+    """cuDNN SDPA builds a plan per key length: every eager decode step paid one on Hopper."""
+    from llmlab.generation import decode_attention
+
+    before = (
+        torch.backends.cuda.cudnn_sdp_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+    )
+    assert before[0], "test assumes torch's default: cuDNN SDPA allowed"
+    with decode_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    with decode_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU: nothing changes
+    after = (
+        torch.backends.cuda.cudnn_sdp_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+    )
+    assert after == before
