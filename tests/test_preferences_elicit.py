@@ -139,20 +139,6 @@ def test_prefix_cache_runs_only_when_it_processes_fewer_tokens(tiny_models) -> N
     assert cached.n_orders == plain.n_orders == len(orders())
 
 
-def test_prefix_batches_group_by_length(tiny_models) -> None:
-    scorer = ChoiceScorer(tiny_models["llama"], DEFAULT_TEMPLATE, batch_size=4)
-    long_a = "Describe, step by step and with examples, " + TASKS[3]
-    mixed = [PairOrder(a, b) for a in (TASKS[0], long_a) for b in TASKS[1:] + [long_a] if a != b]
-    encoded = [scorer.encode(o) for o in mixed]
-    batches = scorer._prefix_batches(encoded)
-    for rows in batches:
-        # one prefix length per batch here (two task As, four orders each, batches of four)
-        assert len({encoded[i].split for i in rows}) == 1
-        suffixes = [len(encoded[i].ids) - encoded[i].split for i in rows]
-        assert suffixes == sorted(suffixes, reverse=True)
-    assert sorted(i for rows in batches for i in rows) == list(range(len(mixed)))
-
-
 @pytest.mark.parametrize("chat", [True, False])
 def test_prefix_split_is_the_end_of_task_a_from_the_template_structure(tiny_models, chat) -> None:
     loaded = tiny_models["qwen2"]

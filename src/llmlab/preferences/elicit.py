@@ -8,10 +8,13 @@ The mass p(A) + p(B) is kept as a compliance diagnostic. The sampling path (for 
 without logprobs) draws `n_samples` short answers and counts the first A/B letter; an
 unparseable answer counts 0.5 to each side.
 
-Prefix sharing: every pair-order whose prompt tokens agree up to the end of task A shares one
-key/value cache for that prefix, so only the task-B suffix runs per pair-order. The split is
-taken from the full tokenisation (never re-tokenised), so the cached path sees exactly the
-tokens of the plain path; `tests/test_preferences_elicit.py` checks both give the same P.
+Prefix caching: every pair-order whose prompt tokens agree up to the end of task A reads one
+key/value cache of that prefix, so only the task-B suffix runs per pair-order; the prefixes
+are prefilled once and kept across batches, and the suffixes are batched by suffix length
+across prefixes (prefix_plan.py). The split is taken from the full tokenisation (never
+re-tokenised), so the cached path sees exactly the tokens of the plain path;
+`tests/test_elicit_prefix.py` checks both give the same log-probabilities. The plan runs only
+when it processes fewer tokens than the plain one, padding included.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from llmlab.chat import (
     Message,
@@ -32,6 +36,12 @@ from llmlab.chat import (
 )
 from llmlab.generation import generate
 from llmlab.models import LoadedModel, cache_keyword, unwrap
+from llmlab.preferences.prefix_plan import (
+    PrefixKV,
+    PrefixPlan,
+    plain_processed_tokens,
+    plan_prefix_cache,
+)
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template, parse_choice
 
 __all__ = [
@@ -42,6 +52,9 @@ __all__ = [
     "apply_min_mass",
     "sample_choices",
 ]
+
+PLAIN = "plain"  # full prompts, length-sorted batches
+PREFIX_CACHE = "prefix_cache"  # each distinct prefix once, suffix batches by suffix length
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,11 @@ def _last_hidden_only(model: object, index: torch.Tensor) -> Iterator[None]:
 
 
 class ChoiceScorer:
-    """Scores pair-orders with one model; reuse it for every call of a stage."""
+    """Scores pair-orders with one model; reuse it for every call of a stage.
+
+    prefix_cache_tokens caps the key/value states the prefix-cached plan holds, in tokens (a
+    chunk's prefixes, and again one suffix batch's gathered context); see prefix_plan.
+    """
 
     def __init__(
         self,
@@ -134,19 +151,25 @@ class ChoiceScorer:
         batch_size: int = 32,
         prefix_cache: bool = True,
         max_tokens_per_batch: int = 8192,
+        prefix_cache_tokens: int = 32768,
     ) -> None:
         check_template(template)
+        if prefix_cache_tokens < 1:
+            raise ValueError(f"prefix_cache_tokens must be >= 1, got {prefix_cache_tokens}")
         self.loaded = loaded
         self.template = template
         self.batch_size = batch_size
         self.prefix_cache = prefix_cache
         self.max_tokens = max_tokens_per_batch
+        self.kv_tokens = prefix_cache_tokens
         self.a_ids, self.b_ids = choice_token_ids(loaded.tokenizer)
         # For throughput reports: pair-orders scored, real tokens run through the model, and
-        # tokens processed including padding.
+        # tokens processed including padding; pair-orders per plan and the last call's plan.
         self.n_orders = 0
         self.n_forward_tokens = 0
         self.n_padded_tokens = 0
+        self.plan_orders: dict[str, int] = {PLAIN: 0, PREFIX_CACHE: 0}
+        self.last_plan: str | None = None
 
     def encode(self, order: PairOrder) -> _Encoded:
         """Return the prompt token ids and the prefix split (end of task A) of one pair-order."""
@@ -164,77 +187,44 @@ class ChoiceScorer:
     def p_first(self, orders: Sequence[PairOrder]) -> list[Choice]:
         """Return one Choice per pair-order, in input order (logprob path).
 
-        With prefix_cache, the prefix-shared plan runs only when it processes fewer padded
-        tokens than the plain plan over the same orders (both are planned first; sharing
-        pays only when task As repeat within a call), so caching never costs more than it saves.
+        With prefix_cache, both plans are laid out first and the prefix-cached one runs only
+        when it processes fewer tokens, padding included, than plain full-prompt batches
+        (sharing pays only when task As repeat within a call); `last_plan` says which ran.
         """
         encoded = [self.encode(o) for o in orders]
-        out: list[Choice | None] = [None] * len(encoded)
+        if not encoded:
+            return []
         plain = self._plain_batches(encoded)
-        run, batches = self._run_plain, plain
-        if self.prefix_cache:
-            shared = self._prefix_batches(encoded)
-            if self._cached_cost(encoded, shared) < self._plain_cost(encoded, plain):
-                run, batches = self._run_cached, shared
-        for rows in batches:
-            probs = run([encoded[i] for i in rows])
-            for i, c in zip(rows, probs, strict=True):
-                out[i] = c
+        out: list[Choice]
+        plan = self.plan_prefix_cache(encoded) if self.prefix_cache else None
+        lengths = [len(e.ids) for e in encoded]
+        if plan is not None and plan.processed_tokens < plain_processed_tokens(lengths, plain):
+            out = self._run_prefix_plan(encoded, plan)
+            self.last_plan = PREFIX_CACHE
+        else:
+            slots: list[Choice | None] = [None] * len(encoded)
+            for rows in plain:
+                for i, c in zip(rows, self._run_plain([encoded[i] for i in rows]), strict=True):
+                    slots[i] = c
+            out = [c for c in slots if c is not None]
+            self.last_plan = PLAIN
+        self.plan_orders[self.last_plan] += len(encoded)
         self.n_orders += len(encoded)
-        return [c for c in out if c is not None]
+        return out
 
     def _plain_batches(self, encoded: Sequence[_Encoded]) -> list[list[int]]:
         """Return length-sorted row batches capped by rows and padded tokens."""
         return token_budget_batches([len(e.ids) for e in encoded], self.batch_size, self.max_tokens)
 
-    @staticmethod
-    def _plain_cost(encoded: Sequence[_Encoded], batches: list[list[int]]) -> int:
-        """Return the padded tokens the plain plan runs through the model."""
-        return sum(len(b) * max(len(encoded[i].ids) for i in b) for b in batches)
-
-    @staticmethod
-    def _cached_cost(encoded: Sequence[_Encoded], batches: list[list[int]]) -> int:
-        """Return the padded tokens the prefix-shared plan runs: prefixes once, then suffixes."""
-        total = 0
-        for b in batches:
-            prefixes = {tuple(encoded[i].ids[: encoded[i].split]) for i in b}
-            total += len(prefixes) * max(len(p) for p in prefixes)
-            total += len(b) * max(len(encoded[i].ids) - encoded[i].split for i in b)
-        return total
-
-    def _prefix_batches(self, encoded: Sequence[_Encoded]) -> list[list[int]]:
-        """Return row batches by length, rows sharing a prefix together, capped by tokens.
-
-        Sorted by prefix length, then prefix, then suffix length: identical prefixes are
-        adjacent (they have one length), and a batch's prefixes and suffixes have similar
-        lengths, so little of either pass is padding (sorting by content alone mixed long and
-        short prefixes and suffixes in one batch).
-        """
-        order = sorted(
-            range(len(encoded)),
-            key=lambda i: (
-                -encoded[i].split,
-                encoded[i].ids[: encoded[i].split],
-                -(len(encoded[i].ids) - encoded[i].split),
-                i,
-            ),
+    def plan_prefix_cache(self, encoded: Sequence[_Encoded]) -> PrefixPlan:
+        """Return the prefix-cached plan for encoded pair-orders (not run)."""
+        return plan_prefix_cache(
+            [e.ids[: e.split] for e in encoded],
+            [len(e.ids) - e.split for e in encoded],
+            self.batch_size,
+            self.max_tokens,
+            self.kv_tokens,
         )
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for i in order:
-            n = len(encoded[i].ids)
-            if current and (
-                len(current) >= self.batch_size
-                or max(longest, n) * (len(current) + 1) > self.max_tokens
-            ):
-                batches.append(current)
-                current, longest = [], 0
-            current.append(i)
-            longest = max(longest, n)
-        if current:
-            batches.append(current)
-        return batches
 
     def _probs(self, logits: torch.Tensor) -> list[Choice]:
         """Return Choices from last-position logits [rows, vocab]."""
@@ -265,55 +255,78 @@ class ChoiceScorer:
         return self._probs(logits[:, -1])
 
     @torch.no_grad()
-    def _run_cached(self, rows: Sequence[_Encoded]) -> list[Choice]:
-        """Return Choices running each distinct prefix once and every suffix against its cache."""
+    def _run_prefix_plan(self, encoded: Sequence[_Encoded], plan: PrefixPlan) -> list[Choice]:
+        """Return Choices (in row order) running every prefix once, then suffixes by length."""
+        out: list[Choice | None] = [None] * len(plan.row_prefix)
+        for chunk in plan.chunks:
+            store = PrefixKV(plan.prefixes, chunk.prefixes)
+            for pids in chunk.prefill:
+                self._prefill(plan, pids, store)
+            for rows in chunk.suffix:
+                choices = self._run_suffixes(encoded, plan, rows, store)
+                for i, c in zip(rows, choices, strict=True):
+                    out[i] = c
+            del store  # the chunk's states go before the next chunk's are allocated
+        return [c for c in out if c is not None]
+
+    def _prefill(self, plan: PrefixPlan, pids: Sequence[int], store: PrefixKV) -> None:
+        """Run a batch of prefixes (right padding) and keep their key/value states."""
         dev = self.loaded.device
-        pad = self.loaded.tokenizer.pad_token_id
-        keys: dict[tuple[int, ...], int] = {}
-        row_prefix = []
-        for r in rows:
-            row_prefix.append(keys.setdefault(tuple(r.ids[: r.split]), len(keys)))
-        prefixes = list(keys)
-        # Prefixes are left-padded so every real prefix ends at the same column and its suffix
-        # follows without a gap; positions are passed explicitly because of the padding.
-        pw = max(len(p) for p in prefixes)
-        p_ids = torch.full((len(prefixes), pw), pad, dtype=torch.long)
-        p_mask = torch.zeros_like(p_ids)
-        for k, p in enumerate(prefixes):
-            p_ids[k, pw - len(p) :] = torch.tensor(p)
-            p_mask[k, pw - len(p) :] = 1
-        p_pos = (p_mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.loaded.model(
-            input_ids=p_ids.to(dev),
-            attention_mask=p_mask.to(dev),
-            position_ids=p_pos.to(dev),
+        width = max(plan.prefix_len(p) for p in pids)
+        ids = torch.full((len(pids), width), self.loaded.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, p in enumerate(pids):
+            ids[k, : plan.prefix_len(p)] = torch.tensor(plan.prefixes[p])
+            mask[k, : plan.prefix_len(p)] = 1
+        # A cache of plain full-length layers whatever the model's own default: a sliding-window
+        # layer would keep only the last columns, which are padding for the shorter rows.
+        cache = DynamicCache()
+        self.loaded.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=torch.arange(width).expand(len(pids), width).to(dev),
             use_cache=True,
             logits_to_keep=1,
+            **{cache_keyword(self.loaded.model): cache},
         )
-        cache_kw = cache_keyword(self.loaded.model)
-        cache = getattr(out, cache_kw)
-        index = torch.tensor(row_prefix, dtype=torch.long, device=dev)
-        cache.batch_select_indices(index)
-        sw = max(len(r.ids) - r.split for r in rows)
-        s_ids = torch.full((len(rows), sw), pad, dtype=torch.long)
-        s_mask = torch.zeros_like(s_ids)
-        plen = torch.tensor([r.split for r in rows])
-        for k, r in enumerate(rows):
-            suf = r.ids[r.split :]
-            s_ids[k, : len(suf)] = torch.tensor(suf)
-            s_mask[k, : len(suf)] = 1
-        s_pos = plen[:, None] + torch.arange(sw)[None, :]
-        mask = torch.cat([p_mask[index.cpu()], s_mask], dim=1)
-        last = s_mask.sum(-1) - 1
-        self.n_forward_tokens += int(p_mask.sum() + s_mask.sum())
-        self.n_padded_tokens += p_mask.numel() + s_mask.numel()
+        store.add(pids, [(layer.keys, layer.values) for layer in cache.layers])
+        self.n_forward_tokens += int(mask.sum())
+        self.n_padded_tokens += mask.numel()
+
+    def _run_suffixes(
+        self, encoded: Sequence[_Encoded], plan: PrefixPlan, rows: Sequence[int], store: PrefixKV
+    ) -> list[Choice]:
+        """Return Choices for a suffix batch, each row attending to its own cached prefix.
+
+        The context is left-padded so every prefix ends at the same column and its suffix
+        follows without a gap; the padded columns are masked out, and positions are explicit
+        (prefix length + offset), since a row's column is not its position.
+        """
+        dev = self.loaded.device
+        pids = [plan.row_prefix[i] for i in rows]
+        index, ctx_mask = store.context_mask(pids)
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(store.gather(index)):
+            cache.update(k, v, layer)
+        width = max(plan.suffix_len[i] for i in rows)
+        ids = torch.full((len(rows), width), self.loaded.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        suffix_start = torch.tensor([plan.prefix_len(p) for p in pids])
+        for k, i in enumerate(rows):
+            suffix = encoded[i].ids[encoded[i].split :]
+            ids[k, : len(suffix)] = torch.tensor(suffix)
+            mask[k, : len(suffix)] = 1
+        positions = suffix_start[:, None] + torch.arange(width)[None, :]
+        last = mask.sum(-1) - 1
+        self.n_forward_tokens += int(mask.sum())
+        self.n_padded_tokens += mask.numel()
         with _last_hidden_only(self.loaded.model, last):
             logits = self.loaded.model(
-                input_ids=s_ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=s_pos.to(dev),
+                input_ids=ids.to(dev),
+                attention_mask=torch.cat([ctx_mask.long(), mask], dim=1).to(dev),
+                position_ids=positions.to(dev),
                 use_cache=True,
-                **{cache_kw: cache},
+                **{cache_keyword(self.loaded.model): cache},
             ).logits
         return self._probs(logits[:, -1])
 
