@@ -196,7 +196,16 @@ class ElicitationSection(StrictModel):
     )
     batch_size: int = Field(48, gt=0, description="Pair-orders per forward pass")
     prefix_cache: bool = Field(
-        True, description="Share the key/value cache of the prompt up to task A across pairs"
+        True,
+        description="Compute the prompt up to task A once per distinct task A and score the "
+        "suffixes in batches of similar length against its key/value cache (used only when it "
+        "processes fewer tokens than one plain forward per pair-order)",
+    )
+    prefix_cache_tokens: int = Field(
+        32768,
+        gt=0,
+        description="Key/value tokens the prefix cache holds: a chunk of prefixes, and one "
+        "suffix batch's gathered context",
     )
 
     @field_validator("template")

@@ -61,7 +61,13 @@ def make_chooser(
     On the logprob backend a pair-order below the minimum A/B mass counts 0.5/0.5.
     """
     if el.backend == "logprobs":
-        scorer = ChoiceScorer(loaded, el.template, el.batch_size, el.prefix_cache)
+        scorer = ChoiceScorer(
+            loaded,
+            el.template,
+            el.batch_size,
+            el.prefix_cache,
+            prefix_cache_tokens=el.prefix_cache_tokens,
+        )
 
         def scored(orders: Sequence[PairOrder]) -> list[Choice]:
             return apply_min_mass(scorer.p_first(orders), el.min_mass)
@@ -296,6 +302,7 @@ def main() -> None:
         "seconds": seconds,
         "pair_orders_per_s": (len(outcomes) + len(holdout)) / max(seconds, 1e-9),
         "forward_tokens": scorer.n_forward_tokens if scorer else None,
+        "plan_orders": dict(scorer.plan_orders) if scorer else None,
     }
     write_jsonl(out_dir / "outcomes.jsonl", outcomes)
     write_jsonl(out_dir / "holdout.jsonl", holdout)
