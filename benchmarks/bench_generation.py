@@ -11,16 +11,23 @@ random model may end early). Rows, all through llmlab.generation.generate, in on
   once per process), timed on its own;
 - compiled: decode="compiled", memory-sized batches of up to each of --compiled-batch-sizes rows;
 - with --steer, eager + steering (1 layer), since steering is refused with decode="compiled";
-- generate excludes SDPA's cuDNN backend on CUDA (llmlab.generation.decode_attention); the
-  rows marked "before" put it back (cuDNN first, the dispatcher's default on Hopper), so the
-  path as it was before that change is the baseline of the same run; the first row, batches
-  of 16 with cuDNN, is the path the issue measured at 161-268 tokens/s;
+- generate excludes SDPA's cuDNN backend on CUDA (llmlab.generation.decode_attention) and
+  prefills a batch of very different prompt lengths in length-sorted chunks (llmlab.prefill);
+  the rows marked "before" undo both (cuDNN first, the dispatcher's default on Hopper, and one
+  prefill forward per batch), so the path as it was before those changes is the baseline of
+  the same run; the first row, batches of 16 that way, is the path the issue measured at
+  161-268 tokens/s; --before-memory-sized adds that path with memory-sized batches;
+- "one prefill forward" rows keep decode_attention but turn the chunked prefill off, so the
+  eager memory-sized row is timed with and without it;
 - --eager-batch-sizes adds eager rows at other row caps (fewer batches, fewer decode steps).
   --compiled-batch-sizes '' skips the compiled rows (their warm-up is a 2-minute compile).
 
---split-prefill adds, for the eager and first compiled row, the same batches with one new token
-(prefill + one sampling step); the rest of the run is decode steps. Output tokens/s counts new
-tokens only. Results are appended to benchmarks/RESULTS.md.
+--split-prefill adds, for both eager memory-sized rows and the first compiled row, the same
+batches with one new token (prefill + one sampling step); the rest of the run is decode steps.
+Output tokens/s counts new tokens only. Results are appended to benchmarks/RESULTS.md.
+--prefill-chunk-tokens sets llmlab.prefill.PREFILL_CHUNK_TOKENS for the run.
+--device cpu --shape tiny checks the script's paths on a CPU (fp32; batches under generate's
+16,384-token default, so a small --prefill-chunk-tokens is what makes it chunk there).
 Usage: python benchmarks/bench_generation.py --shape llama-3.1-8b --tokenizer DIR \
     --n 512 --new-tokens 128 --batch-size 256
 """
@@ -40,18 +47,53 @@ from bench_activations import make_items  # noqa: E402
 from common import SHAPES, device_name, random_loaded, report  # noqa: E402
 
 import llmlab.generation  # noqa: E402
+import llmlab.prefill  # noqa: E402
 from llmlab.generation import auto_token_budget, generate  # noqa: E402
+from llmlab.prefill import chunk_plan, padded_tokens  # noqa: E402
 from llmlab.steering import steer  # noqa: E402
 
+DEFAULT_BUDGET = 16384  # generate's token budget where auto_token_budget knows none (off CUDA)
 
-def timed(fn) -> tuple[float, float]:
-    """Return (seconds, peak GiB) of fn on the GPU."""
+
+def timed(fn, device: str) -> tuple[float, float | None]:
+    """Return (seconds, peak GiB) of fn; the peak on CUDA only (None on the CPU)."""
+    if device != "cuda":
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t, None
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
+
+
+@contextlib.contextmanager
+def patched(**attrs):
+    """Replace llmlab.generation attributes for the duration (the "before" switches)."""
+    kept = {name: getattr(llmlab.generation, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(llmlab.generation, name, value)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(llmlab.generation, name, value)
+
+
+def one_prefill_forward():
+    """generate() without the chunked prefill: each batch prefilled in one forward."""
+    return patched(length_sorted_prefill=lambda *args, **kwargs: None)
+
+
+def before():
+    """generate() as it was before decode_attention and the chunked prefill: SDPA's default
+    order (cuDNN first) and one prefill forward per batch."""
+    return patched(
+        decode_attention=lambda device: contextlib.nullcontext(),
+        length_sorted_prefill=lambda *args, **kwargs: None,
+    )
 
 
 def main() -> None:
@@ -67,15 +109,25 @@ def main() -> None:
     ap.add_argument("--steer", action="store_true", help="add the eager + steering row")
     ap.add_argument("--eager-batch-sizes", default="", help="more eager row caps, comma-separated")
     ap.add_argument("--split-prefill", action="store_true", help="time prefill vs decode")
+    ap.add_argument(
+        "--before-memory-sized", action="store_true",
+        help="add the before path (cuDNN first, one prefill forward) with memory-sized batches",
+    )  # fmt: skip
+    ap.add_argument("--prefill-chunk-tokens", type=int, default=None)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
+    if args.prefill_chunk_tokens is not None:
+        llmlab.prefill.PREFILL_CHUNK_TOKENS = args.prefill_chunk_tokens
+    device = args.device
+    empty_cache = torch.cuda.empty_cache if device == "cuda" else lambda: None
     from transformers import AutoTokenizer
 
     from llmlab.chat import encode_chat, token_budget_batches
 
     print(f"SDPA backend priority: {torch._C._get_sdp_priority_order()}", flush=True)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    loaded = random_loaded(args.shape, tok, "cuda", torch.bfloat16)
+    loaded = random_loaded(args.shape, tok, device)  # bf16 on CUDA, fp32 on the CPU
     convs = [it.messages for it in make_items(tok, args.n, seed=0)]
     lengths = [len(encode_chat(tok, c, chat=True).input_ids) for c in convs]
     subset = convs[:: args.baseline_every]
@@ -97,26 +149,40 @@ def main() -> None:
 
     def plan(cap: int) -> tuple[int, list[list[int]]]:
         """Return the auto budget now and the batches it gives (what generate will form)."""
-        torch.cuda.empty_cache()
-        budget = auto_token_budget(loaded)
+        empty_cache()
+        budget = auto_token_budget(loaded) or DEFAULT_BUDGET
         return budget, token_budget_batches([n + args.new_tokens for n in lengths], cap, budget)
+
+    def prefill_plan(cap: int) -> str:
+        """Return each batch's padded prefill tokens in one forward and in length-sorted chunks
+        (the chunks whatever generate decides; it chunks a batch only where they save > 10%)."""
+        parts = []
+        for b in plan(cap)[1]:
+            widths = [lengths[i] - 1 for i in b]
+            chunks = chunk_plan(widths, llmlab.prefill.PREFILL_CHUNK_TOKENS)
+            parts.append(
+                f"{len(b)} x {max(widths)} = {len(b) * max(widths)} -> {len(chunks)} chunks, "
+                f"{padded_tokens(widths, chunks)} (real {sum(widths)})"
+            )
+        return "; ".join(parts)
 
     rows: list[dict] = []
 
     def case(name: str, prompts, tokens: int | None = None, **kw) -> float | None:
-        torch.cuda.empty_cache()  # the budget reads free memory: no cached blocks of the last case
+        empty_cache()  # the budget reads free memory: no cached blocks of the last case
         try:
-            secs, mem = timed(lambda: run(prompts, **kw))
+            secs, mem = timed(lambda: run(prompts, **kw), device)
         except Exception as e:  # one failing variant must not hide the others' numbers
             msg = f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             print(msg, flush=True)
             rows.append({"method": msg})
             return None
         tokens = len(prompts) * args.new_tokens if tokens is None else tokens
-        print(f"{name}: {tokens} tokens in {secs:.2f}s, peak {mem:.1f} GiB", flush=True)
+        peak = "" if mem is None else f", peak {mem:.1f} GiB"
+        print(f"{name}: {tokens} tokens in {secs:.2f}s{peak}", flush=True)
         rows.append({
             "method": name, "prompts": len(prompts), "new tokens": tokens, "seconds": secs,
-            "output tokens/s": tokens / secs, "peak GiB": mem,
+            "output tokens/s": tokens / secs, "peak GiB": "" if mem is None else mem,
             "device": device_name(), "model": args.shape,
         })  # fmt: skip
         return secs
@@ -125,14 +191,15 @@ def main() -> None:
         """Add a row timing the same batches with one new token: prefill vs decode."""
         if full is None:
             return
-        torch.cuda.empty_cache()
+        empty_cache()
         budget, batches = plan(cap)
         widths = [max(lengths[i] for i in b) for b in batches]
         secs, mem = timed(
             lambda: generate(
                 loaded, convs, max_new_tokens=1, batch_size=cap, max_tokens_per_batch=budget,
                 progress=False, **kw,
-            )
+            ),
+            device,
         )  # fmt: skip
         steps = len(batches) * (args.new_tokens - 1)
         note = (
@@ -141,34 +208,45 @@ def main() -> None:
             f"{full - secs:.2f} s over {steps} steps = {1e3 * (full - secs) / steps:.1f} ms per step"
         )
         print(note, flush=True)
-        rows.append({"method": note, "prompts": len(convs), "seconds": secs, "peak GiB": mem})
-
-    @contextlib.contextmanager
-    def before():
-        """generate() as it was before decode_attention: SDPA's default order, cuDNN first."""
-        kept = llmlab.generation.decode_attention
-        llmlab.generation.decode_attention = lambda device: contextlib.nullcontext()
-        try:
-            yield
-        finally:
-            llmlab.generation.decode_attention = kept
+        rows.append({
+            "method": note, "prompts": len(convs), "seconds": secs,
+            "peak GiB": "" if mem is None else mem,
+        })  # fmt: skip
 
     run(subset[:4], batch_size=4)  # warm-up (kernels, allocator)
     with before():
-        case("before (cuDNN SDPA first): generate, 16 rows x 16,384 tokens/batch", subset,
-             batch_size=16)  # fmt: skip
-        print(f"eager plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)
         case(
-            f"before (cuDNN SDPA first): eager generate, <= {args.batch_size} rows, memory-sized",
+            "before (cuDNN SDPA first, one prefill forward): generate, 16 rows x 16,384 "
+            "tokens/batch", subset, batch_size=16,
+        )  # fmt: skip
+        print(f"eager plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)
+        if args.before_memory_sized:
+            case(
+                f"before (cuDNN SDPA first, one prefill forward): eager generate, "
+                f"<= {args.batch_size} rows, memory-sized", convs, batch_size=args.batch_size,
+                max_tokens_per_batch="auto",
+            )  # fmt: skip
+    case("generate, 16 rows x 16,384 tokens/batch", subset, batch_size=16)
+    print(
+        f"prefill tokens per batch, one forward -> length-sorted chunks of <= "
+        f"{llmlab.prefill.PREFILL_CHUNK_TOKENS} padded tokens: {prefill_plan(args.batch_size)}",
+        flush=True,
+    )
+    with one_prefill_forward():
+        name = "eager, one prefill forward"
+        full = case(
+            f"eager generate, <= {args.batch_size} rows, memory-sized budget, one prefill forward",
             convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
         )  # fmt: skip
-    case("generate, 16 rows x 16,384 tokens/batch", subset, batch_size=16)
+        if args.split_prefill:
+            split(name, full, args.batch_size)
     eager = case(
-        f"eager generate, <= {args.batch_size} rows, memory-sized budget",
+        f"eager generate, <= {args.batch_size} rows, memory-sized budget, length-sorted "
+        f"chunked prefill ({llmlab.prefill.PREFILL_CHUNK_TOKENS} tokens/chunk)",
         convs, batch_size=args.batch_size, max_tokens_per_batch="auto",
     )  # fmt: skip
     if args.split_prefill:
-        split("eager", eager, args.batch_size)
+        split("eager, chunked prefill", eager, args.batch_size)
     for cap in (int(c) for c in args.eager_batch_sizes.split(",") if c):
         print(f"eager plan (<= {cap} rows): {[len(b) for b in plan(cap)[1]]} rows", flush=True)
         secs = case(
@@ -202,7 +280,7 @@ def main() -> None:
         if base and "output tokens/s" in r:
             r["ratio"] = r["output tokens/s"] / base
     report(
-        f"Evaluation generation ({args.shape}, cuda, {args.new_tokens} new tokens)",
+        f"Evaluation generation ({args.shape}, {device}, {args.new_tokens} new tokens)",
         rows,
         append=not args.no_append,
     )

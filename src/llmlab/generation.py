@@ -14,6 +14,11 @@ through `torch.compile` (one compile with dynamic shapes serves every batch shap
 decode step costs about as much on a 4-layer model as on the 8B shape (per-step work that does
 not scale with the model, not weight reads); on the 4-layer model the compiled step cut it 3.5x
 (benchmarks/RESULTS.md). The compile is paid once per process.
+
+An eager, unsteered batch whose prompts differ much in length is prefilled in length-sorted
+row chunks (llmlab.prefill): each chunk is padded only to its own longest prompt, the chunks'
+keys and values are merged into one cache, and `generate` decodes all rows of the batch from
+it, so a memory-sized batch no longer computes its prefill at the longest prompt's width.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tqdm.auto import tqdm
 from llmlab.chat import Message, collate, encode_chat, token_budget_batches
 from llmlab.io import atomic_path
 from llmlab.models import LoadedModel, cache_keyword
+from llmlab.prefill import length_sorted_prefill, merged_cache_supported
 
 log = logging.getLogger(__name__)
 WORK_META = "meta.json"  # in a work dir: the fingerprint of the run its shards belong to
@@ -183,6 +189,14 @@ def generate(
     compiled_decode_config(). Steering is refused with "compiled": its per-batch hooks change the
     traced module, so each batch would be compiled again (or silently run eagerly once
     torch.compile's recompile limit is hit).
+
+    Prefill: with decode="eager", no steering and a model whose cache is full attention in
+    every layer (llmlab.prefill.merged_cache_supported), a batch whose prompts differ much in
+    length is prefilled in length-sorted chunks and decoded from the merged cache
+    (llmlab.prefill.length_sorted_prefill); the tokens are those of one prefill forward up to
+    float rounding. Steering hooks are keyed to the full batch's rows, a static cache is
+    allocated by `generate` itself and sliding-window caches keep other states, so those
+    batches are prefilled in one forward as before.
     """
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -199,6 +213,17 @@ def generate(
     on_cuda = torch.device(loaded.device).type == "cuda"
     if decode == "compiled" and compile_config is None and on_cuda:
         compile_config = compiled_decode_config()
+    # Chunked prefill where it is safe (see above). Left out of the resume fingerprint: it is
+    # no setting but a per-batch choice made from what the fingerprint already holds (prompts,
+    # model, decode, steering, generate keywords), so a resumed run chooses the same for every
+    # batch. What it can change is float rounding, as another GPU model of the same device type
+    # can, which the fingerprint also leaves out; a key for it would only discard the shards of
+    # every run begun before this code, which are as valid as the ones it writes.
+    chunked_prefill = (
+        decode == "eager"
+        and steer is None
+        and merged_cache_supported(loaded.model, generate_kwargs)
+    )
     tok = loaded.tokenizer
     encoded = [encode_chat(tok, conv, chat=loaded.chat) for conv in conversations]
     lengths = [len(e.input_ids) for e in encoded]
@@ -249,6 +274,11 @@ def generate(
         batch = collate([encoded[i] for i in rows], tok.pad_token_id, padding_side="left").to(
             loaded.device
         )
+        cache = None
+        if chunked_prefill:
+            with decode_attention(loaded.device):
+                cache = length_sorted_prefill(loaded.model, batch.input_ids, batch.attention_mask)
+        # Seeded after the prefill: the batch's samples depend on (seed, b) whichever prefill ran.
         torch.manual_seed(seed + b)
         kwargs: dict[str, Any] = dict(
             input_ids=batch.input_ids,
@@ -263,6 +293,8 @@ def generate(
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop_strings:
             kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
+        if cache is not None:
+            kwargs[cache_keyword(loaded.model)] = cache
         if decode == "compiled":
             kwargs.update(_static_cache_kwargs(loaded, batch.input_ids.shape[1] + max_new_tokens))
             if compile_config is not None:
@@ -270,6 +302,7 @@ def generate(
         ctx = steer(rows, batch.attention_mask) if steer else contextlib.nullcontext()
         with ctx, decode_attention(loaded.device):
             out = loaded.model.generate(**kwargs, **generate_kwargs)
+        del cache, kwargs  # the batch's KV cache is freed before the next batch is prefilled
         new = out[:, batch.input_ids.shape[1] :]
         for row, seq in zip(rows, new, strict=True):
             text = tok.decode(seq, skip_special_tokens=True)
