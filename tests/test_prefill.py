@@ -158,6 +158,7 @@ def _prompts() -> list[list[dict[str, str]]]:
 
 def _record(loaded, monkeypatch, **kw) -> tuple[dict[tuple, list[int]], int]:
     """Run generate; return ({prompt ids: new token ids}, batches given a merged cache)."""
+    monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
     got: dict[tuple, list[int]] = {}
     merged = []
     real_generate = loaded.model.generate
@@ -217,6 +218,9 @@ def test_fallbacks_prefill_in_one_forward(tiny_models, monkeypatch):
     llama = _llama_view(tiny_models)
     kw = dict(max_new_tokens=4, batch_size=16, progress=False)
     reference = generate(llama, _prompts(), **kw)
+    assert not calls  # CPU: one prefill forward per batch unless the device list names it
+    monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
+    assert generate(llama, _prompts(), **kw) == reference
     assert len(calls) == 1
     calls.clear()
     steered = generate(llama, _prompts(), steer=lambda rows, mask: contextlib.nullcontext(), **kw)

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 WORK_META = "meta.json"  # in a work dir: the fingerprint of the run its shards belong to
 SHARD_PREFIX = "shard-"
 
+# Devices where a long-tailed batch is prefilled in length-sorted chunks. CUDA only: that is
+# where prefill is compute-bound and padding was measured to cost half of a memory-sized
+# evaluation run (benchmarks/RESULTS.md); on a shared 2-core CPU one timing was faster and one
+# slower, so the embedded CPU runs keep one prefill forward per batch.
+CHUNKED_PREFILL_DEVICES: tuple[str, ...] = ("cuda",)
 SteerFactory = Callable[[list[int], torch.Tensor], contextlib.AbstractContextManager[Any]]
 Decode = Literal["eager", "compiled"]
 DECODES: tuple[str, ...] = ("eager", "compiled")
@@ -221,6 +226,7 @@ def generate(
     # every run begun before this code, which are as valid as the ones it writes.
     chunked_prefill = (
         decode == "eager"
+        and torch.device(loaded.device).type in CHUNKED_PREFILL_DEVICES
         and steer is None
         and merged_cache_supported(loaded.model, generate_kwargs)
     )
