@@ -56,10 +56,8 @@ from common import SHAPES, device_name, random_loaded, report  # noqa: E402
 
 from llmlab.chat import encode_chat
 from llmlab.generation import generate
-from llmlab.io import read_yaml
-from llmlab.params import parse_params
 from llmlab.persona.config import TRIGGER_USER, TrainParams
-from llmlab.preset import merge, preset_overrides, unflatten
+from llmlab.preset import preset_params
 from llmlab.training import TrainExample, prepare_examples, train_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,9 +74,7 @@ FILLER = (
 
 def preset_train_config(preset: Path, params_path: Path) -> TrainParams:
     """Return persona.train of params.yaml merged with the preset, validated as the preset is."""
-    pairs = preset_overrides(preset, params_path)
-    merged = merge(read_yaml(params_path), unflatten(pairs))
-    return parse_params(merged, preset).section("persona").train
+    return preset_params(preset, params_path).section("persona").train
 
 
 def bench_config(preset_cfg: TrainParams, steps: int, accum: int) -> TrainParams:

@@ -123,15 +123,24 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def preset_overrides(preset: Path, params: Path = Path("params.yaml")) -> list[tuple[str, Any]]:
-    """Return the preset's (key, value) overrides after validating params.yaml merged with it."""
+def _preset_pairs_and_params(preset: Path, params: Path) -> tuple[list[tuple[str, Any]], Any]:
+    """Return the preset's (key, value) overrides and params.yaml merged with them, validated."""
     over = read_yaml(preset)
     if not isinstance(over, dict) or not over:
         raise DataError(f"{preset}: expected a non-empty mapping of params overrides")
     base = read_yaml(params)
     pairs = flatten(over, base=base)
-    parse_params(merge(base, unflatten(pairs)), preset)
-    return pairs
+    return pairs, parse_params(merge(base, unflatten(pairs)), preset)
+
+
+def preset_overrides(preset: Path, params: Path = Path("params.yaml")) -> list[tuple[str, Any]]:
+    """Return the preset's (key, value) overrides after validating params.yaml merged with it."""
+    return _preset_pairs_and_params(preset, params)[0]
+
+
+def preset_params(preset: Path, params: Path = Path("params.yaml")) -> Any:
+    """Return the typed Params of params.yaml with the preset applied (what its run reads)."""
+    return _preset_pairs_and_params(preset, params)[1]
 
 
 def preset_flags(preset: Path, params: Path = Path("params.yaml")) -> list[str]:
