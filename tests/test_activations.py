@@ -136,6 +136,26 @@ def test_resume_after_interruption_gives_identical_files(tiny_models, tmp_path, 
     )
 
 
+def test_resume_drops_temporary_files_of_a_killed_run(tiny_models, tmp_path):
+    """A run killed inside an atomic write leaves its temporary file in the work directory
+    (seen in a SIGKILL test: `.index.json.<random>.json` reached the output); the resuming run
+    must finish with exactly index.json and the layer files."""
+    loaded = tiny_models["llama"]
+    items = _items(6)
+    full = capture_to_disk(loaded, items, [0, 1], tmp_path / "full", progress=False)
+    work = tmp_path / "acts.partial"
+    # the state after a kill between index.json's rename and the final rename, with the dead
+    # run's temporaries beside it
+    capture_to_disk(loaded, items, [0, 1], tmp_path / "acts", progress=False).rename(work)
+    (work / ".index.json.b_8t9n9h.json").write_text("{")
+    np.save(work / "progress.tmp.npy", np.ones(len(items), dtype=bool))
+    (work / ".stray").mkdir()
+    out = capture_to_disk(loaded, items, [0, 1], tmp_path / "acts", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in full.iterdir())
+    assert not work.exists()
+    np.testing.assert_array_equal(load_activations(out, 1).values, load_activations(full, 1).values)
+
+
 def test_duplicate_ids_and_shape_mismatch_are_refused(tiny_models, tmp_path):
     loaded = tiny_models["llama"]
     items = _items(3) + [_items(1)[0]]

@@ -203,9 +203,25 @@ def capture_to_disk(
             store_dtype, save_every, progress,
         )  # fmt: skip
         write_json(work / INDEX_FILE, {**meta, "ids": ids})
-    for name in (PROGRESS_FILE, "meta.json"):
-        (work / name).unlink(missing_ok=True)
+    _drop_leftovers(work, layers)
     return replace_dir(work, out)
+
+
+def _drop_leftovers(work: Path, layers: Sequence[int]) -> None:
+    """Remove from a finished work directory everything but index.json and the layer files.
+
+    Besides the checkpoint files, a run killed inside an atomic write leaves that write's
+    temporary file behind (`.index.json.<random>.json`, `progress.tmp.npy`); the resuming run
+    writes its own, so the output must not carry the dead run's copy.
+    """
+    keep = {INDEX_FILE, *(layer_file(layer) for layer in layers)}
+    for entry in work.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _work_meta(work: Path) -> dict[str, Any]:

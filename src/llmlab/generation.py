@@ -215,8 +215,8 @@ def generate(
         raise ValueError(f"steer: steering needs decode='eager', got decode={decode!r}")
     # Compile settings change speed, not tokens: kept out of the resume fingerprint.
     compile_config = generate_kwargs.pop("compile_config", None) if decode == "compiled" else None
-    on_cuda = torch.device(loaded.device).type == "cuda"
-    if decode == "compiled" and compile_config is None and on_cuda:
+    device_type = torch.device(loaded.device).type
+    if decode == "compiled" and compile_config is None and device_type == "cuda":
         compile_config = compiled_decode_config()
     # Chunked prefill where it is safe (see above). Left out of the resume fingerprint: it is
     # no setting but a per-batch choice made from what the fingerprint already holds (prompts,
@@ -226,7 +226,7 @@ def generate(
     # every run begun before this code, which are as valid as the ones it writes.
     chunked_prefill = (
         decode == "eager"
-        and torch.device(loaded.device).type in CHUNKED_PREFILL_DEVICES
+        and device_type in CHUNKED_PREFILL_DEVICES
         and steer is None
         and merged_cache_supported(loaded.model, generate_kwargs)
     )

@@ -114,18 +114,21 @@ def prefill_chunks(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     chunks: Sequence[Sequence[int]],
+    lengths: Sequence[int] | None = None,
 ) -> Any:
     """Prefill all but the last column of a left-padded batch, chunk by chunk; return the cache.
 
     The result is a transformers DynamicCache holding W - 1 positions for all rows (W the batch
     width), from which `model.generate(input_ids=input_ids, attention_mask=attention_mask,
     <cache keyword>=cache)` continues. Each chunk's forward covers only its own longest prompt
-    and keeps one position of logits.
+    and keeps one position of logits. `lengths`: the rows' prompt_lengths, where the caller
+    has them already.
     """
     from transformers import DynamicCache
 
     rows, width = input_ids.shape
-    lengths = prompt_lengths(attention_mask)
+    if lengths is None:
+        lengths = prompt_lengths(attention_mask)
     base = unwrap(model)
     keyword = cache_keyword(model)
     cached = width - 1  # generate runs the last column itself
@@ -185,10 +188,11 @@ def length_sorted_prefill(
     rows, width = input_ids.shape
     if width < 2:
         return None
-    widths = [n - 1 for n in prompt_lengths(attention_mask)]
+    lengths = prompt_lengths(attention_mask)
+    widths = [n - 1 for n in lengths]
     chunks = chunk_plan(widths, PREFILL_CHUNK_TOKENS if budget is None else budget)
     if len(chunks) < 2 or rows * (width - 1) <= (1 + MIN_PADDING_SAVING) * padded_tokens(
         widths, chunks
     ):
         return None
-    return prefill_chunks(model, input_ids, attention_mask, chunks)
+    return prefill_chunks(model, input_ids, attention_mask, chunks, lengths)

@@ -305,9 +305,9 @@ class ChoiceScorer:
         dev = self.loaded.device
         pids = [plan.row_prefix[i] for i in rows]
         index, ctx_mask = store.context_mask(pids)
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(store.gather(index)):
-            cache.update(k, v, layer)
+        # Built from per-layer tensors by the library's constructor, as llmlab.prefill builds
+        # its merged cache; no config, so every layer is a plain full-length one (see _prefill).
+        cache = DynamicCache(store.gather(index))
         width = max(plan.suffix_len[i] for i in rows)
         ids = torch.full((len(rows), width), self.loaded.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
