@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,18 @@ def smol(smol_dir: Path):
     from llmlab.models import load_model
 
     return load_model(make_params(smol_dir, name="smollm2-135m-instruct"))
+
+
+def start_dvc_queue(repo: Path, env: dict[str, str], jobs: int, log: Path) -> None:
+    """Run `dvc queue start -j jobs` in `repo`, its output to `log`; fail if the launch fails.
+
+    Not with captured pipes: the processes that supervise the workers inherit the launcher's
+    stdout and stderr, so reading those to the end would wait until the workers shut down,
+    under the launch's timeout rather than the caller's queue-status wait.
+    """
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env, stdout=fh,
+            stderr=subprocess.STDOUT, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 0, f"dvc queue start failed:\n{log.read_text()[-3000:]}"

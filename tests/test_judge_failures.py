@@ -28,6 +28,7 @@ from typing import Any
 import judge_server
 import pytest
 import yaml
+from conftest import start_dvc_queue
 from fault_proxy import fault_proxy, request_key
 
 from llmlab.introspection.config import B3Config
@@ -525,7 +526,7 @@ def test_queued_experiments_share_the_judge_cache(stub: StubServer, tmp_path: Pa
     sh("git", "add", "-A")
     sh("git", "commit", "-q", "-m", "init")
     sh("dvc", "exp", "run", "--queue", "-S", "judge.max_concurrency=1,2")
-    sh("dvc", "queue", "start", "-j", "1")
+    start_dvc_queue(repo, env, 1, tmp_path / "queue-start.log")
     deadline = time.monotonic() + 540
     try:
         while True:

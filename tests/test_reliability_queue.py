@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import start_dvc_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = 3
@@ -258,7 +259,7 @@ def run_queue(tmp: Path, seeds: list[int], sleep_s: float) -> dict[str, Any]:
     before = snapshot(repo)
     sh(["dvc", "exp", "run", "--queue", "-S", "seed=" + ",".join(map(str, seeds))], repo, env)
     t0 = time.monotonic()
-    sh(["dvc", "queue", "start", "-j", "2"], repo, env)
+    start_dvc_queue(repo, env, 2, tmp / "queue-start.log")
     try:
         wait_for_queue(repo, env, len(seeds))
     finally:
