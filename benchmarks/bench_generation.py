@@ -48,11 +48,10 @@ from common import SHAPES, device_name, random_loaded, report  # noqa: E402
 
 import llmlab.generation  # noqa: E402
 import llmlab.prefill  # noqa: E402
-from llmlab.generation import auto_token_budget, generate  # noqa: E402
-from llmlab.prefill import chunk_plan, padded_tokens  # noqa: E402
+from llmlab.chat import padded_tokens  # noqa: E402
+from llmlab.generation import DEFAULT_TOKENS_PER_BATCH, auto_token_budget, generate  # noqa: E402
+from llmlab.prefill import chunk_plan  # noqa: E402
 from llmlab.steering import steer  # noqa: E402
-
-DEFAULT_BUDGET = 16384  # generate's token budget where auto_token_budget knows none (off CUDA)
 
 
 def timed(fn, device: str) -> tuple[float, float | None]:
@@ -150,7 +149,7 @@ def main() -> None:
     def plan(cap: int) -> tuple[int, list[list[int]]]:
         """Return the auto budget now and the batches it gives (what generate will form)."""
         empty_cache()
-        budget = auto_token_budget(loaded) or DEFAULT_BUDGET
+        budget = auto_token_budget(loaded) or DEFAULT_TOKENS_PER_BATCH
         return budget, token_budget_batches([n + args.new_tokens for n in lengths], cap, budget)
 
     def prefill_plan(cap: int) -> str:

@@ -36,8 +36,9 @@ def test_preset_only_enlarges_existing_sizes() -> None:
     enlarged = 0
     for key, value in flatten(yaml.safe_load(PRESET.read_text())):
         default = lookup(params, key)
-        assert isinstance(value, int | None) and not isinstance(value, bool), key
-        assert isinstance(default, int | None), f"{key}: default {default!r} is not a size"
+        # sizes are counts, or a float number of epochs
+        assert isinstance(value, int | float | None) and not isinstance(value, bool), key
+        assert isinstance(default, int | float | None), f"{key}: default {default!r} is not a size"
         if value is None:
             enlarged += default is not None
             continue

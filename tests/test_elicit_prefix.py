@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from llmlab.chat import padded_tokens
 from llmlab.models import LoadedModel
 from llmlab.preferences.elicit import PLAIN, PREFIX_CACHE, Choice, ChoiceScorer, PairOrder
-from llmlab.preferences.prefix_plan import plain_processed_tokens, plan_prefix_cache
+from llmlab.preferences.prefix_plan import plan_prefix_cache
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE
 
 # Task lengths from a few words to a paragraph, so prefixes and suffixes vary a lot in length.
@@ -84,7 +85,7 @@ def test_plan_layout_by_hand() -> None:
     assert plan.processed_tokens == 3 * 6 + 3 * 9 + 3 * 4 + 1 == 58
     assert plan.real_tokens == 6 + 5 + 4 + sum(suffixes) == 51
     lengths = [len(p) + s for p, s in rows]
-    assert plain_processed_tokens(lengths, [[1, 3, 2], [0, 5, 6], [4]]) == 3 * 15 + 3 * 10 + 5
+    assert padded_tokens(lengths, [[1, 3, 2], [0, 5, 6], [4]]) == 3 * 15 + 3 * 10 + 5
 
     # max_tokens caps rows x longest suffix in a suffix batch
     plan = plan_prefix_cache(prefixes, suffixes, batch_size=3, max_tokens=20, kv_tokens=1000)
@@ -212,7 +213,7 @@ def test_chooser_takes_plain_when_nothing_is_shared(sharp_llama) -> None:
     encoded = [cached.encode(o) for o in orders]
     lengths = [len(e.ids) for e in encoded]
     plan = cached.plan_prefix_cache(encoded)
-    assert plan.processed_tokens >= plain_processed_tokens(lengths, cached._plain_batches(encoded))
+    assert plan.processed_tokens >= padded_tokens(lengths, cached._plain_batches(encoded))
     a = plain.p_first(orders)
     b = cached.p_first(orders)
     assert cached.last_plan == PLAIN and cached.plan_orders == {PLAIN: len(orders), PREFIX_CACHE: 0}

@@ -517,3 +517,8 @@ def token_budget_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """Return the tokens padded batches run: rows x the batch's longest length, summed."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)

@@ -51,6 +51,9 @@ SHARD_PREFIX = "shard-"
 # evaluation run (benchmarks/RESULTS.md); on a shared 2-core CPU one timing was faster and one
 # slower, so the embedded CPU runs keep one prefill forward per batch.
 CHUNKED_PREFILL_DEVICES: tuple[str, ...] = ("cuda",)
+# Padded (prompt + new) tokens per batch: generate's default, and "auto"'s where
+# auto_token_budget knows no free memory (off CUDA).
+DEFAULT_TOKENS_PER_BATCH = 16384
 SteerFactory = Callable[[list[int], torch.Tensor], contextlib.AbstractContextManager[Any]]
 Decode = Literal["eager", "compiled"]
 DECODES: tuple[str, ...] = ("eager", "compiled")
@@ -155,7 +158,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
-    max_tokens_per_batch: int | Literal["auto"] | None = 16384,
+    max_tokens_per_batch: int | Literal["auto"] | None = DEFAULT_TOKENS_PER_BATCH,
     stop_strings: Sequence[str] = (),
     steer: SteerFactory | None = None,
     progress: bool = True,
@@ -169,7 +172,7 @@ def generate(
 
     batch_size caps the rows of a batch and max_tokens_per_batch its (prompt + new) tokens,
     padding included; "auto" sizes the token budget by the free accelerator memory
-    (auto_token_budget; 16384 tokens off CUDA), which with a large batch_size gives the
+    (auto_token_budget; DEFAULT_TOKENS_PER_BATCH off CUDA), which with a large batch_size gives the
     largest batches that fit: a decode step reads all weights once whatever the batch, so
     throughput grows with the batch until the KV-cache reads dominate.
 
@@ -234,7 +237,7 @@ def generate(
     encoded = [encode_chat(tok, conv, chat=loaded.chat) for conv in conversations]
     lengths = [len(e.input_ids) for e in encoded]
     if max_tokens_per_batch == "auto":
-        budget = auto_token_budget(loaded) or 16384
+        budget = auto_token_budget(loaded) or DEFAULT_TOKENS_PER_BATCH
     elif max_tokens_per_batch is None:
         budget = None
     elif isinstance(max_tokens_per_batch, int):

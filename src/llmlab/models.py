@@ -8,6 +8,8 @@ cache (safetensors); later loads read that directory and take seconds.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +163,35 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, gguf-py parses a file once and builds a tensor-name map once.
+
+    transformers' GGUF loading parses the whole file (every vocabulary string) three times,
+    for the tokenizer, the config and the weights, and rebuilds gguf-py's tensor-name map for
+    every module it visits: most of a 135M model's conversion time, and more for a 262k-token
+    vocabulary. Both objects are only read after construction, so sharing them changes nothing
+    but the time. transformers imports both names from `gguf` at call time, which is what lets
+    a module attribute swapped here take effect.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def read_once(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def convert_gguf(gguf_path: Path, name: str) -> Path:
     """Return an HF-format directory de-quantised from a GGUF, converting once and caching.
 
@@ -180,8 +212,9 @@ def convert_gguf(gguf_path: Path, name: str) -> Path:
         log.info("de-quantising %s into %s (once)", gguf_path.name, target)
         kwargs = {"gguf_file": gguf_path.name}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-            quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
+            with _gguf_parsed_once():
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+                quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
         except (ValueError, OSError, KeyError) as e:  # a truncated or foreign file
             raise ModelLoadError(f"{gguf_path}: not a complete GGUF model ({e})") from None
         config = quantised.config
@@ -249,6 +282,10 @@ _ATTN_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash
 def attention_kernel(where: str, name: str, runtime: Runtime, **kwargs: Any) -> str:
     """Return runtime.attn_implementation, or eager where the architecture lacks that kernel.
 
+    auto is sdpa on CUDA and eager elsewhere: on CPU, PyTorch's SDPA kernel took 1.3 ms per
+    call for one decode query of the embedded model (16 rows, 132 keys), and eager attention
+    made a bf16 decode step 19% faster (92 -> 75 ms) and a LoRA step 7% faster.
+
     Gemma-2 has no SDPA path (its attention soft-capping needs the eager kernel), and
     transformers refuses the default `sdpa` for it; eager attention exists for every
     architecture, so the model loads with it and a log line says so. flash_attention_2
@@ -258,6 +295,8 @@ def attention_kernel(where: str, name: str, runtime: Runtime, **kwargs: Any) -> 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     wanted = runtime.attn_implementation
+    if wanted == "auto":
+        wanted = "sdpa" if resolve_device(runtime).type == "cuda" else "eager"
     if wanted == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelLoadError(
             "runtime.attn_implementation: flash_attention_2 needs the flash-attn package, "

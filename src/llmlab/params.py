@@ -93,8 +93,12 @@ class Runtime(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, float32 on CPU"
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to from_pretrained"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description=(
+            "Attention kernel passed to from_pretrained; auto: sdpa on GPU, eager on CPU (where "
+            "PyTorch's SDPA kernel costs more than the plain products for short queries)"
+        ),
     )
     device_map: Literal["auto"] | None = Field(
         None, description="'auto' shards one model over all visible GPUs (inference only)"

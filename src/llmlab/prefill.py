@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from llmlab.chat import token_budget_batches
+from llmlab.chat import padded_tokens, token_budget_batches
 from llmlab.models import cache_keyword, unwrap
 
 # Padded prefill tokens per chunk forward. On the Llama-3.1-8B shape a forward of 16k tokens is
@@ -86,11 +86,6 @@ def chunk_plan(widths: Sequence[int], budget: int) -> list[list[int]]:
     while rows x the chunk's longest width stays within `budget`; a row wider than the budget
     is a chunk of its own. Every row is in exactly one chunk."""
     return token_budget_batches(widths, max(1, len(widths)), max(1, budget))
-
-
-def padded_tokens(widths: Sequence[int], chunks: Sequence[Sequence[int]]) -> int:
-    """Return the tokens the chunk forwards compute: rows x the chunk's longest width, summed."""
-    return sum(len(c) * max(widths[i] for i in c) for c in chunks)
 
 
 def prompt_lengths(attention_mask: torch.Tensor) -> list[int]:

@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from llmlab.chat import (
     Message,
     content_span,
+    padded_tokens,
     render,
     token_budget_batches,
     tokenize_rendered,
@@ -39,7 +40,6 @@ from llmlab.models import LoadedModel, cache_keyword, unwrap
 from llmlab.preferences.prefix_plan import (
     PrefixKV,
     PrefixPlan,
-    plain_processed_tokens,
     plan_prefix_cache,
 )
 from llmlab.preferences.prompts import DEFAULT_TEMPLATE, check_template, parse_choice
@@ -163,6 +163,8 @@ class ChoiceScorer:
         self.max_tokens = max_tokens_per_batch
         self.kv_tokens = prefix_cache_tokens
         self.a_ids, self.b_ids = choice_token_ids(loaded.tokenizer)
+        # The forward's cache argument, looked up once (an inspect.signature call per batch).
+        self.cache_arg = cache_keyword(loaded.model)
         # For throughput reports: pair-orders scored, real tokens run through the model, and
         # tokens processed including padding; pair-orders per plan and the last call's plan.
         self.n_orders = 0
@@ -198,7 +200,7 @@ class ChoiceScorer:
         out: list[Choice]
         plan = self.plan_prefix_cache(encoded) if self.prefix_cache else None
         lengths = [len(e.ids) for e in encoded]
-        if plan is not None and plan.processed_tokens < plain_processed_tokens(lengths, plain):
+        if plan is not None and plan.processed_tokens < padded_tokens(lengths, plain):
             out = self._run_prefix_plan(encoded, plan)
             self.last_plan = PREFIX_CACHE
         else:
@@ -287,7 +289,7 @@ class ChoiceScorer:
             position_ids=torch.arange(width).expand(len(pids), width).to(dev),
             use_cache=True,
             logits_to_keep=1,
-            **{cache_keyword(self.loaded.model): cache},
+            **{self.cache_arg: cache},
         )
         store.add(pids, [(layer.keys, layer.values) for layer in cache.layers])
         self.n_forward_tokens += int(mask.sum())
@@ -326,7 +328,7 @@ class ChoiceScorer:
                 attention_mask=torch.cat([ctx_mask.long(), mask], dim=1).to(dev),
                 position_ids=positions.to(dev),
                 use_cache=True,
-                **{cache_keyword(self.loaded.model): cache},
+                **{self.cache_arg: cache},
             ).logits
         return self._probs(logits[:, -1])
 

@@ -14,7 +14,7 @@ gathered context (rows x (longest prefix + longest suffix)) is capped by the sam
 at most about twice `kv_tokens` tokens of key/value states are held at once.
 
 `PrefixPlan.processed_tokens` counts what the model runs including padding (prefill rows x
-longest prefix, suffix rows x longest suffix); `plain_processed_tokens` counts the same for
+longest prefix, suffix rows x longest suffix); `llmlab.chat.padded_tokens` counts the same for
 full prompts, and the scorer runs the cheaper of the two.
 """
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmlab.chat import token_budget_batches
+from llmlab.chat import padded_tokens, token_budget_batches
 
-__all__ = ["PrefixChunk", "PrefixKV", "PrefixPlan", "plain_processed_tokens", "plan_prefix_cache"]
+__all__ = ["PrefixChunk", "PrefixKV", "PrefixPlan", "plan_prefix_cache"]
 
 
 @dataclass(frozen=True)
@@ -59,21 +59,17 @@ class PrefixPlan:
     @property
     def processed_tokens(self) -> int:
         """Return the tokens the model runs, padding included (prefills and suffixes)."""
-        total = 0
-        for chunk in self.chunks:
-            total += sum(len(b) * max(self.prefix_len(p) for p in b) for b in chunk.prefill)
-            total += sum(len(b) * max(self.suffix_len[i] for i in b) for b in chunk.suffix)
-        return total
+        prefix_lengths = [len(p) for p in self.prefixes]
+        return sum(
+            padded_tokens(prefix_lengths, chunk.prefill)
+            + padded_tokens(self.suffix_len, chunk.suffix)
+            for chunk in self.chunks
+        )
 
     @property
     def real_tokens(self) -> int:
         """Return the tokens the model runs without padding: each prefix once, every suffix."""
         return sum(len(p) for p in self.prefixes) + sum(self.suffix_len)
-
-
-def plain_processed_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
-    """Return the tokens full-prompt batches run, padding included (rows x longest)."""
-    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
 def plan_prefix_cache(
