@@ -555,6 +555,75 @@ def test_local_judge_yes_no_and_score(smol_tokenizer: Any, tmp_path: Path) -> No
     assert summary["cost_usd"] == 0.0
 
 
+def test_local_backend_batched_replies_equal_single_requests(smol_tokenizer: Any) -> None:
+    """complete_many pads prompts of different lengths into shared batches (3 rows, so one
+    batch holds rows of different widths); each row's reply is its single-request reply: same
+    text and tokens, first-step logprobs within float rounding."""
+    from llmlab.judge.local_backend import LocalBackend
+
+    tok = smol_tokenizer
+    backend = LocalBackend(_tiny_llama(len(tok), seed=3), tok, model_name="tiny", batch_size=3)
+    requests = [
+        [{"role": "user", "content": "Is red a color?" + " Really," * k + " answer."}]
+        for k in (0, 7, 2, 15, 1, 4, 9)
+    ]
+    batched = backend.complete_many(requests, max_tokens=5, temperature=0.0, top_logprobs=5)
+    assert len(batched) == len(requests)
+    widths = {len(backend.encode(r)) for r in requests}
+    assert len(widths) == len(requests)  # every batch pads at least one row
+    for msgs, got in zip(requests, batched, strict=True):
+        want = backend.complete(msgs, max_tokens=5, temperature=0.0, top_logprobs=5)
+        assert (got.text, got.input_tokens, got.output_tokens) == (
+            want.text,
+            want.input_tokens,
+            want.output_tokens,
+        )
+        assert got.top_logprobs is not None and want.top_logprobs is not None
+        common = set(got.top_logprobs) & set(want.top_logprobs)
+        assert len(common) >= 4
+        for token in common:
+            assert got.top_logprobs[token] == pytest.approx(want.top_logprobs[token], abs=1e-4)
+
+
+def test_local_judge_asks_uncached_requests_in_one_batched_call(
+    smol_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Judge hands a local backend its uncached requests together, keeps them in order,
+    serves cache hits without asking, and a batch that raises fails each of its items."""
+    from llmlab.judge.local_backend import LocalBackend
+
+    tok = smol_tokenizer
+    yes, no = tok.convert_tokens_to_ids("Yes"), tok.convert_tokens_to_ids("No")
+    model = _biased(_tiny_llama(len(tok)), {yes: 20.0, no: 18.0})
+    cfg = JudgeConfig(backend="local", model="tiny-biased", cache_dir=str(tmp_path / "cache"))
+    judge = make_judge(cfg, local_model=model, local_tokenizer=tok)
+    calls: list[int] = []
+    original = LocalBackend.complete_many
+
+    def spy(self, requests, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(len(requests))
+        return original(self, requests, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "complete_many", spy)
+    monkeypatch.setattr(
+        LocalBackend, "complete", lambda *a, **k: pytest.fail("asked one at a time")
+    )
+    first = judge.yes_no(["Is red a color?", "Is blue a color?"])
+    assert calls == [2] and [v.label for v in first] == ["YES", "YES"]
+    again = judge.yes_no(["Is green a color?", "Is red a color?", "Is blue a color?"])
+    assert calls == [2, 1]  # two cache hits, one new request
+    assert again[1:] == first
+    assert judge.summary()["cache_hits"] == 2
+
+    def broken(self, requests, **kwargs):  # noqa: ANN001, ANN202
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(LocalBackend, "complete_many", broken)
+    failed = judge.yes_no(["Is pink a color?", "Is grey a color?", "Is red a color?"])
+    assert [v.status for v in failed] == ["failed", "failed", "ok"]
+    assert judge.counts().failed == 2
+
+
 def test_local_judge_needs_model_and_tokenizer() -> None:
     with pytest.raises(JudgeError, match="local"):
         make_judge(JudgeConfig(backend="local"))

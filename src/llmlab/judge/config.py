@@ -33,6 +33,12 @@ class JudgeConfig(StrictModel):
     max_concurrency: int = Field(
         8, ge=1, description="Requests in flight at once (thread pool size)."
     )
+    local_batch_size: int = Field(
+        16,
+        ge=1,
+        description="backend 'local': requests answered together in one padded batch "
+        "(1: one at a time).",
+    )
     max_retries: int = Field(
         6, ge=0, description="Retries per item on 429/5xx/timeouts/connection errors/bad replies."
     )

@@ -181,15 +181,11 @@ class Judge:
         est = estimate_input_tokens(messages)
         return self.budget.reserve(est, max_tokens, retry=True) is not None
 
-    def _fetch(
-        self,
-        messages: Messages,
-        max_tokens: int,
-        top_logprobs: int | None,
-        temperature: float | None = None,
-    ) -> _Outcome:
-        """Return one reply from the cache or the backend; never raises."""
-        temperature = self.temperature if temperature is None else temperature
+    def _lookup(
+        self, messages: Messages, max_tokens: int, top_logprobs: int | None, temperature: float
+    ) -> tuple[str, _Outcome | None, Any]:
+        """Return (cache key, outcome, budget reservation): the outcome when the cache has the
+        reply or the budget refuses the request, else None with the reservation to ask on."""
         key = cache_key(
             self.backend.kind,
             self.backend.model_name,
@@ -202,26 +198,25 @@ class Judge:
             hit = self.cache.get(key)
             if hit is not None:
                 self._bump("cache_hits")
-                return _Outcome(hit, "ok")
+                return key, _Outcome(hit, "ok"), None
         res = self.budget.reserve(estimate_input_tokens(messages), max_tokens)
         if res is None:
-            return _Outcome(None, "budget_exhausted")
-        try:
-            reply = self.backend.complete(
-                messages,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_logprobs=top_logprobs,
-            )
-        except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
-            self.budget.settle_failed(res)
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            if isinstance(exc, RetryRefused):
-                return _Outcome(None, "budget_exhausted", msg)
-            log.warning("judge: item failed: %s", msg)
-            with self._lock:
-                self._first_error = self._first_error or msg
-            return _Outcome(None, "failed", msg)
+            return key, _Outcome(None, "budget_exhausted"), None
+        return key, None, res
+
+    def _failed(self, res: Any, exc: Exception) -> _Outcome:
+        """Return the outcome of a request that raised, after returning its reservation."""
+        self.budget.settle_failed(res)
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, RetryRefused):
+            return _Outcome(None, "budget_exhausted", msg)
+        log.warning("judge: item failed: %s", msg)
+        with self._lock:
+            self._first_error = self._first_error or msg
+        return _Outcome(None, "failed", msg)
+
+    def _answered(self, key: str, res: Any, reply: JudgeReply) -> _Outcome:
+        """Return the outcome of an answered request, after paying for it and caching it."""
         self.budget.settle(res, reply.input_tokens, reply.output_tokens)
         if self.cache is not None:
             try:
@@ -230,6 +225,67 @@ class Judge:
                 # losing a cache entry costs a repeat request later, not a wrong answer
                 log.warning("judge: could not write cache entry: %s", exc)
         return _Outcome(reply, "ok")
+
+    def _fetch(
+        self,
+        messages: Messages,
+        max_tokens: int,
+        top_logprobs: int | None,
+        temperature: float | None = None,
+    ) -> _Outcome:
+        """Return one reply from the cache or the backend; never raises."""
+        temperature = self.temperature if temperature is None else temperature
+        key, outcome, res = self._lookup(messages, max_tokens, top_logprobs, temperature)
+        if outcome is not None:
+            return outcome
+        try:
+            reply = self.backend.complete(
+                messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_logprobs=top_logprobs,
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
+            return self._failed(res, exc)
+        return self._answered(key, res, reply)
+
+    def _fetch_batched(
+        self,
+        conversations: Sequence[Messages],
+        max_tokens: int,
+        top_logprobs: int | None,
+        temperature: float | None = None,
+    ) -> list[_Outcome]:
+        """Return one outcome per conversation: cached replies as they are, the rest asked of
+        the backend's `complete_many` together; never raises. A batch that raises fails every
+        request in it (the error names the first)."""
+        temperature = self.temperature if temperature is None else temperature
+        outcomes: list[_Outcome | None] = []
+        pending: list[tuple[int, str, Any]] = []
+        for i, messages in enumerate(conversations):
+            key, outcome, res = self._lookup(messages, max_tokens, top_logprobs, temperature)
+            outcomes.append(outcome)
+            if outcome is None:
+                pending.append((i, key, res))
+        if pending:
+            try:
+                replies = self.backend.complete_many(  # type: ignore[attr-defined]
+                    [conversations[i] for i, _, _ in pending],
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_logprobs=top_logprobs,
+                )
+                if len(replies) != len(pending):
+                    raise JudgeError(
+                        f"judge: backend returned {len(replies)} replies for {len(pending)} requests"
+                    )
+            except Exception as exc:  # noqa: BLE001 - recorded per item, like single requests
+                for i, _, res in pending:
+                    outcomes[i] = self._failed(res, exc)
+            else:
+                for (i, key, res), reply in zip(pending, replies, strict=True):
+                    outcomes[i] = self._answered(key, res, reply)
+        return [o for o in outcomes if o is not None]
 
     def _run(
         self,
@@ -247,7 +303,12 @@ class Judge:
             unique.setdefault(key, messages)
             order.append(key)
         keys = list(unique)
-        if self.max_concurrency <= 1 or len(keys) <= 1:
+        if hasattr(self.backend, "complete_many") and len(keys) > 1:
+            # a backend that answers many requests in one call (a local model's padded batches)
+            outcomes = self._fetch_batched(
+                [unique[k] for k in keys], max_tokens, top_logprobs, temperature
+            )
+        elif self.max_concurrency <= 1 or len(keys) <= 1:
             outcomes = [self._fetch(unique[k], max_tokens, top_logprobs, temperature) for k in keys]
         else:
             with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
@@ -411,7 +472,9 @@ def make_judge(cfg: JudgeConfig, local_model: Any = None, local_tokenizer: Any =
             raise JudgeError("judge: backend 'local' needs a loaded model and tokenizer")
         from .local_backend import LocalBackend
 
-        backend = LocalBackend(local_model, local_tokenizer, model_name=cfg.model)
+        backend = LocalBackend(
+            local_model, local_tokenizer, model_name=cfg.model, batch_size=cfg.local_batch_size
+        )
         endpoint = "this process"
     cache_dir = resolve_cache_dir(cfg.cache_dir)
     # a nameless local model (e.g. freshly initialised) cannot be told apart in cache keys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from .base import JudgeReply, Messages, merge_logprob
@@ -19,10 +20,14 @@ class LocalBackend:
 
     kind = "local"
 
-    def __init__(self, model: Any, tokenizer: Any, model_name: str = "") -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, model_name: str = "", batch_size: int = 16
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name or str(getattr(model.config, "name_or_path", "") or "")
+        # rows per padded batch of complete_many (judge.local_batch_size)
+        self.batch_size = batch_size
         # one forward pass at a time: torch already spreads a pass over the cores, and
         # concurrent generate() calls on one module would only contend
         self._lock = threading.Lock()
@@ -69,15 +74,27 @@ class LocalBackend:
                 return_dict_in_generate=True,
                 pad_token_id=pad_id,
             )
-        new_ids = out.sequences[0, len(ids) :].tolist()
+        return self._reply(ids, out.sequences[0, len(ids) :].tolist(), out.logits, 0, top_logprobs)
+
+    def _reply(
+        self,
+        ids: list[int],
+        new_ids: list[int],
+        logits: Any,
+        row: int,
+        top_logprobs: int | None,
+    ) -> JudgeReply:
+        """Return the reply of one row: its new tokens up to and including the first EOS, and
+        the top-k logprobs of its first step's raw logits (before any logits processor)."""
+        import torch
+
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in new_ids:
             new_ids = new_ids[: new_ids.index(eos) + 1]
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         top: dict[str, float] | None = None
-        if top_logprobs and out.logits:
-            # raw logits of the first step, before any logits processor touched them
-            logp = torch.log_softmax(out.logits[0][0].float(), dim=-1)
+        if top_logprobs and logits:
+            logp = torch.log_softmax(logits[0][row].float(), dim=-1)
             k = min(int(top_logprobs), logp.shape[-1])
             values, indices = torch.topk(logp, k)
             top = {}
@@ -89,3 +106,56 @@ class LocalBackend:
             input_tokens=len(ids),
             output_tokens=len(new_ids),
         )
+
+    def complete_many(
+        self,
+        requests: Sequence[Messages],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_logprobs: int | None,
+    ) -> list[JudgeReply]:
+        """Return the greedy replies to many requests, in order, from left-padded batches.
+
+        Batches are length-sorted and capped by `batch_size` rows and by the library's default
+        (prompt + new) token budget, as `llmlab.generation.generate` forms its batches. One
+        forward for many rows is what makes a local judge fast on a GPU, and on a CPU it saves
+        each short request's fixed per-forward cost. A row's reply equals its single-request
+        reply up to float rounding (padding changes the reduction shapes, not the maths).
+        """
+        import torch
+
+        from llmlab.chat import token_budget_batches
+        from llmlab.generation import DEFAULT_TOKENS_PER_BATCH
+
+        del temperature  # greedy, as complete()
+        encoded = [self.encode(m) for m in requests]
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        device = next(self.model.parameters()).device
+        replies: list[JudgeReply | None] = [None] * len(encoded)
+        lengths = [len(ids) + max_tokens for ids in encoded]
+        for batch in token_budget_batches(lengths, self.batch_size, DEFAULT_TOKENS_PER_BATCH):
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                n = len(encoded[i])
+                input_ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
+                mask[row, width - n :] = 1
+            with self._lock, torch.no_grad():
+                out = self.model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=pad_id,
+                )
+            for row, i in enumerate(batch):
+                new_ids = out.sequences[row, width:].tolist()
+                replies[i] = self._reply(encoded[i], new_ids, out.logits, row, top_logprobs)
+        return [r for r in replies if r is not None]
