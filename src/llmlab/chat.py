@@ -500,6 +500,11 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+# Padded (prompt + new) tokens per batch: generation.generate's default, "auto"'s where
+# auto_token_budget knows no free memory (off CUDA), and the local judge's batches.
+DEFAULT_TOKENS_PER_BATCH = 16384
+
+
 def token_budget_batches(
     lengths: Sequence[int], max_batch_size: int, max_tokens: int | None
 ) -> list[list[int]]:

@@ -37,7 +37,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from llmlab.chat import Message, collate, encode_chat, token_budget_batches
+from llmlab.chat import (
+    DEFAULT_TOKENS_PER_BATCH,
+    Message,
+    collate,
+    encode_chat,
+    token_budget_batches,
+)
 from llmlab.io import atomic_path
 from llmlab.models import LoadedModel, cache_keyword
 from llmlab.prefill import length_sorted_prefill, merged_cache_supported
@@ -51,9 +57,6 @@ SHARD_PREFIX = "shard-"
 # evaluation run (benchmarks/RESULTS.md); on a shared 2-core CPU one timing was faster and one
 # slower, so the embedded CPU runs keep one prefill forward per batch.
 CHUNKED_PREFILL_DEVICES: tuple[str, ...] = ("cuda",)
-# Padded (prompt + new) tokens per batch: generate's default, and "auto"'s where
-# auto_token_budget knows no free memory (off CUDA).
-DEFAULT_TOKENS_PER_BATCH = 16384
 SteerFactory = Callable[[list[int], torch.Tensor], contextlib.AbstractContextManager[Any]]
 Decode = Literal["eager", "compiled"]
 DECODES: tuple[str, ...] = ("eager", "compiled")

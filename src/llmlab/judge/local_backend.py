@@ -125,8 +125,7 @@ class LocalBackend:
         """
         import torch
 
-        from llmlab.chat import token_budget_batches
-        from llmlab.generation import DEFAULT_TOKENS_PER_BATCH
+        from llmlab.chat import DEFAULT_TOKENS_PER_BATCH, token_budget_batches
 
         del temperature  # greedy, as complete()
         encoded = [self.encode(m) for m in requests]
