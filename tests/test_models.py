@@ -187,3 +187,45 @@ def test_flash_attention_without_its_package_is_refused_in_one_line(tiny_dirs, m
     with pytest.raises(ModelLoadError, match=r"^runtime\.attn_implementation: flash_attention_2"):
         attention_kernel(str(tiny_dirs["llama"]), "tiny", runtime)
     assert attention_kernel(str(tiny_dirs["llama"]), "tiny", Runtime(device="cpu")) == "sdpa"
+
+
+def test_auto_attention_is_sdpa_on_gpu_and_eager_on_cpu(tiny_dirs, monkeypatch):
+    from llmlab.models import attention_kernel
+    from llmlab.params import Runtime
+
+    where = str(tiny_dirs["llama"])
+    assert attention_kernel(where, "tiny", Runtime(device="cpu", attn_implementation="auto")) == (
+        "eager"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _: None)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert attention_kernel(where, "tiny", Runtime(device="auto", attn_implementation="auto")) == (
+        "sdpa"
+    )
+
+
+def test_gguf_files_are_parsed_once_inside_a_conversion_and_the_library_is_restored(tmp_path):
+    import gguf
+
+    from llmlab.models import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 2).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        assert gguf.GGUFReader(path, "c") is not first  # another mode is another reader
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert [t.name for t in first.tensors] == ["token_embd.weight"]
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
