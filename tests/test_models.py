@@ -229,3 +229,44 @@ def test_gguf_files_are_parsed_once_inside_a_conversion_and_the_library_is_resto
         assert [t.name for t in first.tensors] == ["token_embd.weight"]
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+def test_lm_head_gets_a_contiguous_input_and_the_same_logits(tiny_dirs):
+    """load_model hooks the output embedding so the last-position slice reaches it contiguous
+    (PyTorch's CPU matmul of that strided slice by a frozen weight is 7-200x slower); the
+    logits equal those of a forward without the hook, and the hook stays under an adapter."""
+    from llmlab.models import contiguous_output_embedding_input
+
+    loaded = load_model(make_params(tiny_dirs["llama"]))
+    model = loaded.model
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    probe = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(3, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hooked = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    assert seen == [True]
+    hooks = dict(head._forward_pre_hooks)
+    contiguous_output_embedding_input(model)  # idempotent: no second hook
+    assert dict(head._forward_pre_hooks) == hooks
+    head._forward_pre_hooks.clear()  # the model as transformers builds it
+    del head._llmlab_contiguous_input
+    seen.clear()
+    probe = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    probe.remove()
+    assert seen == [False]  # what transformers hands the head without the hook
+    # another matmul kernel: equal up to float rounding (fp32 here)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    contiguous_output_embedding_input(model)
+    assert wrapped.get_output_embeddings() is head
+    seen.clear()
+    probe = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        wrapped(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    probe.remove()
+    assert seen == [True]
