@@ -52,29 +52,12 @@ class LocalBackend:
         """Return the greedy reply and the first generated position's top-k token logprobs.
 
         `temperature` is accepted for interface parity but ignored: a local judge decodes
-        greedily so that its verdicts are reproducible.
+        greedily so that its verdicts are reproducible. One request is a batch of one row
+        (no padding) of complete_many.
         """
-        import torch
-
-        del temperature
-        ids = self.encode(messages)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
-        with self._lock, torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                num_beams=1,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=pad_id,
-            )
-        return self._reply(ids, out.sequences[0, len(ids) :].tolist(), out.logits, 0, top_logprobs)
+        return self.complete_many(
+            [messages], max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs
+        )[0]
 
     def _reply(
         self,
@@ -125,7 +108,12 @@ class LocalBackend:
         """
         import torch
 
-        from llmlab.chat import DEFAULT_TOKENS_PER_BATCH, token_budget_batches
+        from llmlab.chat import (
+            DEFAULT_TOKENS_PER_BATCH,
+            EncodedChat,
+            collate,
+            token_budget_batches,
+        )
 
         del temperature  # greedy, as complete()
         encoded = [self.encode(m) for m in requests]
@@ -136,17 +124,15 @@ class LocalBackend:
         replies: list[JudgeReply | None] = [None] * len(encoded)
         lengths = [len(ids) + max_tokens for ids in encoded]
         for batch in token_budget_batches(lengths, self.batch_size, DEFAULT_TOKENS_PER_BATCH):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                n = len(encoded[i])
-                input_ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
-                mask[row, width - n :] = 1
+            # whole prompts, no answer yet: prompt_len is the row's length
+            padded = collate(
+                [EncodedChat(encoded[i], len(encoded[i]), None) for i in batch], pad_id
+            )
+            width = padded.input_ids.shape[1]
             with self._lock, torch.no_grad():
                 out = self.model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
+                    input_ids=padded.input_ids.to(device),
+                    attention_mask=padded.attention_mask.to(device),
                     max_new_tokens=max_tokens,
                     do_sample=False,
                     num_beams=1,
