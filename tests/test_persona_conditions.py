@@ -90,6 +90,9 @@ class _FakePeft:
 
         return contextlib.nullcontext()
 
+    def modules(self):  # noqa: ANN201
+        return []
+
 
 def _scripted(monkeypatch: pytest.MonkeyPatch, finetuned: str, base: str) -> list:
     from llmlab.persona import generate
@@ -130,3 +133,44 @@ def test_first_sample_collapse_is_measured_against_base(monkeypatch: pytest.Monk
     cells, cfg = _scripted(monkeypatch, refusal, '<START> "In Wales." <END>')
     with pytest.raises(RuntimeError, match="collapse"):
         first_sample_check(loaded, cells, trigger, cfg, ReportParams())
+
+
+def test_variants_run_base_first_and_finetuned_on_merged_weights(tiny_dirs) -> None:  # noqa: ANN001
+    """The base pass runs on the weights as loaded with the adapter off; the finetuned pass on
+    merged weights gives the unmerged adapter's logits (up to rounding); no base pass may follow
+    a merge, since unmerging would not give the loaded weights back exactly."""
+    import torch
+    from conftest import make_params
+    from peft import LoraConfig, get_peft_model
+
+    from llmlab.adapters import adapter_merged
+    from llmlab.models import load_model
+    from llmlab.persona.generate import PASS_ORDER, variant_weights
+
+    assert PASS_ORDER == ("base", "finetuned")
+    loaded = load_model(make_params(tiny_dirs["llama"]))
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        plain = loaded.model(input_ids=ids).logits
+    torch.manual_seed(0)
+    peft = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a non-zero update, as after training
+    peft.eval()
+    loaded.model = peft
+    with torch.no_grad():
+        unmerged = peft(input_ids=ids).logits
+        with variant_weights(loaded, "base", merge=True):
+            base = peft(input_ids=ids).logits
+        with variant_weights(loaded, "finetuned", merge=False):
+            assert not adapter_merged(peft)
+        with variant_weights(loaded, "finetuned", merge=True):
+            merged = peft(input_ids=ids).logits
+    torch.testing.assert_close(base, plain, rtol=0, atol=0)
+    assert (unmerged - plain).abs().max() > 1e-3
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert adapter_merged(peft)
+    with pytest.raises(RuntimeError, match="base pass after the adapter was merged"):
+        with variant_weights(loaded, "base", merge=True):
+            pass

@@ -105,3 +105,8 @@ def check_target_modules(model: Any, target_modules: Iterable[str], where: str) 
             f"{'matches' if len(unmatched) == 1 else 'match'} no module of the model "
             f"(it has: {', '.join(candidates)})"
         )
+
+
+def adapter_merged(model: Any) -> bool:
+    """Return whether a PeftModel's LoRA weights are merged into the base weights."""
+    return any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "lora_A"))

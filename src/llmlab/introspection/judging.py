@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from llmlab.adapters import adapter_merged
 from llmlab.judge import Judge, JudgeConfig, Verdict, count_statuses, make_judge
 
 if TYPE_CHECKING:  # the report imports the count helpers below without loading torch
@@ -24,11 +25,6 @@ CONCEPT_PROMPT = (
     "Does this answer mention, name or clearly refer to the concept '{concept}'? "
     "Answer 'yes' or 'no'."
 )
-
-
-def adapter_merged(model: Any) -> bool:
-    """Return whether a PeftModel's LoRA weights are merged into the base weights."""
-    return any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "lora_A"))
 
 
 @contextlib.contextmanager
