@@ -19,6 +19,8 @@ random model may end early). Rows, all through llmlab.generation.generate, in on
   161-268 tokens/s; --before-memory-sized adds that path with memory-sized batches;
 - "one prefill forward" rows keep decode_attention but turn the chunked prefill off, so the
   eager memory-sized row is timed with and without it;
+- --greedy-plan adds the eager memory-sized row with the greedy batch plan generate used before
+  llmlab.chat.balanced_token_budget_batches (same batch count, a small last batch);
 - --eager-batch-sizes adds eager rows at other row caps (fewer batches, fewer decode steps).
   --compiled-batch-sizes '' skips the compiled rows (their warm-up is a 2-minute compile).
 
@@ -95,6 +97,13 @@ def before():
     )
 
 
+def greedy_plan():
+    """generate() with the greedy batch plan it used before the balanced one (a small tail)."""
+    from llmlab.chat import token_budget_batches
+
+    return patched(balanced_token_budget_batches=token_budget_batches)
+
+
 def main() -> None:
     """Print and append the table of output tokens/s per decode and batching."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -112,6 +121,10 @@ def main() -> None:
         "--before-memory-sized", action="store_true",
         help="add the before path (cuDNN first, one prefill forward) with memory-sized batches",
     )  # fmt: skip
+    ap.add_argument(
+        "--greedy-plan", action="store_true",
+        help="add the eager memory-sized row with the greedy batch plan (before the balanced one)",
+    )  # fmt: skip
     ap.add_argument("--prefill-chunk-tokens", type=int, default=None)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--no-append", action="store_true")
@@ -122,7 +135,7 @@ def main() -> None:
     empty_cache = torch.cuda.empty_cache if device == "cuda" else lambda: None
     from transformers import AutoTokenizer
 
-    from llmlab.chat import encode_chat, token_budget_batches
+    from llmlab.chat import encode_chat
 
     print(f"SDPA backend priority: {torch._C._get_sdp_priority_order()}", flush=True)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -150,7 +163,10 @@ def main() -> None:
         """Return the auto budget now and the batches it gives (what generate will form)."""
         empty_cache()
         budget = auto_token_budget(loaded) or DEFAULT_TOKENS_PER_BATCH
-        return budget, token_budget_batches([n + args.new_tokens for n in lengths], cap, budget)
+        batches = llmlab.generation.balanced_token_budget_batches(  # greedy_plan() patches it
+            [n + args.new_tokens for n in lengths], cap, budget
+        )
+        return budget, batches
 
     def prefill_plan(cap: int) -> str:
         """Return each batch's padded prefill tokens in one forward and in length-sorted chunks
@@ -193,13 +209,15 @@ def main() -> None:
         empty_cache()
         budget, batches = plan(cap)
         widths = [max(lengths[i] for i in b) for b in batches]
-        secs, mem = timed(
-            lambda: generate(
-                loaded, convs, max_new_tokens=1, batch_size=cap, max_tokens_per_batch=budget,
-                progress=False, **kw,
-            ),
-            device,
-        )  # fmt: skip
+        # the full run's batches: planned for one new token, the budget would admit more rows
+        with patched(balanced_token_budget_batches=lambda *args, **kwargs: batches):
+            secs, mem = timed(
+                lambda: generate(
+                    loaded, convs, max_new_tokens=1, batch_size=cap, max_tokens_per_batch=budget,
+                    progress=False, **kw,
+                ),
+                device,
+            )  # fmt: skip
         steps = len(batches) * (args.new_tokens - 1)
         note = (
             f"split of the {name} run: {len(batches)} batches of {[len(b) for b in batches]} rows, "
@@ -246,6 +264,16 @@ def main() -> None:
     )  # fmt: skip
     if args.split_prefill:
         split("eager, chunked prefill", eager, args.batch_size)
+    if args.greedy_plan:
+        with greedy_plan():
+            print(f"greedy plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)
+            secs = case(
+                f"before (greedy batch plan): eager generate, <= {args.batch_size} rows, "
+                f"memory-sized budget, chunked prefill", convs, batch_size=args.batch_size,
+                max_tokens_per_batch="auto",
+            )  # fmt: skip
+            if args.split_prefill:
+                split("greedy plan", secs, args.batch_size)
     for cap in (int(c) for c in args.eager_batch_sizes.split(",") if c):
         print(f"eager plan (<= {cap} rows): {[len(b) for b in plan(cap)[1]]} rows", flush=True)
         secs = case(

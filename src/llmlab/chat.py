@@ -524,6 +524,81 @@ def token_budget_batches(
     return batches
 
 
+def balanced_token_budget_batches(
+    lengths: Sequence[int], max_batch_size: int, max_tokens: int | None
+) -> list[list[int]]:
+    """Return token_budget_batches' number of batches, cut to run the fewest padded tokens.
+
+    Same caps and length order (longest first) as token_budget_batches, whose greedy plan has
+    the fewest batches any length-sorted plan under those caps can have, but greedy fills each
+    batch to a cap, so the last one takes what is left: [227, 256, 29] rows for 512 prompts
+    on the 8B shape. In generation each batch costs max_new_tokens decode steps whatever its
+    rows, and each step reads (and the dynamic cache copies) every padded key and value, so
+    among the plans with that many batches this one has the fewest padded tokens (rows x
+    longest, summed; fewer rows padded to the longest prompts), then the most even rows (a
+    tie, e.g. equal lengths, splits the rows evenly instead of leaving a small tail).
+    """
+    greedy = token_budget_batches(lengths, max_batch_size, max_tokens)
+    n_batches = len(greedy)
+    if n_batches <= 1:
+        return greedy
+    import numpy as np
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    sorted_len = np.array([lengths[i] for i in order], dtype=np.int64)
+    cap = max(1, max_batch_size)
+    # rows a batch starting at sorted position i may hold (a row over the budget goes alone,
+    # as in token_budget_batches); non-decreasing in i since lengths fall
+    if max_tokens is None:
+        room = np.full(n, cap, dtype=np.int64)
+    else:
+        room = np.clip(max_tokens // np.maximum(sorted_len, 1), 1, cap)
+    reach = np.arange(n, dtype=np.int64) + room  # one past the furthest row it may end at
+    first_start = np.searchsorted(reach, np.arange(n + 1), side="left")  # earliest start for end j
+    # Where the k-th cut may fall: no further than greedy gets in k batches, and no earlier than
+    # the remaining rows still fit in the remaining batches.
+    latest = [0]
+    for b in greedy:
+        latest.append(latest[-1] + len(b))
+    earliest = [n] * (n_batches + 1)
+    for k in range(n_batches, 0, -1):
+        earliest[k - 1] = int(first_start[earliest[k]])
+    earliest[0] = 0
+    big = np.iinfo(np.int64).max // 4
+    cost = {0: np.zeros(1, dtype=np.int64)}  # per cut k: best cost for each cut in its window
+    square = {0: np.zeros(1, dtype=np.int64)}
+    back: dict[int, np.ndarray] = {}
+    for k in range(1, n_batches + 1):
+        lo_prev, hi_prev = earliest[k - 1], latest[k - 1]
+        lo, hi = earliest[k], latest[k]
+        c_k = np.full(hi - lo + 1, big, dtype=np.int64)
+        s_k = np.full(hi - lo + 1, big, dtype=np.int64)
+        b_k = np.full(hi - lo + 1, -1, dtype=np.int64)
+        for j in range(max(lo, 1), hi + 1):
+            start, stop = max(lo_prev, int(first_start[j])), min(hi_prev, j - 1)
+            if start > stop:
+                continue
+            i = np.arange(start, stop + 1)
+            rows = j - i
+            c = cost[k - 1][start - lo_prev : stop - lo_prev + 1] + rows * sorted_len[i]
+            s = square[k - 1][start - lo_prev : stop - lo_prev + 1] + rows * rows
+            c = np.where(c >= big, big, c)
+            best = c.min()
+            if best >= big:
+                continue
+            pick = int(np.argmin(np.where(c == best, s, big)))
+            c_k[j - lo], s_k[j - lo], b_k[j - lo] = best, s[pick], start + pick
+        cost[k], square[k], back[k] = c_k, s_k, b_k
+    if cost[n_batches][n - earliest[n_batches]] >= big:  # cannot happen; greedy is one such plan
+        return greedy
+    cuts = [n]
+    for k in range(n_batches, 0, -1):
+        cuts.append(int(back[k][cuts[-1] - earliest[k]]))
+    cuts.reverse()
+    return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
     """Return the tokens padded batches run: rows x the batch's longest length, summed."""
     return sum(len(b) * max(lengths[i] for i in b) for b in batches)

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from llmlab.chat import (
     DEFAULT_TOKENS_PER_BATCH,
     Message,
+    balanced_token_budget_batches,
     collate,
     encode_chat,
-    token_budget_batches,
 )
 from llmlab.io import atomic_path
 from llmlab.models import LoadedModel, cache_keyword
@@ -249,7 +249,12 @@ def generate(
         raise ValueError(
             f"max_tokens_per_batch must be an int, 'auto' or None, got {max_tokens_per_batch!r}"
         )
-    batches = token_budget_batches([n + max_new_tokens for n in lengths], batch_size, budget)
+    # As many batches as the greedy plan, cut for the fewest padded tokens: each batch costs
+    # max_new_tokens decode steps whatever its rows, and each step reads every padded key and
+    # value, so greedy's small tail batch and its full batch of the longest prompts both waste.
+    batches = balanced_token_budget_batches(
+        [n + max_new_tokens for n in lengths], batch_size, budget
+    )
     eos = _eos_ids(loaded)
     outputs: list[str] = [""] * len(encoded)
     done: dict[int, list[str]] = {}
