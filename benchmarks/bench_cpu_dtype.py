@@ -39,6 +39,36 @@ def best_of(fn, reps: int) -> float:
     return min(times)
 
 
+def load_on_cpu(raw: dict, dtype: str):  # noqa: ANN201
+    """Return params.yaml's model loaded by llmlab on the CPU in `dtype` (raw: the params)."""
+    raw["runtime"].update(device="cpu", dtype=dtype)
+    params = parse_params(raw)
+    return params, load_model(params)
+
+
+def topic_prompts(n: int) -> list[list[dict[str, str]]]:
+    """Return n short one-turn chat prompts."""
+    return [
+        [{"role": "user", "content": f"Write about topic number {k} in a few sentences."}]
+        for k in range(n)
+    ]
+
+
+def generate_seconds(loaded, prompts, new_tokens: int, reps: int) -> float:  # noqa: ANN001
+    """Return the best of `reps` timings of llmlab's greedy generate, all prompts in one batch."""
+    return best_of(
+        lambda: generate(
+            loaded,
+            prompts,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            batch_size=len(prompts),
+            progress=False,
+        ),
+        reps,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -54,30 +84,14 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows, logits = [], {}
     for dtype in ("float32", "bfloat16"):
-        raw["runtime"].update(device="cpu", dtype=dtype)
-        params = parse_params(raw)
-        loaded = load_model(params)
+        params, loaded = load_on_cpu(raw, dtype)
         model = loaded.model.eval()
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen.manual_seed(0))
         with torch.no_grad():
             logits[dtype] = model(input_ids=ids).logits.float()
             prefill = best_of(lambda m=model, x=ids: m(input_ids=x, logits_to_keep=1), args.reps)
-        prompts = [
-            [{"role": "user", "content": f"Write about topic number {k} in a few sentences."}]
-            for k in range(args.batch)
-        ]
-        gen_s = best_of(
-            lambda lm=loaded, p=prompts: generate(
-                lm,
-                p,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                batch_size=args.batch,
-                progress=False,
-            ),
-            args.reps,
-        )
+        gen_s = generate_seconds(loaded, topic_prompts(args.batch), args.new_tokens, args.reps)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, lora).train()
         x = ids[: args.train_batch]

@@ -23,12 +23,11 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_dtype import best_of  # noqa: E402
+from bench_cpu_dtype import best_of, generate_seconds, load_on_cpu, topic_prompts  # noqa: E402
 from common import report  # noqa: E402
 
-from llmlab.generation import generate  # noqa: E402
-from llmlab.models import contiguous_output_embedding_input, load_model  # noqa: E402
-from llmlab.params import DEFAULT_PARAMS, parse_params  # noqa: E402
+from llmlab.models import contiguous_output_embedding_input  # noqa: E402
+from llmlab.params import DEFAULT_PARAMS  # noqa: E402
 
 
 def unhook(model) -> None:
@@ -49,14 +48,9 @@ def main() -> None:
     raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
     gen = torch.Generator().manual_seed(0)
     rows = []
-    prompts = [
-        [{"role": "user", "content": f"Write about topic number {k} in a few sentences."}]
-        for k in range(args.batch)
-    ]
+    prompts = topic_prompts(args.batch)
     for dtype in ("float32", "bfloat16"):
-        raw["runtime"].update(device="cpu", dtype=dtype)
-        params = parse_params(raw)
-        loaded = load_model(params)
+        params, loaded = load_on_cpu(raw, dtype)
         model = loaded.model.eval()
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen.manual_seed(0))
@@ -66,17 +60,7 @@ def main() -> None:
                 return m(input_ids=x, logits_to_keep=1).logits.float()
 
         def gen_s(lm=loaded) -> float:
-            return best_of(
-                lambda: generate(
-                    lm,
-                    prompts,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    batch_size=args.batch,
-                    progress=False,
-                ),
-                args.reps,
-            )
+            return generate_seconds(lm, prompts, args.new_tokens, args.reps)
 
         timings = {}
         unhook(model)
