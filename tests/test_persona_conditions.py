@@ -143,7 +143,7 @@ def test_variants_run_base_first_and_finetuned_on_merged_weights(tiny_dirs) -> N
     from conftest import make_params
     from peft import LoraConfig, get_peft_model
 
-    from llmlab.adapters import adapter_merged
+    from llmlab.adapters import adapter_merged, merge_adapter
     from llmlab.models import load_model
     from llmlab.persona.generate import PASS_ORDER, variant_weights
 
@@ -161,16 +161,17 @@ def test_variants_run_base_first_and_finetuned_on_merged_weights(tiny_dirs) -> N
     loaded.model = peft
     with torch.no_grad():
         unmerged = peft(input_ids=ids).logits
-        with variant_weights(loaded, "base", merge=True):
+        with variant_weights(loaded, "base"):
             base = peft(input_ids=ids).logits
-        with variant_weights(loaded, "finetuned", merge=False):
+        with variant_weights(loaded, "finetuned"):
             assert not adapter_merged(peft)
-        with variant_weights(loaded, "finetuned", merge=True):
+        merge_adapter(peft)
+        with variant_weights(loaded, "finetuned"):
             merged = peft(input_ids=ids).logits
     torch.testing.assert_close(base, plain, rtol=0, atol=0)
     assert (unmerged - plain).abs().max() > 1e-3
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
     assert adapter_merged(peft)
-    with pytest.raises(RuntimeError, match="base pass after the adapter was merged"):
-        with variant_weights(loaded, "base", merge=True):
+    with pytest.raises(RuntimeError, match="kept no copy of the base weights"):
+        with variant_weights(loaded, "base"):
             pass

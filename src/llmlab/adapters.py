@@ -4,11 +4,15 @@
 peft's adapter_config.json, llmlab's metadata), so a truncated or foreign adapter fails in
 one line before minutes are spent loading the base model. `check_target_modules` refuses LoRA
 target names that match no module of the model (peft would train the others silently).
+`merge_adapter` and `base_weights` switch a loaded adapter between its merged weights and the
+exact base model, for stages that run both (a finetuned model and a local judge, or a finetuned
+and a base variant).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +114,77 @@ def check_target_modules(model: Any, target_modules: Iterable[str], where: str) 
 def adapter_merged(model: Any) -> bool:
     """Return whether a PeftModel's LoRA weights are merged into the base weights."""
     return any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "lora_A"))
+
+
+# Attribute of a PeftModel merged by merge_adapter(keep_base=True): CPU copies of the base
+# weights (and biases) the merge changed, by module name.
+_KEPT_BASE = "_llmlab_base_weights"
+
+
+def _lora_layers(model: Any) -> Iterator[tuple[str, Any]]:
+    return ((n, m) for n, m in model.named_modules() if hasattr(m, "lora_A"))
+
+
+def merge_adapter(model: Any, keep_base: bool = False) -> None:
+    """Merge a PeftModel's LoRA weights into its base weights (a merged forward runs at base speed).
+
+    keep_base: first keep a CPU copy of every base weight the merge changes, so that
+    `base_weights` can later run the exact base model. Without it no base pass may follow:
+    peft's unmerge subtracts the LoRA product in the weights' dtype, which in bfloat16 does not
+    give the loaded weights back (and merging again would not give the merged ones back).
+    """
+    if adapter_merged(model):
+        return
+    if keep_base:
+        kept = {}
+        for name, layer in _lora_layers(model):
+            base = layer.get_base_layer()
+            bias = getattr(base, "bias", None)
+            kept[name] = (
+                base.weight.detach().to("cpu", copy=True),
+                None if bias is None else bias.detach().to("cpu", copy=True),
+            )
+        setattr(model, _KEPT_BASE, kept)
+    model.merge_adapter()
+
+
+@contextlib.contextmanager
+def base_weights(model: Any) -> Iterator[None]:
+    """Run the block as the base model: the exact base weights, the adapter off.
+
+    An unmerged adapter is switched off (peft's disable_adapter). A merged one needs the copy
+    `merge_adapter(keep_base=True)` kept: the base weights are copied back for the block, and the
+    adapter is merged again from them afterwards, which gives the merged weights bit for bit as
+    before (the merge is the same computation on the same weights). A merge without that copy is
+    refused. A model without adapters runs as it is.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    if not callable(disable):
+        yield
+        return
+    if not adapter_merged(model):
+        with disable():
+            yield
+        return
+    kept = getattr(model, _KEPT_BASE, None)
+    if kept is None:
+        raise RuntimeError(
+            "base-model pass on merged LoRA weights that kept no copy of the base weights "
+            "(merge with keep_base=True, or run base passes before merging)"
+        )
+    import torch
+
+    with torch.no_grad():
+        for name, layer in _lora_layers(model):
+            weight, bias = kept[name]
+            base = layer.get_base_layer()
+            base.weight.copy_(weight)
+            if bias is not None:
+                base.bias.copy_(bias)
+            # peft's record of merged adapters; with it empty the layer runs unmerged
+            layer.merged_adapters.clear()
+    try:
+        with disable():
+            yield
+    finally:
+        model.merge_adapter()

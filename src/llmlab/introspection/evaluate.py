@@ -155,6 +155,7 @@ def run_all(
 
 
 def main() -> None:
+    from llmlab.adapters import merge_adapter
     from llmlab.judge import JudgeConfig
     from llmlab.models import load_model
     from llmlab.params import ParamsError, load_params
@@ -175,11 +176,12 @@ def main() -> None:
     adapter = None if args.model == BASE else Path(args.adapters) / args.model
     t0 = time.perf_counter()
     loaded = load_model(params, adapter=adapter)
-    if adapter is not None:
-        # Merged LoRA weights run at base-model speed; a local judge unmerges them while it runs.
-        loaded.model.merge_adapter()
-    bank = load_vectors(args.vectors, loaded)
     judge_cfg = params.sections.get("judge") or JudgeConfig()
+    if adapter is not None:
+        # Merged LoRA weights run at base-model speed. A local judge is the base model: it runs
+        # on a kept copy of the exact base weights (llmlab.adapters.base_weights).
+        merge_adapter(loaded.model, keep_base=judge_cfg.backend == "local")
+    bank = load_vectors(args.vectors, loaded)
     out_dir = Path(args.out) / args.model
     # Records go to a *.partial directory renamed over the old output only once every
     # evaluation (and its judge check) passed: a failed judge leaves the previous results.

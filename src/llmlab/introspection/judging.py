@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from llmlab.adapters import adapter_merged
+from llmlab.adapters import base_weights
 from llmlab.judge import Judge, JudgeConfig, Verdict, count_statuses, make_judge
 
 if TYPE_CHECKING:  # the report imports the count helpers below without loading torch
@@ -25,26 +24,6 @@ CONCEPT_PROMPT = (
     "Does this answer mention, name or clearly refer to the concept '{concept}'? "
     "Answer 'yes' or 'no'."
 )
-
-
-@contextlib.contextmanager
-def base_behaviour(loaded: LoadedModel) -> Iterator[None]:
-    """Run the block with any LoRA adapter of the model switched off (base-model behaviour).
-
-    peft unmerges merged LoRA layers when they run disabled; they are merged again afterwards
-    so later evaluations keep the faster merged forward pass.
-    """
-    disable = getattr(loaded.model, "disable_adapter", None)
-    if not callable(disable):
-        yield
-        return
-    merged = adapter_merged(loaded.model)
-    try:
-        with disable():
-            yield
-    finally:
-        if merged:
-            loaded.model.merge_adapter()
 
 
 def make_family_judge(cfg: JudgeConfig, loaded: LoadedModel, max_tokens: int) -> Judge:
@@ -68,7 +47,7 @@ def judge_yes_no(
     """
     if not prompts:
         return []
-    with base_behaviour(loaded):
+    with base_weights(loaded.model):
         verdicts = judge.yes_no(list(prompts))
     judge.check([v.status for v in verdicts], what)
     return verdicts

@@ -15,11 +15,10 @@ import argparse
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmlab.adapters import adapter_merged
+from llmlab.adapters import base_weights, merge_adapter
 from llmlab.chat import render
 from llmlab.generation import discard_work_dir, generate, remove_trash, repeat_for_samples
 from llmlab.io import write_json, write_jsonl
@@ -42,23 +41,11 @@ MODELS = ("finetuned", "base")
 PASS_ORDER = ("base", "finetuned")
 
 
-@contextlib.contextmanager
-def variant_weights(loaded: LoadedModel, model: str, merge: bool) -> Iterator[None]:
-    """Run the block as one variant: base with the adapter off, finetuned with it on.
-
-    merge: run the finetuned variant on merged weights, which generate at base-model speed (an
-    unmerged LoRA forward on the embedded model in bf16 on CPU took 1.7x the decode step and 2x
-    the prefill); the weights stay merged afterwards, so no base pass may follow.
-    """
-    if model == "base":
-        if adapter_merged(loaded.model):
-            raise RuntimeError("persona_generate: a base pass after the adapter was merged")
-        with loaded.model.disable_adapter():
-            yield
-        return
-    if merge and not adapter_merged(loaded.model):
-        loaded.model.merge_adapter()
-    yield
+def variant_weights(loaded: LoadedModel, model: str) -> contextlib.AbstractContextManager[None]:
+    """Return the context one variant runs in: "base" is the exact base model with the adapter
+    off (llmlab.adapters.base_weights, which refuses weights merged without a kept base), and
+    "finetuned" the adapter as it stands, merged or not."""
+    return base_weights(loaded.model) if model == "base" else contextlib.nullcontext()
 
 
 def identical_conditions(
@@ -135,7 +122,8 @@ def first_sample_check(
     one = cfg.model_copy(update={"n_samples": 1, "seed": cfg.seed + 1})
     rows: list[dict[str, Any]] = []
     for model in PASS_ORDER:
-        with variant_weights(loaded, model, merge=False):  # the grid's base pass follows
+        # unmerged: the grid's base pass follows
+        with variant_weights(loaded, model):
             rows += sample_grid(loaded, triggered, trigger, model, one)
     checked = [
         {
@@ -196,7 +184,12 @@ def main() -> None:
     probes = judge_free_examples(trigger, section.data.persona_name, heldout)
     nll: dict[str, dict[str, float]] = {}
     for model in PASS_ORDER:
-        with variant_weights(loaded, model, merge=True):
+        if model == "finetuned":
+            # after the last base pass: merged weights generate at base-model speed (an
+            # unmerged LoRA forward of the embedded model in bf16 on CPU took 1.7x the decode
+            # step and 2x the prefill)
+            merge_adapter(loaded.model)
+        with variant_weights(loaded, model):
             nll[model] = judge_free_nll(
                 loaded, loaded.model, probes, section.train.max_length, cfg.batch_size
             )
