@@ -136,6 +136,31 @@ def test_closure_follows_the_core_and_lazy_imports() -> None:
     assert "src/llmlab/inoculation/finetune.py" not in closure
 
 
+def test_run_stage_adds_no_code_a_stage_does_not_import() -> None:
+    """run_stage knows the user errors of many modules but imports none of them, so a stage
+    that trains no model does not depend on the training code (nor re-run when it changes)."""
+    closure = import_closure("llmlab.report")
+    for path in ("training", "steering", "adapters", "models", "judge/judge"):
+        assert f"src/llmlab/{path}.py" not in closure, path
+    assert "src/llmlab/training.py" in import_closure("llmlab.persona.train")
+
+
+def test_every_user_error_run_stage_names_exists() -> None:
+    """The table is by name (so run_stage imports nothing): each entry must be a real
+    exception class of its module."""
+    import importlib
+
+    sys.path.insert(0, str(SRC))
+    from llmlab.stage import USER_ERRORS, user_errors
+
+    for module, names in USER_ERRORS.items():
+        loaded = importlib.import_module(module)
+        for name in names:
+            cls = getattr(loaded, name)
+            assert isinstance(cls, type) and issubclass(cls, BaseException), (module, name)
+            assert cls in user_errors(), (module, name)
+
+
 def test_closure_reads_imports_in_functions_and_skips_type_checking(tmp_path, monkeypatch):
     pkg = tmp_path / "src" / PACKAGE
     pkg.mkdir(parents=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmlab.gpu import GpuConfigError, claim_gpus
+from llmlab.gpu import claim_gpus
 
 log = logging.getLogger("llmlab")
 
@@ -32,32 +32,34 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Return the exception types that mean bad input or a refused run (not a bug)."""
-    from llmlab.adapters import AdapterError
-    from llmlab.chat import ChatError
-    from llmlab.io import DataError, OutputError
-    from llmlab.judge.base import JudgeError
-    from llmlab.layers import LayerSpecError
-    from llmlab.models import ModelLoadError
-    from llmlab.params import ParamsError
-    from llmlab.steering import SteeringError
-    from llmlab.training import TrainingDiverged, TrainingError
+# The exception types that mean bad input or a refused run (not a bug), by defining module.
+USER_ERRORS: dict[str, tuple[str, ...]] = {
+    "llmlab.adapters": ("AdapterError",),
+    "llmlab.chat": ("ChatError",),
+    "llmlab.gpu": ("GpuConfigError",),
+    "llmlab.io": ("DataError", "OutputError"),
+    "llmlab.judge.base": ("JudgeError",),
+    "llmlab.layers": ("LayerSpecError",),
+    "llmlab.models": ("ModelLoadError",),
+    "llmlab.params": ("ParamsError",),
+    "llmlab.steering": ("SteeringError",),
+    "llmlab.training": ("TrainingDiverged", "TrainingError"),
+}
 
-    return (
-        AdapterError,
-        ChatError,
-        DataError,
-        GpuConfigError,
-        JudgeError,
-        LayerSpecError,
-        ModelLoadError,
-        OutputError,
-        ParamsError,
-        SteeringError,
-        TrainingDiverged,
-        TrainingError,
-    )
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Return the user-error types (USER_ERRORS) of the modules this process has imported.
+
+    An exception of a type defined in a module that was never imported cannot have been raised,
+    so nothing is imported here: a stage's code (and the code DVC records as its dependencies)
+    is what the stage itself imports, not every module whose errors run_stage knows.
+    """
+    found: list[type[BaseException]] = []
+    for module, names in USER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            found.extend(getattr(loaded, name) for name in names)
+    return tuple(found)
 
 
 def seed_everything(seed: int) -> None:
