@@ -263,3 +263,75 @@ def test_generation_attention_leaves_out_cudnn_on_cuda_only() -> None:
         torch.backends.cuda.mem_efficient_sdp_enabled(),
     )
     assert after == before
+
+
+def _sharp_llama(tiny_models):
+    """The tiny Llama with larger random weights (its greedy tokens vary between prompts)."""
+    import copy
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = tiny_models["llama"]
+    cfg = copy.deepcopy(loaded.model.config)
+    cfg.initializer_range = 0.1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    return dataclasses.replace(loaded, model=model)
+
+
+def _long_tail_prompts() -> list[list[dict[str, str]]]:
+    words = "tea history of Europe ships trade ports".split()
+    return [
+        [{"role": "user", "content": " ".join(words[j % len(words)] for j in range(n))}]
+        for n in (1, 280, 12, 150, 3, 60, 220, 30)
+    ]
+
+
+@pytest.mark.parametrize("chunk_tokens", [400, 10**9])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_cache_decode_steps_equal_the_dynamic_cache(
+    tiny_models, monkeypatch, chunk_tokens, temperature
+):
+    """The CUDA path's static cache and buffered decode step (GraphedDecode, run eagerly on the
+    CPU) give the dynamic cache's tokens, greedy and seeded sampling, with the merged cache of a
+    chunked prefill (400) and with generate's own prefill (never chunks)."""
+    from llmlab import generation, prefill
+
+    loaded = _sharp_llama(tiny_models)
+    monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", chunk_tokens)
+    prompts = _long_tail_prompts() * (2 if temperature else 1)
+    kw = dict(
+        max_new_tokens=8, min_new_tokens=8, batch_size=5, temperature=temperature, seed=3,
+        progress=False,
+    )  # fmt: skip
+    dynamic = generate(loaded, prompts, **kw)
+    steps: list[tuple[int, int]] = []
+    real_exit = generation.GraphedDecode.__exit__
+
+    def spy_exit(self, *exc):
+        steps.append((self.steps, len(self.inputs)))
+        return real_exit(self, *exc)
+
+    monkeypatch.setattr(generation.GraphedDecode, "__exit__", spy_exit)
+    monkeypatch.setattr(generation, "GRAPHED_DECODE_DEVICES", ("cuda", "cpu"))
+    static = generate(loaded, prompts, **kw)
+    assert static == dynamic
+    assert steps and all(n >= 7 and buffered > 0 for n, buffered in steps)
+    assert "forward" not in loaded.model.__dict__  # the model's own forward is back
+
+
+def test_static_cache_decode_keeps_stop_strings_and_shards(tiny_models, monkeypatch, tmp_path):
+    from llmlab import generation
+
+    loaded = _sharp_llama(tiny_models)
+    monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
+    kw = dict(max_new_tokens=8, batch_size=3, progress=False)
+    full = generate(loaded, _long_tail_prompts(), **kw)
+    stop = next((t[1:3] for t in full if len(t) > 3), "zz")
+    monkeypatch.setattr(generation, "GRAPHED_DECODE_DEVICES", ("cuda", "cpu"))
+    work = tmp_path / "work"
+    got = generate(loaded, _long_tail_prompts(), stop_strings=[stop], work_dir=work, **kw)
+    assert got == [truncate_at_stop(t, [stop]).strip() for t in full]
+    assert generate(loaded, _long_tail_prompts(), stop_strings=[stop], work_dir=work, **kw) == got
