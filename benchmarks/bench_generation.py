@@ -109,6 +109,11 @@ def dynamic_cache():
     return patched(GRAPHED_DECODE_DEVICES=())
 
 
+def graphed_decode():
+    """generate() with the static cache + CUDA-graph decode on CUDA, whatever the default."""
+    return patched(GRAPHED_DECODE_DEVICES=("cuda",))
+
+
 def greedy_plan():
     """generate() with the greedy batch plan it used before the balanced one (a small tail)."""
     from llmlab.chat import token_budget_batches
@@ -322,14 +327,15 @@ def main() -> None:
             split(name, full, args.batch_size)
     for r in range(args.repeats):
         tag = f" (run {r + 1} of {args.repeats})" if args.repeats > 1 else ""
-        eager = case(
-            f"eager generate, <= {args.batch_size} rows, memory-sized budget, length-sorted "
-            f"chunked prefill ({llmlab.prefill.PREFILL_CHUNK_TOKENS} tokens/chunk), static cache "
-            f"+ CUDA-graph decode{tag}", convs, batch_size=args.batch_size,
-            max_tokens_per_batch="auto",
-        )  # fmt: skip
-        if args.split_prefill and r == 0:
-            split("static cache + CUDA-graph decode", eager, args.batch_size)
+        with graphed_decode():
+            eager = case(
+                f"eager generate, <= {args.batch_size} rows, memory-sized budget, length-sorted "
+                f"chunked prefill ({llmlab.prefill.PREFILL_CHUNK_TOKENS} tokens/chunk), static "
+                f"cache + CUDA-graph decode{tag}", convs, batch_size=args.batch_size,
+                max_tokens_per_batch="auto",
+            )  # fmt: skip
+            if args.split_prefill and r == 0:
+                split("static cache + CUDA-graph decode", eager, args.batch_size)
         with dynamic_cache():
             secs = case(
                 f"before (dynamic cache, eager decode steps): eager generate, <= {args.batch_size}"
