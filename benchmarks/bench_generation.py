@@ -27,8 +27,6 @@ random model may end early). Rows, all through llmlab.generation.generate, in on
   batch's decode step replayed as a CUDA graph (llmlab.generation.GraphedDecode); the row
   "before (dynamic cache, eager decode steps)" turns that off (GRAPHED_DECODE_DEVICES = ()), the
   path as it was, in the same run; --repeats N times both rows N times, alternating;
-- --profile-decode runs torch.profiler over a few decode steps of the largest batch of the
-  memory-sized plan, both ways, and prints where the step's time goes (not appended).
 
 --split-prefill adds, for both eager memory-sized rows and the first compiled row, the same
 batches with one new token (prefill + one sampling step); the rest of the run is decode steps.
@@ -121,52 +119,6 @@ def greedy_plan():
     return patched(balanced_token_budget_batches=token_budget_batches)
 
 
-def profile_decode(loaded, convs, lengths: list[int], cap: int, new_tokens: int) -> None:
-    """Print torch.profiler's view of a few decode steps of the plan's largest batch, with the
-    static cache + CUDA-graph decode and without (dynamic cache): wall ms per step, and the
-    kernels and host ops that take the most time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.empty_cache()
-    budget = auto_token_budget(loaded) or DEFAULT_TOKENS_PER_BATCH
-    batches = llmlab.generation.balanced_token_budget_batches(
-        [n + new_tokens for n in lengths], cap, budget
-    )
-    rows = max(batches, key=len)
-    prompts = [convs[i] for i in rows]
-    steps = 16
-
-    def run(n):
-        generate(loaded, prompts, max_new_tokens=n, min_new_tokens=n, batch_size=len(rows),
-                 max_tokens_per_batch=None, progress=False)  # fmt: skip
-
-    for label, ctx in (("static cache + CUDA graph", contextlib.nullcontext), ("dynamic cache",
-                       dynamic_cache)):  # fmt: skip
-        with ctx():
-            run(2)  # warm-up
-            one, _ = timed(lambda: run(1), "cuda")
-            many, _ = timed(lambda: run(1 + steps), "cuda")
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                run(1 + steps)
-                torch.cuda.synchronize()
-        width = max(lengths[i] for i in rows)
-        print(
-            f"profile, {label}: {len(rows)} rows, prompt width {width}: "
-            f"{1e3 * (many - one) / steps:.1f} ms per decode step (wall, {steps} steps)",
-            flush=True,
-        )
-        events = prof.key_averages()
-        cuda_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
-        cpu_total = sum(e.self_cpu_time_total for e in events) / 1e3
-        print(
-            f"profile, {label}: self CUDA time {cuda_total:.0f} ms, self CPU time "
-            f"{cpu_total:.0f} ms over prefill + {steps} steps",
-            flush=True,
-        )
-        print(events.table(sort_by="self_device_time_total", row_limit=14), flush=True)
-        print(events.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
-
-
 def main() -> None:
     """Print and append the table of output tokens/s per decode and batching."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -192,7 +144,6 @@ def main() -> None:
         "--repeats", type=int, default=1,
         help="time the memory-sized row and its dynamic-cache baseline this many times each",
     )  # fmt: skip
-    ap.add_argument("--profile-decode", action="store_true", help="profile a few decode steps")
     ap.add_argument("--prefill-chunk-tokens", type=int, default=None)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--no-append", action="store_true")
@@ -344,8 +295,6 @@ def main() -> None:
             )  # fmt: skip
             if args.split_prefill and r == 0:
                 split("dynamic cache", secs, args.batch_size)
-    if args.profile_decode and device == "cuda":
-        profile_decode(loaded, convs, lengths, args.batch_size, args.new_tokens)
     if args.greedy_plan:
         with greedy_plan():
             print(f"greedy plan: {[len(b) for b in plan(args.batch_size)[1]]} rows", flush=True)

@@ -1,9 +1,9 @@
 """On CUDA: does the static-cache + CUDA-graph decode give the dynamic cache's tokens?
 
 Generates greedy answers to the benchmark's long-tailed prompts twice through
-llmlab.generation.generate, once with GRAPHED_DECODE_DEVICES = ("cuda",) and once with () (the
-dynamic cache, eager steps), and prints how many rows agree token for token and how many decode
-steps were replayed from a graph. fp32 on the small shape (weights drawn with a larger spread so
+llmlab.generation.generate, under bench_generation's graphed_decode() and dynamic_cache()
+switches, and prints how many rows agree token for token and how many decode steps were
+replayed from a graph. fp32 on the small shape (weights drawn with a larger spread so
 greedy tokens vary) should agree exactly; bf16 on a real shape can part where two logits tie
 within bf16 rounding (the static cache attends over its full masked length), so its agreement is
 printed, not asserted.
@@ -16,9 +16,9 @@ import argparse
 
 import torch
 from bench_activations import make_items
+from bench_generation import dynamic_cache, graphed_decode
 from common import random_loaded
 
-import llmlab.generation
 from llmlab.generation import GraphedDecode, generate
 
 
@@ -32,16 +32,15 @@ def answers(loaded, convs, new_tokens: int, graphed: bool) -> tuple[list[str], i
         replays += self.replays
         return real_exit(self, *exc)
 
-    kept = llmlab.generation.GRAPHED_DECODE_DEVICES
-    llmlab.generation.GRAPHED_DECODE_DEVICES = ("cuda",) if graphed else ()
     GraphedDecode.__exit__ = counting_exit
     try:
-        out = generate(
-            loaded, convs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            batch_size=len(convs), max_tokens_per_batch="auto", temperature=0.0, progress=False,
-        )  # fmt: skip
+        with graphed_decode() if graphed else dynamic_cache():
+            out = generate(
+                loaded, convs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                batch_size=len(convs), max_tokens_per_batch="auto", temperature=0.0,
+                progress=False,
+            )  # fmt: skip
     finally:
-        llmlab.generation.GRAPHED_DECODE_DEVICES = kept
         GraphedDecode.__exit__ = real_exit
     return out, replays
 

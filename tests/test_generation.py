@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from tiny_models import long_tail_prompts, sharp_tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.generation import (
@@ -265,29 +266,6 @@ def test_generation_attention_leaves_out_cudnn_on_cuda_only() -> None:
     assert after == before
 
 
-def _sharp_llama(tiny_models):
-    """The tiny Llama with larger random weights (its greedy tokens vary between prompts)."""
-    import copy
-    import dataclasses
-
-    from transformers import AutoModelForCausalLM
-
-    loaded = tiny_models["llama"]
-    cfg = copy.deepcopy(loaded.model.config)
-    cfg.initializer_range = 0.1
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    return dataclasses.replace(loaded, model=model)
-
-
-def _long_tail_prompts() -> list[list[dict[str, str]]]:
-    words = "tea history of Europe ships trade ports".split()
-    return [
-        [{"role": "user", "content": " ".join(words[j % len(words)] for j in range(n))}]
-        for n in (1, 280, 12, 150, 3, 60, 220, 30)
-    ]
-
-
 @pytest.mark.parametrize("chunk_tokens", [400, 10**9])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_static_cache_decode_steps_equal_the_dynamic_cache(
@@ -298,10 +276,10 @@ def test_static_cache_decode_steps_equal_the_dynamic_cache(
     chunked prefill (400) and with generate's own prefill (never chunks)."""
     from llmlab import generation, prefill
 
-    loaded = _sharp_llama(tiny_models)
+    loaded = sharp_tiny_llama(tiny_models)
     monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", chunk_tokens)
-    prompts = _long_tail_prompts() * (2 if temperature else 1)
+    prompts = long_tail_prompts() * (2 if temperature else 1)
     kw = dict(
         max_new_tokens=8, min_new_tokens=8, batch_size=5, temperature=temperature, seed=3,
         progress=False,
@@ -325,13 +303,13 @@ def test_static_cache_decode_steps_equal_the_dynamic_cache(
 def test_static_cache_decode_keeps_stop_strings_and_shards(tiny_models, monkeypatch, tmp_path):
     from llmlab import generation
 
-    loaded = _sharp_llama(tiny_models)
+    loaded = sharp_tiny_llama(tiny_models)
     monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
     kw = dict(max_new_tokens=8, batch_size=3, progress=False)
-    full = generate(loaded, _long_tail_prompts(), **kw)
+    full = generate(loaded, long_tail_prompts(), **kw)
     stop = next((t[1:3] for t in full if len(t) > 3), "zz")
     monkeypatch.setattr(generation, "GRAPHED_DECODE_DEVICES", ("cuda", "cpu"))
     work = tmp_path / "work"
-    got = generate(loaded, _long_tail_prompts(), stop_strings=[stop], work_dir=work, **kw)
+    got = generate(loaded, long_tail_prompts(), stop_strings=[stop], work_dir=work, **kw)
     assert got == [truncate_at_stop(t, [stop]).strip() for t in full]
-    assert generate(loaded, _long_tail_prompts(), stop_strings=[stop], work_dir=work, **kw) == got
+    assert generate(loaded, long_tail_prompts(), stop_strings=[stop], work_dir=work, **kw) == got

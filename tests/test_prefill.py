@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import functools
 import random
 
 import pytest
 import torch
+from tiny_models import long_tail_prompts, sharp_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import llmlab.generation as generation
@@ -138,24 +137,6 @@ def test_chunking_only_where_it_saves_padding():
     assert prompt_lengths(right) == [1]
 
 
-def _llama_view(tiny_models):
-    """Return the tiny Llama LoadedModel with the sharp weights (same tokenizer and config)."""
-    loaded = tiny_models["llama"]
-    cfg = copy.deepcopy(loaded.model.config)
-    cfg.initializer_range = 0.1
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    return dataclasses.replace(loaded, model=model)
-
-
-def _prompts() -> list[list[dict[str, str]]]:
-    words = "tea history of Europe ships trade ports".split()
-    return [
-        [{"role": "user", "content": " ".join(words[j % len(words)] for j in range(n))}]
-        for n in (1, 280, 12, 150, 3, 60, 220, 30)
-    ]
-
-
 def _record(loaded, monkeypatch, **kw) -> tuple[dict[tuple, list[int]], int]:
     """Run generate; return ({prompt ids: new token ids}, batches given a merged cache)."""
     monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
@@ -178,7 +159,12 @@ def _record(loaded, monkeypatch, **kw) -> tuple[dict[tuple, list[int]], int]:
 
     monkeypatch.setattr(loaded.model, "generate", recording)
     monkeypatch.setattr(generation, "length_sorted_prefill", spying)
-    generate(loaded, _prompts() * 2 if kw.get("temperature") else _prompts(), progress=False, **kw)
+    generate(
+        loaded,
+        long_tail_prompts() * 2 if kw.get("temperature") else long_tail_prompts(),
+        progress=False,
+        **kw,
+    )
     monkeypatch.setattr(loaded.model, "generate", real_generate)
     monkeypatch.setattr(generation, "length_sorted_prefill", real_prefill)
     return got, sum(merged)
@@ -191,7 +177,7 @@ def test_generate_chunked_equals_unchunked(tiny_models, monkeypatch, temperature
     Sampling matches too: the prefill draws no random numbers (eval mode), each batch is seeded
     after it, and the first-step probabilities differ only at float rounding (fp32).
     """
-    loaded = _llama_view(tiny_models)
+    loaded = sharp_tiny_llama(tiny_models)
     kw = dict(max_new_tokens=8, min_new_tokens=8, batch_size=16, temperature=temperature, seed=3)
     monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", 10**9)  # never chunks
     unchunked, merged = _record(loaded, monkeypatch, **kw)
@@ -215,20 +201,22 @@ def test_fallbacks_prefill_in_one_forward(tiny_models, monkeypatch):
         lambda *a, **k: calls.append(1) or real_prefill(*a, **k),
     )
     monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", 400)
-    llama = _llama_view(tiny_models)
+    llama = sharp_tiny_llama(tiny_models)
     kw = dict(max_new_tokens=4, batch_size=16, progress=False)
-    reference = generate(llama, _prompts(), **kw)
+    reference = generate(llama, long_tail_prompts(), **kw)
     assert not calls  # CPU: one prefill forward per batch unless the device list names it
     monkeypatch.setattr(generation, "CHUNKED_PREFILL_DEVICES", ("cuda", "cpu"))
-    assert generate(llama, _prompts(), **kw) == reference
+    assert generate(llama, long_tail_prompts(), **kw) == reference
     assert len(calls) == 1
     calls.clear()
-    steered = generate(llama, _prompts(), steer=lambda rows, mask: contextlib.nullcontext(), **kw)
-    compiled = generate(llama, _prompts(), decode="compiled", **kw)
+    steered = generate(
+        llama, long_tail_prompts(), steer=lambda rows, mask: contextlib.nullcontext(), **kw
+    )
+    compiled = generate(llama, long_tail_prompts(), decode="compiled", **kw)
     assert steered == reference and compiled == reference and not calls
     gemma = tiny_models["gemma3"]
     assert not merged_cache_supported(gemma.model)
-    generate(gemma, _prompts(), **kw)
+    generate(gemma, long_tail_prompts(), **kw)
     assert not calls
     assert merged_cache_supported(tiny_models["qwen2"].model)
     assert merged_cache_supported(llama.model)

@@ -103,3 +103,28 @@ def build_tiny_model(out_dir: Path, arch: str, base_tokenizer_dir: Path, seed: i
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def sharp_tiny_llama(tiny_models):
+    """Return the tiny Llama LoadedModel with larger random weights (std 0.1), whose greedy
+    tokens vary between prompts; same tokenizer and config otherwise."""
+    import copy
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = tiny_models["llama"]
+    cfg = copy.deepcopy(loaded.model.config)
+    cfg.initializer_range = 0.1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    return dataclasses.replace(loaded, model=model)
+
+
+def long_tail_prompts() -> list[list[dict[str, str]]]:
+    """Eight one-turn conversations of 1 to 280 words: a long-tailed batch of prompt lengths."""
+    words = "tea history of Europe ships trade ports".split()
+    return [
+        [{"role": "user", "content": " ".join(words[j % len(words)] for j in range(n))}]
+        for n in (1, 280, 12, 150, 3, 60, 220, 30)
+    ]
